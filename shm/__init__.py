@@ -1,0 +1,25 @@
+"""Shared-memory ring buffer for rollout payloads (no network, no ucxx).
+
+See ``docs/RING.md`` for the layout and the slot state machine.
+"""
+
+from .errors import (
+    FrameError,
+    PayloadTooLargeError,
+    RingEmptyError,
+    RingError,
+    RingFullError,
+    RingLayoutError,
+    SlotBusyError,
+    StaleSlotError,
+)
+from .payload import Payload
+from .ref import SlotRef
+from .ring import RingBuffer, SlotLease, SlotWriter
+from .state import SlotState
+
+__all__ = [
+    "RingBuffer", "SlotWriter", "SlotLease", "SlotRef", "SlotState", "Payload",
+    "RingError", "RingFullError", "RingEmptyError", "StaleSlotError", "SlotBusyError",
+    "PayloadTooLargeError", "FrameError", "RingLayoutError",
+]

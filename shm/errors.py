@@ -1,0 +1,64 @@
+"""Exception hierarchy of the shared-memory ring.
+
+Every error raised by :mod:`shm` derives from :class:`RingError`, so one
+``except shm.RingError`` catches them all.  Whether an error is worth retrying
+is part of its type (:attr:`RingError.retryable`), never of its message.
+"""
+
+from __future__ import annotations
+
+
+class RingError(Exception):
+    """Base class of every error raised by the ring."""
+
+    #: True when the same request may succeed if tried again later.
+    retryable = False
+
+
+class RingFullError(RingError):
+    """No FREE slot became available before the writer's deadline."""
+
+    retryable = True
+
+
+class RingEmptyError(RingError):
+    """No READY payload became available before the reader's deadline."""
+
+    retryable = True
+
+
+class StaleSlotError(RingError):
+    """The ref's (slot, generation) is gone: consumed, dropped or overwritten.
+
+    Never retryable: the payload it named will not come back, and the slot's
+    newer content is never served under the old ref.
+    """
+
+
+class SlotBusyError(RingError):
+    """The ref's payload is leased by another reader right now.
+
+    Retryable: if that reader nacks or dies the payload becomes READY again.
+    """
+
+    retryable = True
+
+
+class PayloadTooLargeError(RingError):
+    """The encoded payload does not fit in one slot."""
+
+    def __init__(self, nbytes: int, slot_bytes: int, what: str = "payload"):
+        super().__init__(
+            f"{what} needs {nbytes} bytes but a slot holds {slot_bytes} bytes; "
+            f"create the ring with a larger slot_bytes (>= {nbytes}) or split the payload"
+        )
+        self.nbytes = nbytes
+        self.slot_bytes = slot_bytes
+
+
+class FrameError(RingError):
+    """A payload frame is corrupt, truncated, or not a frame of this format."""
+
+
+class RingLayoutError(RingError):
+    """The segment is not a ring of this format/version, or is too small."""

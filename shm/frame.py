@@ -1,0 +1,403 @@
+"""Payload frame: a self-describing, versioned, 64-byte-aligned encoding.
+
+Layout (all integers little-endian)::
+
+    offset 0            FRAME_HEADER (64 bytes)
+    offset 64           field data, each field starting on a 64-byte boundary
+                        (or, for a raw frame, the raw bytes)
+    table_off           n_fields x FIELD_ENTRY (192 bytes each)
+    meta_off            metadata, UTF-8 JSON, meta_len bytes
+    total_len           end of frame
+
+The table and metadata come *after* the data so that a producer can append to
+fields in place, in any order, and only write the index once it publishes.
+
+:func:`decode` validates every offset and length against the buffer before
+making a view: a corrupt frame raises :class:`~shm.errors.FrameError`, it never
+yields an out-of-bounds view.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import FrameError, PayloadTooLargeError
+from .payload import Payload
+
+# ---------------------------------------------------------------- layout ----
+FRAME_MAGIC = b"RPLF"
+FRAME_VERSION = 1
+FLAG_RAW = 0x1
+
+#: magic, version, flags, n_fields, meta_len, total_len, table_off, meta_off, raw_len
+FRAME_HEADER = struct.Struct("<4sHHIIQQQQ16x")
+assert FRAME_HEADER.size == 64
+
+#: offset, nbytes, ndim, dtype_len, name_len, shape[8], dtype, name
+FIELD_ENTRY = struct.Struct("<QQBBB5x8Q32s64s8x")
+assert FIELD_ENTRY.size == 192
+
+ALIGN = 64
+MAX_NDIM = 8
+MAX_NAME_BYTES = 64
+MAX_DTYPE_BYTES = 32
+#: a frame with more fields than this is treated as corrupt
+MAX_FIELDS = 4096
+#: numpy dtype kinds a field may have: bool, signed, unsigned, float, complex
+NUMERIC_KINDS = frozenset("biufc")
+
+EMPTY_META: dict = {}
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def _check_dtype(dtype: np.dtype, name: str) -> np.dtype:
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise TypeError(
+            f"field {name!r}: dtype {dtype} is not supported; use a numeric dtype "
+            f"(bool, int, uint, float, complex)"
+        )
+    return dtype
+
+
+def _as_array(name: str, value: Any) -> np.ndarray:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"field names must be non-empty str, got {name!r}")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ValueError(f"field name {name!r} is longer than {MAX_NAME_BYTES} UTF-8 bytes")
+    arr = np.asarray(value)
+    _check_dtype(arr.dtype, name)
+    if arr.ndim > MAX_NDIM:
+        raise ValueError(f"field {name!r} has {arr.ndim} dimensions; at most {MAX_NDIM} are supported")
+    return arr
+
+
+def _encode_meta(meta: Mapping | None) -> bytes:
+    if not meta:
+        return b""
+    try:
+        return json.dumps(meta, separators=(",", ":"), allow_nan=True).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"meta must be a JSON-serialisable dict: {exc}") from None
+
+
+class _Field:
+    __slots__ = ("dtype", "tail", "chunks", "rows")
+
+    def __init__(self, dtype: np.dtype, tail: tuple[int, ...]):
+        self.dtype = dtype
+        self.tail = tail  # shape without axis 0 (or the full shape for a set() field)
+        self.chunks: list[tuple[int, int]] = []  # (offset, nbytes)
+        self.rows: int | None = 0  # None: a set() field whose shape is ``tail``
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.chunks)
+
+
+class FrameBuilder:
+    """Writes a frame in place into a writable buffer, field by field.
+
+    ``set`` writes a whole field once; ``append`` extends a field along axis 0.
+    Appends to the field written last extend it contiguously; a field whose
+    appends were interleaved with other fields is gathered once, at
+    :meth:`finish` (one pass, O(total bytes): never quadratic).  Nothing is
+    staged outside the buffer.
+    """
+
+    def __init__(self, buf):
+        self._mv = memoryview(buf).cast("B")
+        if self._mv.readonly:
+            raise TypeError("FrameBuilder needs a writable buffer")
+        self._cap = len(self._mv)
+        self._u8 = np.frombuffer(self._mv, dtype=np.uint8)
+        self._cursor = FRAME_HEADER.size
+        self._fields: dict[str, _Field] = {}
+        self._raw_len: int | None = None
+        self._last: str | None = None
+
+    # -------------------------------------------------------------- writes --
+    def _alloc(self, nbytes: int, what: str) -> int:
+        off = _align(self._cursor)
+        if off + nbytes > self._cap:
+            raise PayloadTooLargeError(off + nbytes, self._cap, what)
+        self._cursor = off + nbytes
+        return off
+
+    def _view(self, off: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        count = math.prod(shape)
+        return np.frombuffer(self._mv, dtype=dtype, count=count, offset=off).reshape(shape)
+
+    def set(self, name: str, value: Any) -> None:
+        """Write a whole field (any shape, 0-d included)."""
+        arr = _as_array(name, value)
+        if self._raw_len is not None:
+            raise TypeError("a raw-bytes frame has no named fields")
+        off = self._alloc(arr.nbytes, f"field {name!r}")
+        np.copyto(self._view(off, arr.dtype, arr.shape), arr, casting="no")
+        f = _Field(arr.dtype, arr.shape)
+        f.rows = None
+        f.chunks.append((off, arr.nbytes))
+        self._fields[name] = f
+        self._last = name
+
+    def append(self, name: str, value: Any) -> None:
+        """Extend field ``name`` along axis 0 (created on first append)."""
+        arr = _as_array(name, value)
+        if self._raw_len is not None:
+            raise TypeError("a raw-bytes frame has no named fields")
+        if arr.ndim == 0:
+            raise ValueError(f"append to {name!r} needs an array with at least one axis; use set() for scalars")
+        f = self._fields.get(name)
+        if f is None:
+            f = self._fields[name] = _Field(arr.dtype, arr.shape[1:])
+        elif f.rows is None:
+            raise TypeError(f"field {name!r} was written with set(); it cannot be appended to")
+        elif arr.dtype != f.dtype or arr.shape[1:] != f.tail:
+            raise ValueError(
+                f"append to {name!r}: got {arr.dtype}{list(arr.shape)}, field is "
+                f"{f.dtype}[n, {', '.join(map(str, f.tail))}]" if f.tail else
+                f"append to {name!r}: got {arr.dtype}{list(arr.shape)}, field is {f.dtype}[n]"
+            )
+        if arr.nbytes == 0:
+            f.rows += arr.shape[0]
+            self._last = name
+            return
+        if self._last == name and f.chunks and sum(f.chunks[-1]) == self._cursor:
+            off = self._cursor  # contiguous extension of the last chunk
+            if off + arr.nbytes > self._cap:
+                raise PayloadTooLargeError(off + arr.nbytes, self._cap, f"field {name!r}")
+            self._cursor = off + arr.nbytes
+            last_off, last_n = f.chunks[-1]
+            f.chunks[-1] = (last_off, last_n + arr.nbytes)
+        else:
+            off = self._alloc(arr.nbytes, f"field {name!r}")
+            f.chunks.append((off, arr.nbytes))
+        np.copyto(self._view(off, arr.dtype, arr.shape), arr, casting="no")
+        f.rows += arr.shape[0]
+        self._last = name
+
+    def set_raw(self, data) -> None:
+        """Make this a raw frame holding ``data`` (any bytes-like object)."""
+        if self._fields or self._raw_len is not None:
+            raise TypeError("a raw frame holds exactly one bytes payload and no fields")
+        src = memoryview(data).cast("B")
+        off = self._alloc(len(src), "raw payload")
+        self._mv[off : off + len(src)] = src
+        self._raw_len = len(src)
+
+    @property
+    def bytes_used(self) -> int:
+        return self._cursor
+
+    # -------------------------------------------------------------- finish --
+    def finish(self, meta: Mapping | None = None) -> int:
+        """Write the index (field table, metadata, header). Returns the frame length."""
+        meta_b = _encode_meta(meta)
+        entries = []
+        for name, f in self._fields.items():
+            if len(f.chunks) > 1:  # interleaved appends: gather once
+                total = f.nbytes
+                dst = self._alloc(total, f"field {name!r} (gathered)")
+                pos = dst
+                for off, n in f.chunks:
+                    self._u8[pos : pos + n] = self._u8[off : off + n]
+                    pos += n
+                f.chunks = [(dst, total)]
+            off = f.chunks[0][0] if f.chunks else _align(self._cursor)
+            shape = f.tail if f.rows is None else (f.rows, *f.tail)
+            entries.append((name, f.dtype, shape, off, f.nbytes))
+        table_off = _align(self._cursor)
+        meta_off = table_off + FIELD_ENTRY.size * len(entries)
+        total = meta_off + len(meta_b)
+        if total > self._cap:
+            raise PayloadTooLargeError(total, self._cap, "frame (data + index)")
+        for i, (name, dtype, shape, off, nbytes) in enumerate(entries):
+            dt = dtype.str.encode("ascii")
+            nm = name.encode("utf-8")
+            padded = tuple(shape) + (0,) * (MAX_NDIM - len(shape))
+            FIELD_ENTRY.pack_into(
+                self._mv, table_off + i * FIELD_ENTRY.size,
+                off, nbytes, len(shape), len(dt), len(nm), *padded, dt, nm,
+            )
+        self._mv[meta_off:total] = meta_b
+        flags = FLAG_RAW if self._raw_len is not None else 0
+        FRAME_HEADER.pack_into(
+            self._mv, 0, FRAME_MAGIC, FRAME_VERSION, flags, len(entries), len(meta_b),
+            total, table_off, meta_off, self._raw_len or 0,
+        )
+        return total
+
+
+def encode_into(buf, payload: Any, meta: Mapping | None = None) -> int:
+    """Encode ``payload`` (mapping name -> array, or bytes-like) into ``buf``.
+
+    Returns the frame length. Raises :class:`PayloadTooLargeError` if it does
+    not fit, ``TypeError``/``ValueError`` for unsupported input.
+    """
+    b = FrameBuilder(buf)
+    if isinstance(payload, Mapping):
+        for name, value in payload.items():
+            b.set(name, value)
+    elif isinstance(payload, (bytes, bytearray, memoryview)) or hasattr(payload, "__buffer__"):
+        b.set_raw(payload)
+    else:
+        try:
+            mv = memoryview(payload)
+        except TypeError:
+            raise TypeError(
+                f"payload must be a mapping of name -> numpy array or a bytes-like object, "
+                f"not {type(payload).__name__}"
+            ) from None
+        b.set_raw(mv)
+    return b.finish(meta)
+
+
+def encoded_size(payload: Any, meta: Mapping | None = None) -> int:
+    """Upper bound of the frame length of ``payload`` (exact for ``encode_into``)."""
+    n = FRAME_HEADER.size
+    if isinstance(payload, Mapping):
+        for name, v in payload.items():
+            n = _align(n) + _as_array(name, v).nbytes
+        n = _align(n) + FIELD_ENTRY.size * len(payload)
+    else:
+        n = _align(n) + memoryview(payload).nbytes
+        n = _align(n)
+    return n + len(_encode_meta(meta))
+
+
+# --------------------------------------------------------------- decode ----
+class FrameIndex:
+    """The parsed, validated index of a frame (no views made yet)."""
+
+    __slots__ = ("total_len", "raw", "fields", "meta")
+
+    def __init__(self, total_len, raw, fields, meta):
+        self.total_len = total_len
+        self.raw = raw  # (offset, length) for a raw frame, else None
+        self.fields = fields  # list of (name, dtype, shape, offset, nbytes)
+        self.meta = meta
+
+
+def _fail(msg: str):
+    raise FrameError(f"corrupt payload frame: {msg}")
+
+
+def parse_header(head) -> tuple[int, int, int, int, int, int, int]:
+    """Validate the 64-byte header; return (flags, n_fields, meta_len, total, table_off, meta_off, raw_len)."""
+    if len(head) < FRAME_HEADER.size:
+        _fail(f"{len(head)} bytes is shorter than the {FRAME_HEADER.size}-byte header")
+    magic, version, flags, n, meta_len, total, table_off, meta_off, raw_len = FRAME_HEADER.unpack_from(head, 0)
+    if magic != FRAME_MAGIC:
+        _fail(f"bad magic {magic!r} (expected {FRAME_MAGIC!r}); not a payload frame")
+    if version != FRAME_VERSION:
+        _fail(f"frame version {version} is not supported (this build reads version {FRAME_VERSION})")
+    if flags & ~FLAG_RAW:
+        _fail(f"unknown flags 0x{flags:x}")
+    if n > MAX_FIELDS:
+        _fail(f"{n} fields exceeds the limit of {MAX_FIELDS}")
+    return flags, n, meta_len, total, table_off, meta_off, raw_len
+
+
+def parse_index(buf, length: int | None = None) -> FrameIndex:
+    """Parse and validate a frame's index from host memory ``buf``.
+
+    ``length`` is the number of valid bytes (defaults to ``len(buf)``); every
+    offset is checked against it.
+    """
+    mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
+    size = len(mv) if length is None else length
+    if size > len(mv):
+        _fail(f"declared length {size} exceeds the buffer ({len(mv)} bytes)")
+    flags, n, meta_len, total, table_off, meta_off, raw_len = parse_header(mv)
+    if total > size:
+        _fail(f"frame claims {total} bytes but only {size} are present (truncated?)")
+    if total < FRAME_HEADER.size:
+        _fail(f"frame length {total} is shorter than its header")
+    if not (FRAME_HEADER.size <= table_off <= total) or table_off % ALIGN:
+        _fail(f"field table offset {table_off} out of range or unaligned")
+    if meta_off != table_off + n * FIELD_ENTRY.size or meta_off + meta_len != total:
+        _fail("field table / metadata offsets are inconsistent with the frame length")
+    meta = EMPTY_META
+    if meta_len:
+        try:
+            meta = json.loads(bytes(mv[meta_off : meta_off + meta_len]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            _fail(f"metadata is not valid UTF-8 JSON ({exc})")
+        if not isinstance(meta, dict):
+            _fail("metadata is not a JSON object")
+    if flags & FLAG_RAW:
+        if n:
+            _fail("a raw frame must not have fields")
+        if FRAME_HEADER.size + raw_len > table_off:
+            _fail(f"raw length {raw_len} overruns the data area")
+        return FrameIndex(total, (FRAME_HEADER.size, raw_len), None, meta)
+    fields = []
+    seen = set()
+    for i in range(n):
+        (off, nbytes, ndim, dlen, nlen, *rest) = FIELD_ENTRY.unpack_from(mv, table_off + i * FIELD_ENTRY.size)
+        shape, dt_b, nm_b = rest[:MAX_NDIM], rest[MAX_NDIM], rest[MAX_NDIM + 1]
+        if ndim > MAX_NDIM or dlen > MAX_DTYPE_BYTES or not nlen or nlen > MAX_NAME_BYTES:
+            _fail(f"field {i}: bad ndim/dtype/name lengths")
+        try:
+            name = nm_b[:nlen].decode("utf-8")
+            dtype = np.dtype(dt_b[:dlen].decode("ascii"))
+        except (UnicodeDecodeError, TypeError, ValueError):
+            _fail(f"field {i}: undecodable name or dtype")
+        if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            _fail(f"field {name!r}: dtype {dtype} is not a numeric dtype")
+        if name in seen:
+            _fail(f"duplicate field name {name!r}")
+        seen.add(name)
+        shape = tuple(shape[:ndim])
+        if math.prod(shape) * dtype.itemsize != nbytes:
+            _fail(f"field {name!r}: shape {shape} x {dtype} != {nbytes} bytes")
+        if nbytes and (off % ALIGN or off < FRAME_HEADER.size or off + nbytes > table_off):
+            _fail(f"field {name!r}: data [{off}, {off + nbytes}) outside the data area or unaligned")
+        fields.append((name, dtype, shape, off, nbytes))
+    return FrameIndex(total, None, fields, meta)
+
+
+def decode(buf, length: int | None = None, *, owner: Any = None, on_release=None,
+           readonly: bool = True) -> Payload:
+    """Decode a frame from host memory into a :class:`Payload` of zero-copy views.
+
+    Raises :class:`FrameError` if anything in the frame is inconsistent with
+    the buffer. ``owner`` is kept alive by the payload; ``on_release`` is
+    called once when the payload is released.
+    """
+    mv = memoryview(buf).cast("B")
+    if readonly and not mv.readonly:
+        mv = mv.toreadonly()
+    idx = parse_index(mv, length)
+    if idx.raw is not None:
+        off, n = idx.raw
+        return Payload({}, idx.meta, idx.total_len, raw=mv[off : off + n], owner=(owner, buf),
+                       on_release=on_release)
+    fields = {}
+    for name, dtype, shape, off, nbytes in idx.fields:
+        arr = np.frombuffer(mv, dtype=dtype, count=nbytes // dtype.itemsize, offset=off) if nbytes \
+            else np.empty(0, dtype=dtype)
+        fields[name] = arr.reshape(shape)
+    return Payload(fields, idx.meta, idx.total_len, owner=(owner, buf), on_release=on_release)
+
+
+def decode_views(index: FrameIndex, data, *, owner: Any = None, on_release=None) -> Payload:
+    """Make views for a parsed ``index`` on ``data``, a 1-D uint8 array of any
+    array library with numpy-style slicing and ``.view`` (numpy, cupy, torch
+    via ``.view(dtype)``). Used for device-memory receive buffers."""
+    if index.raw is not None:
+        off, n = index.raw
+        return Payload({}, index.meta, index.total_len, raw=data[off : off + n], owner=(owner, data),
+                       on_release=on_release)
+    fields = {}
+    for name, dtype, shape, off, nbytes in index.fields:
+        fields[name] = data[off : off + nbytes].view(dtype).reshape(shape)
+    return Payload(fields, index.meta, index.total_len, owner=(owner, data), on_release=on_release)

@@ -1,0 +1,94 @@
+"""Segment layout of a ring: described once, as named constants and dtypes.
+
+A ring is one file in ``/dev/shm`` (POSIX shared memory)::
+
+    [0, HEADER_BYTES)                 RING_HEADER   (one page)
+    [ctrl_off, ctrl_off + slots*64)   SLOT_RECORD x slots (rounded up to a page)
+    [data_off + i*slot_stride, ...)   slot i's data region (page-aligned)
+
+All integers are little-endian; records are read and written through numpy
+structured views of the mapping.  Fields written only under the ring's
+transition lock are marked (L); futex words are 4-byte aligned u32.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+RING_MAGIC = b"RLRING01"
+RING_VERSION = 1
+PAGE = mmap.PAGESIZE
+HEADER_BYTES = PAGE
+SLOT_RECORD_BYTES = 64
+MAX_PORTS = 16
+MAX_HOST_BYTES = 64
+
+# ---- ring header -----------------------------------------------------------
+RING_HEADER = np.dtype(
+    [
+        ("magic", "S8"),
+        ("version", "<u4"),
+        ("header_bytes", "<u4"),
+        ("slots", "<u4"),
+        ("on_full", "<u4"),  # ON_FULL_CODES
+        ("slot_bytes", "<u8"),  # usable bytes per slot
+        ("slot_stride", "<u8"),  # slot_bytes rounded up to a page
+        ("ctrl_off", "<u8"),
+        ("data_off", "<u8"),
+        ("created_ns", "<u8"),
+        ("next_seq", "<u8"),  # (L) publish sequence counter
+        ("drops", "<u8"),  # (L) payloads dropped by on_full="drop_oldest"
+        ("recovered", "<u8"),  # (L) slots reclaimed from dead owners
+        ("published", "<u8"),  # (L) total publishes
+        ("consumed", "<u8"),  # (L) total acks
+        ("ready_futex", "<u4"),  # bumped (and woken) whenever a slot becomes READY
+        ("free_futex", "<u4"),  # bumped (and woken) whenever a slot becomes FREE
+        # address of the server exposing this ring (written by the server)
+        ("server_pid", "<u4"),
+        ("server_nports", "<u4"),
+        ("server_start", "<u8"),  # server process start time (pid-reuse guard)
+        ("server_ports", "<u2", (MAX_PORTS,)),
+        ("server_host", f"S{MAX_HOST_BYTES}"),
+    ],
+    align=False,
+)
+assert RING_HEADER.itemsize <= HEADER_BYTES
+assert RING_HEADER.fields["ready_futex"][1] % 4 == 0 and RING_HEADER.fields["free_futex"][1] % 4 == 0
+
+# ---- slot record -----------------------------------------------------------
+SLOT_RECORD = np.dtype(
+    [
+        ("state", "<u4"),  # (L) one of SlotState
+        ("owner_pid", "<u4"),  # (L) pid holding the slot in WRITING/READING, else 0
+        ("generation", "<u8"),  # (L) bumped by every publish
+        ("nbytes", "<u8"),  # (L) frame length of the READY payload
+        ("seq", "<u8"),  # (L) publish sequence number (publish order)
+        ("lease", "<u8"),  # (L) bumped by every claim: finalisers must present it
+        ("claimed_ns", "<u8"),  # (L) CLOCK_REALTIME of the last claim (diagnostics)
+        ("_pad", "V16"),
+    ]
+)
+assert SLOT_RECORD.itemsize == SLOT_RECORD_BYTES
+
+# ---- lock byte ranges (OFD locks, far beyond the end of the file) ---------
+#: the ring's transition lock
+LOCK_TRANSITION = 1 << 40
+#: slot i's ownership lock is held by the process that has it WRITING/READING
+LOCK_OWNER_BASE = LOCK_TRANSITION + 4096
+
+ON_FULL_CODES = {"block": 0, "error": 1, "drop_oldest": 2}
+ON_FULL_NAMES = {v: k for k, v in ON_FULL_CODES.items()}
+
+
+def round_up(n: int, to: int = PAGE) -> int:
+    return (n + to - 1) // to * to
+
+
+def segment_size(slots: int, slot_bytes: int) -> tuple[int, int, int, int]:
+    """Return (total_bytes, ctrl_off, data_off, slot_stride)."""
+    ctrl_off = HEADER_BYTES
+    data_off = ctrl_off + round_up(slots * SLOT_RECORD_BYTES)
+    stride = round_up(slot_bytes)
+    return data_off + slots * stride, ctrl_off, data_off, stride

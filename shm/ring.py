@@ -1,0 +1,663 @@
+"""RingBuffer: a shared-memory ring of payload slots, usable from many processes.
+
+Producers ``put`` (or ``reserve`` + ``append``/``set`` + ``publish``) payloads
+in place into FREE slots; readers ``claim`` READY payloads, read them as
+zero-copy views and ``ack`` (consume) or ``nack`` (give back) them.  The
+server exposes the same ring over the network through the same state machine
+(:mod:`shm.state`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import re
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import _sync
+from .errors import (
+    PayloadTooLargeError,
+    RingEmptyError,
+    RingError,
+    RingFullError,
+    RingLayoutError,
+)
+from .frame import FrameBuilder, decode, encode_into, encoded_size
+from .layout import (
+    HEADER_BYTES,
+    LOCK_TRANSITION,
+    MAX_HOST_BYTES,
+    MAX_PORTS,
+    ON_FULL_CODES,
+    ON_FULL_NAMES,
+    RING_HEADER,
+    RING_MAGIC,
+    RING_VERSION,
+    SLOT_RECORD,
+    segment_size,
+)
+from .payload import Payload
+from .ref import SlotRef
+from .state import READING, READY, WRITING, SlotState, SlotTable
+
+log = logging.getLogger("shm.ring")
+
+SHM_DIR = "/dev/shm"
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+#: server-liveness lock byte (held by a serving process for as long as it serves)
+LOCK_SERVER = LOCK_TRANSITION + 1
+#: longest single futex sleep; waits re-check (and run recovery) at least this often
+WAIT_SLICE_S = 0.25
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def _segment_path(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+        raise ValueError(
+            f"ring name {name!r} is invalid: use 1-200 characters from [A-Za-z0-9._-]"
+        )
+    return os.path.join(SHM_DIR, name)
+
+
+def _deadline(timeout: float | None, default: float) -> float:
+    t = default if timeout is None else timeout
+    if t < 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {t}")
+    return time.monotonic() + t
+
+
+class RingBuffer:
+    """A ring of ``slots`` payload slots of ``slot_bytes`` each in ``/dev/shm``.
+
+    Create it once (``RingBuffer.create``), attach from any number of
+    processes (``RingBuffer.attach``; use the *spawn* start method, never fork
+    a process that has one open). Every blocking call has a deadline:
+    ``timeout=None`` means the ring's ``default_timeout`` (30 s), ``0`` means
+    do not wait.
+    """
+
+    def __init__(self, name: str, fd: int, mm: mmap.mmap, *, on_full: str | None, default_timeout: float,
+                 owner: bool):
+        self._name = name
+        self._fd = fd
+        self._mm = mm
+        self._owner = owner
+        self._closed = False
+        self._u8 = np.frombuffer(mm, dtype=np.uint8)
+        self._hdr = self._u8[:RING_HEADER.itemsize].view(RING_HEADER).reshape(())
+        h = self._hdr
+        if bytes(h["magic"]) != RING_MAGIC:
+            raise RingLayoutError(f"/dev/shm/{name} is not a ring (bad magic)")
+        if int(h["version"]) != RING_VERSION:
+            raise RingLayoutError(
+                f"ring {name!r} has layout version {int(h['version'])}; this build reads {RING_VERSION}"
+            )
+        self._slots = int(h["slots"])
+        self._slot_bytes = int(h["slot_bytes"])
+        self._stride = int(h["slot_stride"])
+        self._data_off = int(h["data_off"])
+        ctrl_off = int(h["ctrl_off"])
+        size, c_off, d_off, stride = segment_size(self._slots, self._slot_bytes)
+        if (c_off, d_off, stride) != (ctrl_off, self._data_off, self._stride) or size > len(mm):
+            raise RingLayoutError(f"ring {name!r}: header is inconsistent with the segment size")
+        ctrl = self._u8[ctrl_off : ctrl_off + self._slots * SLOT_RECORD.itemsize].view(SLOT_RECORD)
+        base = self._u8.ctypes.data
+        self._table = SlotTable(
+            fd, self._hdr, ctrl, base,
+            RING_HEADER.fields["ready_futex"][1], RING_HEADER.fields["free_futex"][1],
+        )
+        code = int(h["on_full"]) if on_full is None else ON_FULL_CODES.get(on_full)
+        if code not in ON_FULL_NAMES:
+            raise ValueError(f"on_full must be one of {sorted(ON_FULL_CODES)}, got {on_full!r}")
+        self._on_full = ON_FULL_NAMES[code]
+        self.default_timeout = float(default_timeout)
+        self._serving = False
+
+    # ------------------------------------------------------------ creation --
+    @classmethod
+    def create(cls, name: str, *, slots: int, slot_bytes: int, on_full: str = "block", mode: int = 0o600,
+               exist_ok: bool = False, default_timeout: float = DEFAULT_TIMEOUT_S) -> "RingBuffer":
+        """Create (and pre-fault) a new ring segment ``/dev/shm/<name>``.
+
+        Raises ``FileExistsError`` if it exists (unless ``exist_ok``, which
+        attaches after checking the geometry matches), ``ValueError`` for bad
+        arguments and ``OSError(ENOSPC)`` with a hint when /dev/shm is too small.
+        """
+        path = _segment_path(name)
+        if not isinstance(slots, int) or not 1 <= slots <= 65536:
+            raise ValueError(f"slots must be an int in [1, 65536], got {slots!r}")
+        if not isinstance(slot_bytes, int) or slot_bytes < 4096:
+            raise ValueError(f"slot_bytes must be an int >= 4096, got {slot_bytes!r}")
+        if on_full not in ON_FULL_CODES:
+            raise ValueError(f"on_full must be one of {sorted(ON_FULL_CODES)}, got {on_full!r}")
+        size, ctrl_off, data_off, stride = segment_size(slots, slot_bytes)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            if not exist_ok:
+                raise FileExistsError(
+                    f"ring {name!r} already exists ({path}); attach to it with RingBuffer.attach, "
+                    f"or remove it with RingBuffer.unlink_name({name!r}) if no process uses it"
+                ) from None
+            ring = cls.attach(name, on_full=on_full, default_timeout=default_timeout)
+            if (ring.slots, ring.slot_bytes) != (slots, slot_bytes):
+                ring.close()
+                raise RingLayoutError(
+                    f"ring {name!r} exists with slots={ring.slots}, slot_bytes={ring.slot_bytes}; "
+                    f"asked for slots={slots}, slot_bytes={slot_bytes}"
+                )
+            return ring
+        try:
+            os.fchmod(fd, mode)
+            try:
+                os.posix_fallocate(fd, 0, size)  # reserve tmpfs pages now: no SIGBUS later
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    st = os.statvfs(SHM_DIR)
+                    raise OSError(
+                        errno.ENOSPC,
+                        f"/dev/shm has {st.f_bavail * st.f_frsize} bytes free, ring {name!r} needs {size}; "
+                        f"use fewer/smaller slots or enlarge /dev/shm (docker: --shm-size)",
+                    ) from None
+                raise
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            u8 = np.frombuffer(mm, dtype=np.uint8)
+            u8[data_off::mmap.PAGESIZE] = 0  # pre-fault every data page (first touch is ~8x slower)
+            hdr = u8[:RING_HEADER.itemsize].view(RING_HEADER).reshape(())
+            hdr["version"] = RING_VERSION
+            hdr["header_bytes"] = HEADER_BYTES
+            hdr["slots"] = slots
+            hdr["on_full"] = ON_FULL_CODES[on_full]
+            hdr["slot_bytes"] = slot_bytes
+            hdr["slot_stride"] = stride
+            hdr["ctrl_off"] = ctrl_off
+            hdr["data_off"] = data_off
+            hdr["created_ns"] = time.time_ns()
+            hdr["magic"] = RING_MAGIC  # last: attachers see a complete header or none
+            del u8, hdr
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
+        log.info("created ring %r: %d slots x %d bytes (%d bytes of /dev/shm)", name, slots, slot_bytes, size)
+        return cls(name, fd, mm, on_full=None, default_timeout=default_timeout, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, *, on_full: str | None = None,
+               default_timeout: float = DEFAULT_TIMEOUT_S) -> "RingBuffer":
+        """Attach to an existing ring. ``on_full`` overrides the ring's policy for this handle."""
+        path = _segment_path(name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"ring {name!r} does not exist ({path}); create it first "
+                f"(RingBuffer.create or `ucxx-transport serve --create`)"
+            ) from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_BYTES:
+                raise RingLayoutError(f"{path} is {size} bytes: too small to be a ring")
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            for _ in range(100):  # a creator may still be writing the header
+                if mm[:8] == RING_MAGIC:
+                    break
+                time.sleep(0.01)
+            return cls(name, fd, mm, on_full=on_full, default_timeout=default_timeout, owner=False)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def unlink_name(name: str) -> bool:
+        """Remove the segment of ring ``name``; True if it existed."""
+        try:
+            os.unlink(_segment_path(name))
+            return True
+        except FileNotFoundError:
+            return False
+
+    # ----------------------------------------------------------- lifetime --
+    def close(self) -> None:
+        """Unmap and close this handle (idempotent). Slots this handle still
+        holds are reclaimed by the next recovery, like a dead process's."""
+        if self._closed:
+            return
+        self._closed = True
+        self._table = None
+        self._hdr = None
+        self._u8 = None
+        try:
+            self._mm.close()
+        except BufferError:
+            log.debug("ring %r: payload views still alive; mapping freed when they are", self._name)
+        os.close(self._fd)
+
+    def unlink(self) -> None:
+        """Remove the segment name; processes already attached keep their mapping."""
+        self.unlink_name(self._name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _check_open(self):
+        if self._closed:
+            raise RingError(f"ring {self._name!r} handle is closed")
+
+    # --------------------------------------------------------- properties --
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._slot_bytes
+
+    @property
+    def on_full(self) -> str:
+        return self._on_full
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def slot_buffer(self, slot: int, nbytes: int | None = None) -> memoryview:
+        """Writable memoryview of slot ``slot``'s data region (first ``nbytes``)."""
+        off = self._data_off + slot * self._stride
+        n = self._slot_bytes if nbytes is None else nbytes
+        return memoryview(self._mm)[off : off + n]
+
+    def slot_array(self, slot: int, nbytes: int | None = None) -> np.ndarray:
+        off = self._data_off + slot * self._stride
+        n = self._slot_bytes if nbytes is None else nbytes
+        return self._u8[off : off + n]
+
+    # -------------------------------------------------------------- write --
+    def reserve(self, *, timeout: float | None = None) -> "SlotWriter":
+        """Claim a FREE slot for writing in place (FREE -> WRITING).
+
+        When none is FREE the ring's ``on_full`` policy applies: ``block``
+        waits up to ``timeout`` then raises :class:`RingFullError`; ``error``
+        raises at once; ``drop_oldest`` drops the oldest READY payload (its ref
+        turns STALE; counted in ``stats()['drops']``).
+        """
+        self._check_open()
+        deadline = _deadline(timeout if self._on_full == "block" else 0, self.default_timeout)
+        t = self._table
+        recovered = False
+        while True:
+            word = t.free_word()
+            got = t.claim_free(drop_oldest=self._on_full == "drop_oldest")
+            if got is not None:
+                slot, lease, _ = got
+                return SlotWriter(self, slot, lease)
+            if not recovered or time.monotonic() >= deadline:
+                recovered = True
+                if t.recover():
+                    continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                counts = self.state_counts()
+                raise RingFullError(
+                    f"ring {self._name!r}: no FREE slot within the timeout ({counts}); "
+                    f"consumers are not keeping up -- add consumers, slots, or use on_full='drop_oldest'"
+                )
+            _sync.futex_wait(t.free_addr, word, min(remaining, WAIT_SLICE_S))
+            recovered = False if remaining > WAIT_SLICE_S else recovered
+
+    def put(self, payload: Any, *, meta: Mapping | None = None, timeout: float | None = None) -> SlotRef:
+        """Write ``payload`` (mapping name -> numpy array, or bytes-like) into a
+        slot and publish it. Returns its :class:`SlotRef`.
+
+        Raises :class:`PayloadTooLargeError` before claiming a slot if it cannot
+        fit, :class:`RingFullError` on timeout; on any error nothing is published
+        and the slot goes back to FREE.
+        """
+        need = encoded_size(payload, meta)
+        if need > self._slot_bytes:
+            raise PayloadTooLargeError(need, self._slot_bytes)
+        w = self.reserve(timeout=timeout)
+        try:
+            n = encode_into(w.buffer, payload, meta)
+        except BaseException:
+            w.abort()
+            raise
+        return w._publish_frame(n)
+
+    # --------------------------------------------------------------- read --
+    def claim(self, ref: SlotRef | None = None, *, timeout: float | None = None) -> "SlotLease":
+        """Lease a READY payload for reading (READY -> READING).
+
+        ``ref=None`` takes the oldest READY payload (publish order), waiting up
+        to ``timeout`` (then :class:`RingEmptyError`). With a ref: its
+        generation must still be current (else :class:`StaleSlotError`, final);
+        if another reader holds it, waits up to ``timeout`` (default 0) then
+        raises :class:`SlotBusyError`.
+        """
+        self._check_open()
+        t = self._table
+        if ref is not None:
+            if ref.ring != self._name:
+                raise ValueError(f"ref is for ring {ref.ring!r}, this is ring {self._name!r}")
+            if not 0 <= ref.slot < self._slots:
+                from .errors import StaleSlotError
+
+                raise StaleSlotError(f"slot {ref.slot} is out of range for ring {self._name!r} ({self._slots} slots)")
+        deadline = _deadline(timeout if ref is None else (timeout or 0), self.default_timeout)
+        from .errors import SlotBusyError
+
+        recovered = False
+        while True:
+            word = t.ready_word()
+            try:
+                got = t.claim_ready(None if ref is None else ref.slot, None if ref is None else ref.generation)
+            except SlotBusyError:
+                got = None
+                if time.monotonic() >= deadline:
+                    if t.recover():
+                        continue
+                    raise
+            if got is not None:
+                slot, lease, gen, nbytes = got
+                return SlotLease(self, slot, lease, gen, nbytes)
+            if not recovered:
+                recovered = True
+                if t.recover():
+                    continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RingEmptyError(f"ring {self._name!r}: no READY payload within the timeout")
+            _sync.futex_wait(t.ready_addr, word, min(remaining, WAIT_SLICE_S))
+            if remaining > WAIT_SLICE_S:
+                recovered = False
+
+    def try_claim(self, ref: SlotRef | None = None) -> "SlotLease | None":
+        """Non-blocking claim: a lease, or None when nothing is READY.
+        Stale/busy refs raise as in :meth:`claim`. Does not run recovery."""
+        self._check_open()
+        got = self._table.claim_ready(None if ref is None else ref.slot, None if ref is None else ref.generation)
+        if got is None:
+            return None
+        return SlotLease(self, *got)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block (GIL released) until some slot may have become READY, or ``timeout``."""
+        t = self._table
+        word = t.ready_word()
+        if self.ready_count():
+            return True
+        _sync.futex_wait(t.ready_addr, word, timeout)
+        return self.ready_count() > 0
+
+    def wake_waiters(self) -> None:
+        """Wake every thread blocked in :meth:`wait_ready` (used at shutdown)."""
+        t = self._table
+        with t.locked():
+            t._bump(t._ready_word, t.ready_addr)
+        t._wake_ready()
+
+    # ---------------------------------------------------------- inspection --
+    def ready_count(self) -> int:
+        """Number of READY slots (a scan of slot states: never a drifting counter)."""
+        return int(np.count_nonzero(self._table.state == READY))
+
+    def state_counts(self) -> dict[str, int]:
+        counts = np.bincount(self._table.state, minlength=4)
+        return {s.name: int(counts[s]) for s in SlotState}
+
+    def recover(self) -> int:
+        """Reclaim slots whose owner process died (WRITING -> FREE, READING ->
+        READY). Returns how many. Never touches a slot whose owner is alive."""
+        self._check_open()
+        return self._table.recover()
+
+    def stats(self) -> dict:
+        h = self._hdr
+        return {
+            "ring": self._name,
+            "slots": self._slots,
+            "slot_bytes": self._slot_bytes,
+            "on_full": self._on_full,
+            "states": self.state_counts(),
+            "published": int(h["published"]),
+            "consumed": int(h["consumed"]),
+            "drops": int(h["drops"]),
+            "recovered": int(h["recovered"]),
+        }
+
+    def slot_info(self) -> list[dict]:
+        t = self._table
+        return [
+            {"slot": i, "state": SlotState(int(t.state[i])).name, "generation": int(t.gen[i]),
+             "nbytes": int(t.nbytes[i]), "owner_pid": int(t.owner[i]) or None}
+            for i in range(self._slots)
+        ]
+
+    # ---------------------------------------------------- server address ---
+    def set_server_address(self, host: str, ports: list[int]) -> None:
+        """Advertise a server for this ring: refs published from now on carry
+        ``host``/``ports``. Held until :meth:`clear_server_address` or death of
+        this process (liveness is an OFD lock, so a dead server is never advertised)."""
+        hb = host.encode("utf-8")
+        if len(hb) > MAX_HOST_BYTES or len(ports) > MAX_PORTS:
+            raise ValueError(f"host must be <= {MAX_HOST_BYTES} bytes and at most {MAX_PORTS} ports")
+        _sync.lock_acquire(self._fd, LOCK_SERVER, blocking=False) or self._server_busy()
+        with self._table.locked():
+            h = self._hdr
+            h["server_host"] = hb
+            p = np.zeros(MAX_PORTS, dtype=np.uint16)
+            p[: len(ports)] = ports
+            h["server_ports"] = p
+            h["server_nports"] = len(ports)
+            h["server_pid"] = os.getpid()
+        self._serving = True
+
+    def _server_busy(self):
+        raise RingError(
+            f"ring {self._name!r} is already served by a live process (pid {int(self._hdr['server_pid'])}); "
+            f"one server per ring"
+        )
+
+    def clear_server_address(self) -> None:
+        if not self._serving or self._closed:
+            return
+        with self._table.locked():
+            self._hdr["server_pid"] = 0
+            self._hdr["server_nports"] = 0
+        _sync.lock_release(self._fd, LOCK_SERVER)
+        self._serving = False
+
+    def server_address(self) -> tuple[str, tuple[int, ...]] | None:
+        """(host, ports) of the live server exposing this ring, or None."""
+        h = self._hdr
+        pid = int(h["server_pid"])
+        if not pid:
+            return None
+        if not self._serving and not _sync.lock_held_elsewhere(self._fd, LOCK_SERVER):
+            return None
+        n = int(h["server_nports"])
+        return bytes(h["server_host"]).decode("utf-8"), tuple(int(p) for p in h["server_ports"][:n])
+
+    def _make_ref(self, slot: int, gen: int, nbytes: int) -> SlotRef:
+        addr = self.server_address()
+        if addr is None:
+            return SlotRef(self._name, slot, gen, nbytes)
+        return SlotRef(self._name, slot, gen, nbytes, host=addr[0], ports=addr[1])
+
+
+class SlotWriter:
+    """A slot held in WRITING by this process; write in place, then publish.
+
+    As a context manager: leaving the block without :meth:`publish`, or by an
+    exception, aborts (the slot goes back to FREE, nothing is published).
+    """
+
+    def __init__(self, ring: RingBuffer, slot: int, lease: int):
+        self._ring = ring
+        self.slot = slot
+        self._lease = lease
+        self._done = False
+        self.buffer = ring.slot_buffer(slot)
+        self._builder: FrameBuilder | None = None
+
+    def _b(self) -> FrameBuilder:
+        if self._done:
+            raise RingError("this SlotWriter was already published or aborted")
+        if self._builder is None:
+            self._builder = FrameBuilder(self.buffer)
+        return self._builder
+
+    def set(self, name: str, array) -> None:
+        """Write field ``name`` whole (copied once, straight into the slot)."""
+        self._b().set(name, array)
+
+    def append(self, name: str, array) -> None:
+        """Extend field ``name`` along axis 0 in place (O(len(array)))."""
+        self._b().append(name, array)
+
+    def set_raw(self, data) -> None:
+        self._b().set_raw(data)
+
+    @property
+    def bytes_used(self) -> int:
+        return self._builder.bytes_used if self._builder else 0
+
+    def publish(self, meta: Mapping | None = None) -> SlotRef:
+        """Finish the frame and publish it (WRITING -> READY, generation + 1)."""
+        try:
+            n = self._b().finish(meta)
+        except BaseException:
+            self.abort()
+            raise
+        return self._publish_frame(n)
+
+    def _publish_frame(self, nbytes: int) -> SlotRef:
+        if self._done:
+            raise RingError("this SlotWriter was already published or aborted")
+        self._done = True
+        self.buffer = None
+        gen, _ = self._ring._table.publish(self.slot, self._lease, nbytes)
+        log.debug("published slot %d generation %d (%d bytes)", self.slot, gen, nbytes)
+        return self._ring._make_ref(self.slot, gen, nbytes)
+
+    def abort(self) -> None:
+        """Give the slot back (WRITING -> FREE). Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        self.buffer = None
+        self._builder = None
+        if not self._ring._closed:
+            self._ring._table.abort(self.slot, self._lease)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        self.abort()
+
+    def __del__(self):  # pragma: no cover
+        try:
+            if not self._done:
+                log.warning("SlotWriter for slot %d dropped without publish/abort: aborting", self.slot)
+                self.abort()
+        except Exception:
+            pass
+
+
+class SlotLease:
+    """A READY payload held in READING by this process.
+
+    :attr:`payload` decodes lazily into zero-copy read-only views that are
+    valid until :meth:`ack` / :meth:`nack`. As a context manager the lease acks
+    on a clean exit and nacks on an exception.
+    """
+
+    def __init__(self, ring: RingBuffer, slot: int, lease: int, generation: int, nbytes: int):
+        self._ring = ring
+        self.slot = slot
+        self._lease = lease
+        self.generation = generation
+        self.nbytes = nbytes
+        self._done = False
+        self._payload: Payload | None = None
+
+    @property
+    def ref(self) -> SlotRef:
+        return self._ring._make_ref(self.slot, self.generation, self.nbytes)
+
+    @property
+    def buffer(self) -> memoryview:
+        """The encoded frame, read-only, straight from shared memory."""
+        return self._ring.slot_buffer(self.slot, self.nbytes).toreadonly()
+
+    def array(self) -> np.ndarray:
+        """The encoded frame as a uint8 numpy view (for senders)."""
+        return self._ring.slot_array(self.slot, self.nbytes)
+
+    @property
+    def payload(self) -> Payload:
+        if self._done:
+            raise RingError("lease already finalised: its payload views are no longer valid")
+        if self._payload is None:
+            self._payload = decode(self.buffer, owner=self)
+        return self._payload
+
+    @property
+    def finalised(self) -> bool:
+        return self._done
+
+    def ack(self) -> bool:
+        """Consume the payload (READING -> FREE). Returns False (and logs) if the
+        lease was already finalised or reclaimed."""
+        if self._done:
+            return False
+        self._done = True
+        return self._ring._table.ack(self.slot, self._lease)
+
+    def nack(self) -> bool:
+        """Give the payload back unread (READING -> READY)."""
+        if self._done:
+            return False
+        self._done = True
+        if self._ring._closed:
+            return False
+        return self._ring._table.nack(self.slot, self._lease)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.ack()
+        else:
+            self.nack()
+
+    def __del__(self):  # pragma: no cover
+        try:
+            if not self._done:
+                log.warning("lease on slot %d dropped without ack/nack: nacking", self.slot)
+                self.nack()
+        except Exception:
+            pass

@@ -1,0 +1,279 @@
+"""The slot state machine -- the only code that changes a slot's state.
+
+::
+
+    FREE --claim_free--> WRITING --publish (generation+1)--> READY
+    READY --claim_ready--> READING --ack--> FREE
+    WRITING --abort / owner died--> FREE
+    READING --nack / owner died--> READY
+
+Every transition runs under the ring's *transition lock*: a per-instance
+``threading.Lock`` plus an OFD write lock on one byte of the segment, so it is
+atomic across threads and processes.  The lock is held for a few field
+updates, never during a payload copy.
+
+A process that moves a slot to WRITING or READING also takes the slot's
+*ownership lock* (another OFD byte lock) and keeps it until it finalises the
+slot.  The kernel drops it if the process dies, which is how :meth:`recover`
+tells a dead owner from a live one without trusting pids.
+
+Finalisers present the *lease* number they got from the claim; a finaliser
+whose lease no longer matches (the slot moved on) is a logged no-op, never a
+clobber.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from . import _sync
+from .errors import SlotBusyError, StaleSlotError
+from .layout import LOCK_OWNER_BASE, LOCK_TRANSITION
+
+log = logging.getLogger("shm.state")
+
+
+class SlotState(enum.IntEnum):
+    FREE = 0
+    WRITING = 1
+    READY = 2
+    READING = 3
+
+
+FREE, WRITING, READY, READING = (int(s) for s in SlotState)
+
+# Ownerships held by this process, across every RingBuffer instance:
+# (st_dev, st_ino, slot) -> lease.  Used to judge slots whose recorded owner
+# pid is our own (an OFD lock does not conflict with its own description).
+_OWNED: dict[tuple[int, int, int], int] = {}
+_OWNED_LOCK = threading.Lock()
+
+
+class SlotTable:
+    """Atomic transitions on the control records of one mapped ring."""
+
+    def __init__(self, fd: int, header: np.ndarray, ctrl: np.ndarray, futex_base: int,
+                 ready_futex_off: int, free_futex_off: int):
+        self._fd = fd
+        st = os.fstat(fd)
+        self._ident = (st.st_dev, st.st_ino)
+        self._tlock = threading.Lock()
+        self.header = header
+        self.ctrl = ctrl
+        self.n = len(ctrl)
+        self.state = ctrl["state"]
+        self.owner = ctrl["owner_pid"]
+        self.gen = ctrl["generation"]
+        self.nbytes = ctrl["nbytes"]
+        self.seq = ctrl["seq"]
+        self.lease = ctrl["lease"]
+        self.claimed_ns = ctrl["claimed_ns"]
+        self.ready_addr = futex_base + ready_futex_off
+        self.free_addr = futex_base + free_futex_off
+        self._ready_word = header["ready_futex"]
+        self._free_word = header["free_futex"]
+
+    # ------------------------------------------------------------ locking --
+    @contextmanager
+    def locked(self):
+        with self._tlock:
+            _sync.lock_acquire(self._fd, LOCK_TRANSITION)
+            try:
+                yield
+            finally:
+                _sync.lock_release(self._fd, LOCK_TRANSITION)
+
+    def _take_ownership(self, slot: int) -> int:
+        if not _sync.lock_acquire(self._fd, LOCK_OWNER_BASE + slot, blocking=False):
+            # Only possible if a live process finalised a slot without holding
+            # the transition lock, which the state machine never does.
+            raise RuntimeError(f"slot {slot}: ownership lock held elsewhere in state FREE/READY")
+        lease = int(self.lease[slot]) + 1
+        self.lease[slot] = lease
+        self.owner[slot] = os.getpid()
+        self.claimed_ns[slot] = time.time_ns()
+        with _OWNED_LOCK:
+            _OWNED[(*self._ident, slot)] = lease
+        return lease
+
+    def _drop_ownership(self, slot: int) -> None:
+        self.owner[slot] = 0
+        with _OWNED_LOCK:
+            _OWNED.pop((*self._ident, slot), None)
+        _sync.lock_release(self._fd, LOCK_OWNER_BASE + slot)
+
+    def _bump(self, word: np.ndarray, addr: int) -> None:
+        word[()] = (int(word[()]) + 1) & 0xFFFFFFFF
+
+    def ready_word(self) -> int:
+        return int(self._ready_word[()])
+
+    def free_word(self) -> int:
+        return int(self._free_word[()])
+
+    def _wake_ready(self):
+        _sync.futex_wake(self.ready_addr)
+
+    def _wake_free(self):
+        _sync.futex_wake(self.free_addr)
+
+    # ------------------------------------------------------- transitions ---
+    def claim_free(self, drop_oldest: bool = False):
+        """FREE -> WRITING on any free slot (or, with ``drop_oldest``, the oldest
+        READY one). Returns ``(slot, lease, dropped)`` or None; ``dropped`` is
+        the (slot, generation) whose payload was dropped, else None."""
+        with self.locked():
+            free = np.flatnonzero(self.state == FREE)
+            dropped = None
+            if len(free):
+                slot = int(free[0])
+            elif drop_oldest:
+                ready = np.flatnonzero(self.state == READY)
+                if not len(ready):
+                    return None
+                slot = int(ready[np.argmin(self.seq[ready])])
+                dropped = (slot, int(self.gen[slot]))
+                self.header["drops"] += 1
+            else:
+                return None
+            lease = self._take_ownership(slot)
+            self.state[slot] = WRITING
+        if dropped:
+            log.warning("ring full: dropped the oldest READY payload (slot %d, generation %d)", *dropped)
+        return slot, lease, dropped
+
+    def publish(self, slot: int, lease: int, nbytes: int) -> tuple[int, int]:
+        """WRITING -> READY; returns (generation, seq)."""
+        with self.locked():
+            if self.state[slot] != WRITING or self.lease[slot] != lease:
+                raise StaleSlotError(
+                    f"slot {slot}: cannot publish, the slot is no longer held by this writer "
+                    f"(state {SlotState(int(self.state[slot])).name}); was it reclaimed?"
+                )
+            gen = int(self.gen[slot]) + 1
+            seq = int(self.header["next_seq"]) + 1
+            self.header["next_seq"] = seq
+            self.header["published"] += 1
+            self.gen[slot] = gen
+            self.seq[slot] = seq
+            self.nbytes[slot] = nbytes
+            self.state[slot] = READY
+            self._drop_ownership(slot)
+            self._bump(self._ready_word, self.ready_addr)
+        self._wake_ready()
+        return gen, seq
+
+    def abort(self, slot: int, lease: int) -> bool:
+        """WRITING -> FREE (generation unchanged). Logged no-op in any other state."""
+        with self.locked():
+            if self.state[slot] != WRITING or self.lease[slot] != lease:
+                log.warning("abort of slot %d ignored: state %s, lease %d (ours %d)",
+                            slot, SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
+                return False
+            self.state[slot] = FREE
+            self.nbytes[slot] = 0
+            self._drop_ownership(slot)
+            self._bump(self._free_word, self.free_addr)
+        self._wake_free()
+        return True
+
+    def claim_ready(self, slot: int | None = None, generation: int | None = None):
+        """READY -> READING. With ``slot`` None: the oldest READY payload, or None.
+
+        With a slot: the generation must match, else :class:`StaleSlotError`;
+        a READING slot raises :class:`SlotBusyError`.
+        Returns ``(slot, lease, generation, nbytes)``.
+        """
+        with self.locked():
+            if slot is None:
+                ready = np.flatnonzero(self.state == READY)
+                if not len(ready):
+                    return None
+                slot = int(ready[np.argmin(self.seq[ready])])
+            else:
+                st, gen = int(self.state[slot]), int(self.gen[slot])
+                if gen != generation or st not in (READY, READING):
+                    raise StaleSlotError(
+                        f"slot {slot} generation {generation} is gone (slot is at generation {gen}, "
+                        f"{SlotState(st).name}): the payload was consumed or dropped"
+                    )
+                if st == READING:
+                    raise SlotBusyError(f"slot {slot} generation {generation} is leased by another reader")
+            lease = self._take_ownership(slot)
+            self.state[slot] = READING
+            return slot, lease, int(self.gen[slot]), int(self.nbytes[slot])
+
+    def ack(self, slot: int, lease: int) -> bool:
+        """READING -> FREE (consumed). Logged no-op in any other state."""
+        with self.locked():
+            if self.state[slot] != READING or self.lease[slot] != lease:
+                log.warning("ack of slot %d ignored: state %s, lease %d (ours %d)",
+                            slot, SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
+                return False
+            self.state[slot] = FREE
+            self.header["consumed"] += 1
+            self._drop_ownership(slot)
+            self._bump(self._free_word, self.free_addr)
+        self._wake_free()
+        return True
+
+    def nack(self, slot: int, lease: int) -> bool:
+        """READING -> READY (payload kept, publish order kept). No-op otherwise."""
+        with self.locked():
+            if self.state[slot] != READING or self.lease[slot] != lease:
+                log.warning("nack of slot %d ignored: state %s, lease %d (ours %d)",
+                            slot, SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
+                return False
+            self.state[slot] = READY
+            self._drop_ownership(slot)
+            self._bump(self._ready_word, self.ready_addr)
+        self._wake_ready()
+        return True
+
+    # ----------------------------------------------------------- recovery --
+    def owner_alive(self, slot: int) -> bool:
+        """Is the process holding ``slot`` (WRITING/READING) still alive?"""
+        if int(self.owner[slot]) == os.getpid():
+            with _OWNED_LOCK:
+                return _OWNED.get((*self._ident, slot)) == int(self.lease[slot])
+        return _sync.lock_held_elsewhere(self._fd, LOCK_OWNER_BASE + slot)
+
+    def recover(self) -> int:
+        """Reclaim slots whose owner died: WRITING -> FREE, READING -> READY."""
+        freed = readied = 0
+        with self.locked():
+            busy = np.flatnonzero((self.state == WRITING) | (self.state == READING))
+            for slot in map(int, busy):
+                if self.owner_alive(slot):
+                    continue
+                pid = int(self.owner[slot])
+                if self.state[slot] == WRITING:
+                    self.state[slot] = FREE
+                    self.nbytes[slot] = 0
+                    freed += 1
+                    log.warning("recovered slot %d: writer pid %d died mid-write -> FREE", slot, pid)
+                else:
+                    self.state[slot] = READY
+                    readied += 1
+                    log.warning("recovered slot %d: reader pid %d died holding a lease -> READY "
+                                "(generation %d kept)", slot, pid, int(self.gen[slot]))
+                self.owner[slot] = 0
+                self.lease[slot] += 1  # any late finaliser of the dead owner is now a no-op
+            if freed or readied:
+                self.header["recovered"] += freed + readied
+                if freed:
+                    self._bump(self._free_word, self.free_addr)
+                if readied:
+                    self._bump(self._ready_word, self.ready_addr)
+        if freed:
+            self._wake_free()
+        if readied:
+            self._wake_ready()
+        return freed + readied
