@@ -25,8 +25,11 @@ import time
 _FLOCK = struct.Struct("hhqqi4x")
 
 
-def _flock(ltype: int, start: int, length: int = 1) -> bytes:
+def flock_bytes(ltype: int, start: int, length: int = 1) -> bytes:
     return _FLOCK.pack(ltype, os.SEEK_SET, start, length, 0)
+
+
+_flock = flock_bytes
 
 
 def lock_acquire(fd: int, start: int, *, blocking: bool = True) -> bool:

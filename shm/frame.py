@@ -339,6 +339,8 @@ def parse_index(buf, length: int | None = None) -> FrameIndex:
         if FRAME_HEADER.size + raw_len > table_off:
             _fail(f"raw length {raw_len} overruns the data area")
         return FrameIndex(total, (FRAME_HEADER.size, raw_len), None, meta)
+    if raw_len:
+        _fail("a frame with fields must have raw length 0")
     fields = []
     seen = set()
     for i in range(n):
@@ -383,8 +385,11 @@ def decode(buf, length: int | None = None, *, owner: Any = None, on_release=None
                        on_release=on_release)
     fields = {}
     for name, dtype, shape, off, nbytes in idx.fields:
-        arr = np.frombuffer(mv, dtype=dtype, count=nbytes // dtype.itemsize, offset=off) if nbytes \
-            else np.empty(0, dtype=dtype)
+        if nbytes:
+            arr = np.frombuffer(mv, dtype=dtype, count=nbytes // dtype.itemsize, offset=off)
+        else:
+            arr = np.empty(0, dtype=dtype)
+            arr.flags.writeable = not readonly
         fields[name] = arr.reshape(shape)
     return Payload(fields, idx.meta, idx.total_len, owner=(owner, buf), on_release=on_release)
 

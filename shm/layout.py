@@ -45,6 +45,8 @@ RING_HEADER = np.dtype(
         ("consumed", "<u8"),  # (L) total acks
         ("ready_futex", "<u4"),  # bumped (and woken) whenever a slot becomes READY
         ("free_futex", "<u4"),  # bumped (and woken) whenever a slot becomes FREE
+        ("ready_waiters", "<u4"),  # (L) threads sleeping on ready_futex (wake only if > 0)
+        ("free_waiters", "<u4"),  # (L) threads sleeping on free_futex
         # address of the server exposing this ring (written by the server)
         ("server_pid", "<u4"),
         ("server_nports", "<u4"),

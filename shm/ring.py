@@ -26,6 +26,8 @@ from .errors import (
     RingError,
     RingFullError,
     RingLayoutError,
+    SlotBusyError,
+    StaleSlotError,
 )
 from .frame import FrameBuilder, decode, encode_into, encoded_size
 from .layout import (
@@ -305,26 +307,39 @@ class RingBuffer:
         self._check_open()
         deadline = _deadline(timeout if self._on_full == "block" else 0, self.default_timeout)
         t = self._table
-        recovered = False
-        while True:
-            word = t.free_word()
-            got = t.claim_free(drop_oldest=self._on_full == "drop_oldest")
-            if got is not None:
-                slot, lease, _ = got
-                return SlotWriter(self, slot, lease)
-            if not recovered or time.monotonic() >= deadline:
-                recovered = True
+        got = t.claim_free(drop_oldest=self._on_full == "drop_oldest")
+        if got is None:
+            got = self._wait_for(t.free_addr, t.free_word, "free",
+                                 lambda: t.claim_free(drop_oldest=False), deadline)
+        if got is None:
+            counts = self.state_counts()
+            raise RingFullError(
+                f"ring {self._name!r}: no FREE slot within the timeout ({counts}); "
+                f"consumers are not keeping up -- add consumers or slots, or use on_full='drop_oldest'"
+            )
+        slot, lease, _ = got
+        return SlotWriter(self, slot, lease)
+
+    def _wait_for(self, addr: int, word_fn, which: str, attempt, deadline: float):
+        """Retry ``attempt`` until it returns non-None or ``deadline`` passes,
+        sleeping on the ring's futex ``which`` in between (no polling) and
+        running crash recovery before each sleep slice. Returns None on timeout."""
+        t = self._table
+        t.add_waiter(which, +1)
+        try:
+            while True:
+                word = word_fn()
+                got = attempt()
+                if got is not None:
+                    return got
                 if t.recover():
                     continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                counts = self.state_counts()
-                raise RingFullError(
-                    f"ring {self._name!r}: no FREE slot within the timeout ({counts}); "
-                    f"consumers are not keeping up -- add consumers, slots, or use on_full='drop_oldest'"
-                )
-            _sync.futex_wait(t.free_addr, word, min(remaining, WAIT_SLICE_S))
-            recovered = False if remaining > WAIT_SLICE_S else recovered
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                _sync.futex_wait(addr, word, min(remaining, WAIT_SLICE_S))
+        finally:
+            t.add_waiter(which, -1)
 
     def put(self, payload: Any, *, meta: Mapping | None = None, timeout: float | None = None) -> SlotRef:
         """Write ``payload`` (mapping name -> numpy array, or bytes-like) into a
@@ -361,36 +376,26 @@ class RingBuffer:
             if ref.ring != self._name:
                 raise ValueError(f"ref is for ring {ref.ring!r}, this is ring {self._name!r}")
             if not 0 <= ref.slot < self._slots:
-                from .errors import StaleSlotError
-
                 raise StaleSlotError(f"slot {ref.slot} is out of range for ring {self._name!r} ({self._slots} slots)")
         deadline = _deadline(timeout if ref is None else (timeout or 0), self.default_timeout)
-        from .errors import SlotBusyError
+        slot_, gen_ = (None, None) if ref is None else (ref.slot, ref.generation)
+        busy: list[SlotBusyError] = []
 
-        recovered = False
-        while True:
-            word = t.ready_word()
+        def attempt():
             try:
-                got = t.claim_ready(None if ref is None else ref.slot, None if ref is None else ref.generation)
-            except SlotBusyError:
-                got = None
-                if time.monotonic() >= deadline:
-                    if t.recover():
-                        continue
-                    raise
-            if got is not None:
-                slot, lease, gen, nbytes = got
-                return SlotLease(self, slot, lease, gen, nbytes)
-            if not recovered:
-                recovered = True
-                if t.recover():
-                    continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RingEmptyError(f"ring {self._name!r}: no READY payload within the timeout")
-            _sync.futex_wait(t.ready_addr, word, min(remaining, WAIT_SLICE_S))
-            if remaining > WAIT_SLICE_S:
-                recovered = False
+                return t.claim_ready(slot_, gen_)
+            except SlotBusyError as exc:
+                busy[:] = [exc]
+                return None
+
+        got = attempt()
+        if got is None and (busy or ref is None):
+            got = self._wait_for(t.ready_addr, t.ready_word, "ready", attempt, deadline)
+        if got is None:
+            if busy:
+                raise busy[0]
+            raise RingEmptyError(f"ring {self._name!r}: no READY payload within the timeout")
+        return SlotLease(self, *got)
 
     def try_claim(self, ref: SlotRef | None = None) -> "SlotLease | None":
         """Non-blocking claim: a lease, or None when nothing is READY.
@@ -404,18 +409,24 @@ class RingBuffer:
     def wait_ready(self, timeout: float) -> bool:
         """Block (GIL released) until some slot may have become READY, or ``timeout``."""
         t = self._table
-        word = t.ready_word()
         if self.ready_count():
             return True
-        _sync.futex_wait(t.ready_addr, word, timeout)
+        t.add_waiter("ready", +1)
+        try:
+            word = t.ready_word()
+            if self.ready_count():
+                return True
+            _sync.futex_wait(t.ready_addr, word, timeout)
+        finally:
+            t.add_waiter("ready", -1)
         return self.ready_count() > 0
 
     def wake_waiters(self) -> None:
         """Wake every thread blocked in :meth:`wait_ready` (used at shutdown)."""
         t = self._table
         with t.locked():
-            t._bump(t._ready_word, t.ready_addr)
-        t._wake_ready()
+            t._bump(t._ready_word)
+        _sync.futex_wake(t.ready_addr)
 
     # ---------------------------------------------------------- inspection --
     def ready_count(self) -> int:
@@ -497,7 +508,7 @@ class RingBuffer:
         if not self._serving and not _sync.lock_held_elsewhere(self._fd, LOCK_SERVER):
             return None
         n = int(h["server_nports"])
-        return bytes(h["server_host"]).decode("utf-8"), tuple(int(p) for p in h["server_ports"][:n])
+        return bytes(h["server_host"]).rstrip(b"\0").decode("utf-8"), tuple(int(p) for p in h["server_ports"][:n])
 
     def _make_ref(self, slot: int, gen: int, nbytes: int) -> SlotRef:
         addr = self.server_address()

@@ -25,6 +25,7 @@ clobber.
 from __future__ import annotations
 
 import enum
+import fcntl
 import logging
 import os
 import threading
@@ -52,8 +53,9 @@ FREE, WRITING, READY, READING = (int(s) for s in SlotState)
 # Ownerships held by this process, across every RingBuffer instance:
 # (st_dev, st_ino, slot) -> lease.  Used to judge slots whose recorded owner
 # pid is our own (an OFD lock does not conflict with its own description).
+# Single dict operations are atomic under the GIL.
 _OWNED: dict[tuple[int, int, int], int] = {}
-_OWNED_LOCK = threading.Lock()
+_U64_MAX = np.uint64(2**64 - 1)
 
 
 class SlotTable:
@@ -79,16 +81,36 @@ class SlotTable:
         self.free_addr = futex_base + free_futex_off
         self._ready_word = header["ready_futex"]
         self._free_word = header["free_futex"]
+        self._ready_waiters = header["ready_waiters"]
+        self._free_waiters = header["free_waiters"]
+        self._pid = os.getpid()
+        self._LOCK = _sync.flock_bytes(fcntl.F_WRLCK, LOCK_TRANSITION)
+        self._UNLOCK = _sync.flock_bytes(fcntl.F_UNLCK, LOCK_TRANSITION)
 
     # ------------------------------------------------------------ locking --
+    # Hot path: explicit acquire/release (a generator context manager costs
+    # more than the two fcntl calls it wraps).
+    def _lock(self) -> None:
+        self._tlock.acquire()
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW, self._LOCK)  # retried on EINTR (PEP 475)
+        except BaseException:
+            self._tlock.release()
+            raise
+
+    def _unlock(self) -> None:
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, self._UNLOCK)
+        finally:
+            self._tlock.release()
+
     @contextmanager
     def locked(self):
-        with self._tlock:
-            _sync.lock_acquire(self._fd, LOCK_TRANSITION)
-            try:
-                yield
-            finally:
-                _sync.lock_release(self._fd, LOCK_TRANSITION)
+        self._lock()
+        try:
+            yield
+        finally:
+            self._unlock()
 
     def _take_ownership(self, slot: int) -> int:
         if not _sync.lock_acquire(self._fd, LOCK_OWNER_BASE + slot, blocking=False):
@@ -97,19 +119,18 @@ class SlotTable:
             raise RuntimeError(f"slot {slot}: ownership lock held elsewhere in state FREE/READY")
         lease = int(self.lease[slot]) + 1
         self.lease[slot] = lease
-        self.owner[slot] = os.getpid()
+        self.owner[slot] = self._pid
         self.claimed_ns[slot] = time.time_ns()
-        with _OWNED_LOCK:
-            _OWNED[(*self._ident, slot)] = lease
+        _OWNED[(*self._ident, slot)] = lease
         return lease
 
     def _drop_ownership(self, slot: int) -> None:
         self.owner[slot] = 0
-        with _OWNED_LOCK:
-            _OWNED.pop((*self._ident, slot), None)
+        _OWNED.pop((*self._ident, slot), None)
         _sync.lock_release(self._fd, LOCK_OWNER_BASE + slot)
 
-    def _bump(self, word: np.ndarray, addr: int) -> None:
+    @staticmethod
+    def _bump(word: np.ndarray) -> None:
         word[()] = (int(word[()]) + 1) & 0xFFFFFFFF
 
     def ready_word(self) -> int:
@@ -118,40 +139,58 @@ class SlotTable:
     def free_word(self) -> int:
         return int(self._free_word[()])
 
+    def add_waiter(self, which: str, delta: int) -> None:
+        """Register (+1) / unregister (-1) a sleeper on the READY or FREE futex."""
+        w = self.header["ready_waiters" if which == "ready" else "free_waiters"]
+        self._lock()
+        try:
+            w[()] = max(0, int(w[()]) + delta)
+        finally:
+            self._unlock()
+
     def _wake_ready(self):
-        _sync.futex_wake(self.ready_addr)
+        if self._ready_waiters[()]:
+            _sync.futex_wake(self.ready_addr)
 
     def _wake_free(self):
-        _sync.futex_wake(self.free_addr)
+        if self._free_waiters[()]:
+            _sync.futex_wake(self.free_addr)
+
+    def _oldest_ready(self) -> int | None:
+        slot = int(np.where(self.state == READY, self.seq, _U64_MAX).argmin())
+        return slot if self.state[slot] == READY else None
 
     # ------------------------------------------------------- transitions ---
     def claim_free(self, drop_oldest: bool = False):
         """FREE -> WRITING on any free slot (or, with ``drop_oldest``, the oldest
         READY one). Returns ``(slot, lease, dropped)`` or None; ``dropped`` is
         the (slot, generation) whose payload was dropped, else None."""
-        with self.locked():
-            free = np.flatnonzero(self.state == FREE)
+        self._lock()
+        try:
+            slot = int(self.state.argmin())  # FREE == 0 is the smallest state
             dropped = None
-            if len(free):
-                slot = int(free[0])
+            if self.state[slot] == FREE:
+                pass
             elif drop_oldest:
-                ready = np.flatnonzero(self.state == READY)
-                if not len(ready):
+                slot = self._oldest_ready()
+                if slot is None:
                     return None
-                slot = int(ready[np.argmin(self.seq[ready])])
                 dropped = (slot, int(self.gen[slot]))
                 self.header["drops"] += 1
             else:
                 return None
             lease = self._take_ownership(slot)
             self.state[slot] = WRITING
+        finally:
+            self._unlock()
         if dropped:
             log.warning("ring full: dropped the oldest READY payload (slot %d, generation %d)", *dropped)
         return slot, lease, dropped
 
     def publish(self, slot: int, lease: int, nbytes: int) -> tuple[int, int]:
         """WRITING -> READY; returns (generation, seq)."""
-        with self.locked():
+        self._lock()
+        try:
             if self.state[slot] != WRITING or self.lease[slot] != lease:
                 raise StaleSlotError(
                     f"slot {slot}: cannot publish, the slot is no longer held by this writer "
@@ -166,13 +205,16 @@ class SlotTable:
             self.nbytes[slot] = nbytes
             self.state[slot] = READY
             self._drop_ownership(slot)
-            self._bump(self._ready_word, self.ready_addr)
+            self._bump(self._ready_word)
+        finally:
+            self._unlock()
         self._wake_ready()
         return gen, seq
 
     def abort(self, slot: int, lease: int) -> bool:
         """WRITING -> FREE (generation unchanged). Logged no-op in any other state."""
-        with self.locked():
+        self._lock()
+        try:
             if self.state[slot] != WRITING or self.lease[slot] != lease:
                 log.warning("abort of slot %d ignored: state %s, lease %d (ours %d)",
                             slot, SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
@@ -180,7 +222,9 @@ class SlotTable:
             self.state[slot] = FREE
             self.nbytes[slot] = 0
             self._drop_ownership(slot)
-            self._bump(self._free_word, self.free_addr)
+            self._bump(self._free_word)
+        finally:
+            self._unlock()
         self._wake_free()
         return True
 
@@ -191,12 +235,12 @@ class SlotTable:
         a READING slot raises :class:`SlotBusyError`.
         Returns ``(slot, lease, generation, nbytes)``.
         """
-        with self.locked():
+        self._lock()
+        try:
             if slot is None:
-                ready = np.flatnonzero(self.state == READY)
-                if not len(ready):
+                slot = self._oldest_ready()
+                if slot is None:
                     return None
-                slot = int(ready[np.argmin(self.seq[ready])])
             else:
                 st, gen = int(self.state[slot]), int(self.gen[slot])
                 if gen != generation or st not in (READY, READING):
@@ -209,10 +253,13 @@ class SlotTable:
             lease = self._take_ownership(slot)
             self.state[slot] = READING
             return slot, lease, int(self.gen[slot]), int(self.nbytes[slot])
+        finally:
+            self._unlock()
 
     def ack(self, slot: int, lease: int) -> bool:
         """READING -> FREE (consumed). Logged no-op in any other state."""
-        with self.locked():
+        self._lock()
+        try:
             if self.state[slot] != READING or self.lease[slot] != lease:
                 log.warning("ack of slot %d ignored: state %s, lease %d (ours %d)",
                             slot, SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
@@ -220,20 +267,25 @@ class SlotTable:
             self.state[slot] = FREE
             self.header["consumed"] += 1
             self._drop_ownership(slot)
-            self._bump(self._free_word, self.free_addr)
+            self._bump(self._free_word)
+        finally:
+            self._unlock()
         self._wake_free()
         return True
 
     def nack(self, slot: int, lease: int) -> bool:
         """READING -> READY (payload kept, publish order kept). No-op otherwise."""
-        with self.locked():
+        self._lock()
+        try:
             if self.state[slot] != READING or self.lease[slot] != lease:
                 log.warning("nack of slot %d ignored: state %s, lease %d (ours %d)",
                             slot, SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
                 return False
             self.state[slot] = READY
             self._drop_ownership(slot)
-            self._bump(self._ready_word, self.ready_addr)
+            self._bump(self._ready_word)
+        finally:
+            self._unlock()
         self._wake_ready()
         return True
 
@@ -241,14 +293,14 @@ class SlotTable:
     def owner_alive(self, slot: int) -> bool:
         """Is the process holding ``slot`` (WRITING/READING) still alive?"""
         if int(self.owner[slot]) == os.getpid():
-            with _OWNED_LOCK:
-                return _OWNED.get((*self._ident, slot)) == int(self.lease[slot])
+            return _OWNED.get((*self._ident, slot)) == int(self.lease[slot])
         return _sync.lock_held_elsewhere(self._fd, LOCK_OWNER_BASE + slot)
 
     def recover(self) -> int:
         """Reclaim slots whose owner died: WRITING -> FREE, READING -> READY."""
         freed = readied = 0
-        with self.locked():
+        self._lock()
+        try:
             busy = np.flatnonzero((self.state == WRITING) | (self.state == READING))
             for slot in map(int, busy):
                 if self.owner_alive(slot):
@@ -269,9 +321,11 @@ class SlotTable:
             if freed or readied:
                 self.header["recovered"] += freed + readied
                 if freed:
-                    self._bump(self._free_word, self.free_addr)
+                    self._bump(self._free_word)
                 if readied:
-                    self._bump(self._ready_word, self.ready_addr)
+                    self._bump(self._ready_word)
+        finally:
+            self._unlock()
         if freed:
             self._wake_free()
         if readied:

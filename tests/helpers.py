@@ -1,0 +1,96 @@
+"""Worker functions for spawned test processes (importable by path)."""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+
+import numpy as np
+
+import shm
+
+DTYPES = ["int8", "uint8", "int16", "int32", "int64", "uint64", "float16", "float32", "float64",
+          "complex64", "bool"]
+
+
+def checksum(payload) -> int:
+    crc = 0
+    for name in sorted(payload):
+        a = np.ascontiguousarray(payload[name])
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(str(a.dtype).encode() + str(a.shape).encode(), crc)
+        crc = zlib.crc32(a.view(np.uint8).reshape(-1) if a.size else b"", crc)
+    return crc
+
+
+def random_payload(rng: np.random.Generator, max_bytes: int) -> dict:
+    out = {}
+    for i in range(int(rng.integers(1, 4))):
+        dt = np.dtype(DTYPES[int(rng.integers(len(DTYPES)))])
+        ndim = int(rng.integers(0, 3))
+        budget = max(1, max_bytes // 4 // dt.itemsize)
+        if ndim == 0:
+            shape = ()
+        elif ndim == 1:
+            shape = (int(rng.integers(0, budget)),)
+        else:
+            shape = (int(rng.integers(0, 64)), int(rng.integers(1, max(2, budget // 64))))
+        out[f"f{i}"] = (rng.integers(0, 255, size=int(np.prod(shape)) * dt.itemsize, dtype=np.uint8)
+                        .view(dt).reshape(shape))
+    return out
+
+
+def producer(ring_name: str, n: int, seed: int, max_bytes: int, out_q) -> None:
+    ring = shm.RingBuffer.attach(ring_name)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        p = random_payload(rng, max_bytes)
+        ref = ring.put(p, meta={"crc": checksum(p), "producer": seed, "i": i}, timeout=60)
+        out_q.put(ref.to_dict())
+    out_q.put(None)
+    ring.close()
+
+
+def consumer(ring_name: str, result_q, stop_evt) -> None:
+    ring = shm.RingBuffer.attach(ring_name)
+    seen = []
+    bad = 0
+    while True:
+        try:
+            lease = ring.claim(timeout=0.2)
+        except shm.RingEmptyError:
+            if stop_evt.is_set() and ring.ready_count() == 0:
+                break
+            continue
+        with lease:
+            p = lease.payload
+            if checksum(p) != p.meta["crc"]:
+                bad += 1
+            seen.append((p.meta["producer"], p.meta["i"], lease.slot, lease.generation))
+    result_q.put((seen, bad))
+    ring.close()
+
+
+def slow_writer(ring_name: str, nbytes: int, ready_evt) -> None:
+    """Publishes payloads forever with a checksum; killed by the test at a random point."""
+    ring = shm.RingBuffer.attach(ring_name)
+    rng = np.random.default_rng(os.getpid())
+    i = 0
+    ready_evt.set()
+    while True:
+        data = rng.integers(0, 255, size=int(rng.integers(1, nbytes)), dtype=np.uint8)
+        with ring.reserve(timeout=60) as w:
+            # write in several appends so a kill can land mid-write
+            for chunk in np.array_split(data, 8):
+                w.append("data", chunk)
+            w.publish({"crc": checksum({"data": data}), "i": i})
+        i += 1
+
+
+def hold_lease(ring_name: str, ref_dict, held_evt) -> None:
+    ring = shm.RingBuffer.attach(ring_name)
+    lease = ring.claim(shm.SlotRef.from_dict(ref_dict) if ref_dict else None, timeout=10)
+    _ = lease.payload
+    held_evt.set()
+    time.sleep(3600)

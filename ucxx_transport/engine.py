@@ -1,0 +1,184 @@
+"""UCX engine: initialisation, progress driver, and teardown -- in one place.
+
+Progress modes (``UCXX_TRANSPORT_PROGRESS_MODE``):
+
+* ``adaptive`` (default): the asyncio loop progresses the UCX worker itself,
+  spinning only while traffic flows and sleeping on the worker's epoll fd when
+  idle (0% CPU idle, ~polling latency under load). Chosen from the
+  measurements in docs/PROGRESS_MODES.md.
+* ``thread``, ``thread-polling``, ``polling``, ``blocking``: ucxx's own modes.
+
+Rules this module enforces: initialise once per process, never fork after
+(spawn children instead); teardown cancels in-flight requests, stops the
+progress driver and resets ucxx so interpreter exit never segfaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+log = logging.getLogger("ucxx_transport.engine")
+
+PROGRESS_MODES = ("adaptive", "thread", "thread-polling", "polling", "blocking")
+DEFAULT_PROGRESS_MODE = "adaptive"
+
+_state = {"mode": None, "pid": None, "driver": None}
+
+
+def _import_ucxx():
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    os.environ.setdefault("UCX_TCP_CM_REUSEADDR", "y")
+    try:
+        import ucxx  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on install
+        raise ImportError(
+            "the ucxx bindings are not installed: pip install 'ucxx-transport[cu12]' "
+            "(or [cu13] on CUDA 13 machines)"
+        ) from exc
+    return ucxx
+
+
+def init(progress_mode: str | None = None) -> str:
+    """Initialise ucxx in this process (idempotent for the same mode)."""
+    mode = progress_mode or os.environ.get("UCXX_TRANSPORT_PROGRESS_MODE") or DEFAULT_PROGRESS_MODE
+    if mode not in PROGRESS_MODES:
+        raise ValueError(f"progress mode {mode!r} is not one of {', '.join(PROGRESS_MODES)} "
+                         f"(UCXX_TRANSPORT_PROGRESS_MODE / --progress-mode)")
+    if _state["mode"] is not None:
+        if _state["pid"] != os.getpid():
+            raise RuntimeError("ucxx was initialised in a parent process and this one was forked; "
+                               "start children with the 'spawn' method")
+        if _state["mode"] != mode:
+            raise RuntimeError(f"ucxx already initialised with progress mode {_state['mode']!r}, "
+                               f"asked for {mode!r}; call engine.reset() first")
+        return mode
+    ucxx = _import_ucxx()
+    ucxx.init(progress_mode="polling" if mode == "adaptive" else mode)
+    _state.update(mode=mode, pid=os.getpid())
+    log.debug("ucxx initialised, progress mode %s", mode)
+    return mode
+
+
+def mode() -> str | None:
+    return _state["mode"]
+
+
+def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Make sure UCX progresses on ``loop`` (call from inside the loop)."""
+    ucxx = _import_ucxx()
+    loop = loop or asyncio.get_running_loop()
+    if _state["mode"] == "adaptive":
+        from ucxx._lib_async.application_context import ProgressTasks
+
+        if loop not in ProgressTasks:
+            drv = AdaptiveProgress(ucxx.core._get_ctx().worker, loop)
+            ProgressTasks[loop] = drv
+            _state["driver"] = drv
+    else:
+        ucxx.core._get_ctx().continuous_ucx_progress(event_loop=loop)
+
+
+def kick() -> None:
+    """Tell the progress driver an operation was just posted (no-op unless adaptive)."""
+    drv = _state["driver"]
+    if drv is not None:
+        drv.kick()
+
+
+def reset() -> None:
+    """Tear ucxx down: stop progress, cancel in-flight requests, reset the context."""
+    if _state["mode"] is None:
+        return
+    import gc
+
+    ucxx = _import_ucxx()
+    drv = _state["driver"]
+    if drv is not None:
+        drv.stop()
+    try:
+        ctx = ucxx.core._get_ctx()
+        ctx.worker.cancel_inflight_requests() if hasattr(ctx.worker, "cancel_inflight_requests") else None
+    except Exception:  # pragma: no cover
+        pass
+    from ucxx._lib_async.application_context import clear_progress_tasks
+
+    clear_progress_tasks()
+    gc.collect()
+    try:
+        ucxx.reset()
+    except Exception as exc:
+        log.warning("ucxx.reset(): %s", exc)
+    _state.update(mode=None, pid=None, driver=None)
+
+
+class AdaptiveProgress:
+    """Progress a UCX worker from an asyncio loop: poll while busy, sleep when idle.
+
+    While operations complete it calls ``progress_once`` between other tasks
+    (``asyncio.sleep(0)``); after ``spin_s`` without progress it arms the
+    worker and sleeps until the worker's epoll fd fires, :meth:`kick` is
+    called, or ``idle_wakeup_s`` passes (a safety net, never the latency path).
+    """
+
+    def __init__(self, worker, loop, spin_s: float = 0.002, idle_wakeup_s: float = 0.25):
+        self.worker = worker
+        self.event_loop = loop
+        self.spin_s = spin_s
+        self.idle_wakeup_s = idle_wakeup_s
+        worker.init_blocking_progress_mode()
+        self._fd = worker.epoll_file_descriptor
+        self._wake: asyncio.Future | None = None
+        self._last_active = time.monotonic()
+        self.sleeps = 0
+        self.task = loop.create_task(self._run(), name="ucx-progress")
+
+    def __hash__(self):
+        return hash(self.event_loop)
+
+    def kick(self) -> None:
+        self._last_active = time.monotonic()
+        w = self._wake
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def stop(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self.worker = None
+
+    def _on_fd(self):
+        self.kick()
+
+    async def _run(self):
+        loop = self.event_loop
+        sleep0 = asyncio.sleep
+        while True:
+            w = self.worker
+            if w is None:
+                return
+            if w.progress_once():
+                while w.progress_once():
+                    pass
+                self._last_active = time.monotonic()
+                await sleep0(0)
+                continue
+            if time.monotonic() - self._last_active < self.spin_s:
+                await sleep0(0)
+                continue
+            if not w.arm():  # events pending: keep progressing
+                await sleep0(0)
+                continue
+            self._wake = fut = loop.create_future()
+            loop.add_reader(self._fd, self._on_fd)
+            timer = loop.call_later(self.idle_wakeup_s, self.kick)
+            self.sleeps += 1
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                loop.remove_reader(self._fd)
+                self._wake = None
+            self._last_active = time.monotonic()
