@@ -401,6 +401,8 @@ class RingBuffer:
         """Non-blocking claim: a lease, or None when nothing is READY.
         Stale/busy refs raise as in :meth:`claim`. Does not run recovery."""
         self._check_open()
+        if ref is not None and not 0 <= ref.slot < self._slots:
+            raise StaleSlotError(f"slot {ref.slot} is out of range for ring {self._name!r} ({self._slots} slots)")
         got = self._table.claim_ready(None if ref is None else ref.slot, None if ref is None else ref.generation)
         if got is None:
             return None

@@ -99,10 +99,9 @@ def reset() -> None:
     if drv is not None:
         drv.stop()
     try:
-        ctx = ucxx.core._get_ctx()
-        ctx.worker.cancel_inflight_requests() if hasattr(ctx.worker, "cancel_inflight_requests") else None
-    except Exception:  # pragma: no cover
-        pass
+        ucxx.core._get_ctx().worker.cancel_inflight_requests()
+    except Exception as exc:  # pragma: no cover
+        log.debug("cancel_inflight_requests: %s", exc)
     from ucxx._lib_async.application_context import clear_progress_tasks
 
     clear_progress_tasks()
@@ -110,7 +109,7 @@ def reset() -> None:
     try:
         ucxx.reset()
     except Exception as exc:
-        log.warning("ucxx.reset(): %s", exc)
+        log.warning("ucxx.reset() failed: %s", str(exc)[:2000])
     _state.update(mode=None, pid=None, driver=None)
 
 

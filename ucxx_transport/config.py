@@ -1,0 +1,143 @@
+"""Every configuration knob, defined once: CLI flag, environment variable
+``UCXX_TRANSPORT_*``, default, parser and validation.
+
+Precedence: explicit argument / CLI flag > environment variable > default.
+A bad value raises :class:`ConfigError` naming the knob, its flag and its
+environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .units import parse_duration, parse_size
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the knob and the fix."""
+
+
+def _ports(text: str) -> list[int]:
+    ports = [int(p) for p in str(text).replace(" ", "").split(",") if p != ""]
+    if not ports or any(not 0 <= p <= 65535 for p in ports):
+        raise ValueError("expected a comma-separated list of ports in 0..65535 (0 = any free port)")
+    if len(ports) > 16:
+        raise ValueError("at most 16 ports")
+    nonzero = [p for p in ports if p]
+    if len(set(nonzero)) != len(nonzero):
+        raise ValueError("duplicate ports")
+    return ports
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text):
+        v = int(text)
+        if not lo <= v <= hi:
+            raise ValueError(f"must be in [{lo}, {hi}]")
+        return v
+    return parse
+
+
+def _positive_duration(text) -> float:
+    v = parse_duration(text)
+    if v <= 0:
+        raise ValueError("must be > 0")
+    return v
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text):
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+def _bool(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    t = str(text).strip().lower()
+    if t in ("1", "true", "yes", "on", "y"):
+        return True
+    if t in ("0", "false", "no", "off", "n"):
+        return False
+    raise ValueError("must be true/false")
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "UCXX_TRANSPORT_" + self.name.upper()
+
+
+KNOBS: dict[str, Knob] = {k.name: k for k in [
+    # server
+    Knob("host", None, str, "address advertised in refs (default: this host's primary IP, else 127.0.0.1)"),
+    Knob("ports", None, _ports, "comma-separated listener ports; 0 = any free port (overrides --n-ports)"),
+    Knob("n_ports", 4, _int_range(1, 16), "number of listener ports when --ports is not given (any free ports)"),
+    Knob("token_file", None, str, "file holding the shared-secret token clients must present (HELLO)"),
+    Knob("progress_mode", "adaptive", _choice("adaptive", "thread", "thread-polling", "polling", "blocking"),
+         "UCX progress mode (adaptive: poll under load, sleep when idle; see docs/PROGRESS_MODES.md)"),
+    Knob("ack_timeout_s", 10.0, _positive_duration, "seconds a handler waits for a client's ACK before "
+         "returning the payload to READY"),
+    Knob("idle_timeout_s", 120.0, _positive_duration, "seconds an idle endpoint is kept before eviction"),
+    Knob("metrics_port", None, _int_range(0, 65535), "serve Prometheus metrics on this port (needs prometheus-client)"),
+    Knob("max_take", 64, _int_range(1, 256), "most payloads one TAKE request may return"),
+    Knob("slots", 64, _int_range(1, 65536), "ring slots (with --create)"),
+    Knob("slot_bytes", 64 << 20, lambda t: _size_min(t, 4096), "bytes per slot, e.g. 64MiB (with --create)"),
+    Knob("on_full", "block", _choice("block", "error", "drop_oldest"), "writer policy when no slot is FREE"),
+    # client
+    Knob("timeout", 5.0, _positive_duration, "client: deadline of one network call (seconds)"),
+    Knob("max_attempts", 2, _int_range(1, 20), "client: attempts per ref for transient errors"),
+    Knob("max_rounds", 3, _int_range(1, 20), "client: rounds of a batch fetch"),
+    Knob("quarantine_s", 30.0, _positive_duration, "client: seconds a failing (host, port) is skipped"),
+    Knob("endpoint_max_age_s", 100.0, _positive_duration, "client: pooled endpoints older than this are replaced"),
+    Knob("pool_size", 2, _int_range(1, 64), "client: pooled endpoints per (host, port)"),
+    Knob("max_inflight", 16, _int_range(1, 1024), "client: concurrent requests of a batch fetch"),
+]}
+
+
+def _size_min(text, lo: int) -> int:
+    v = parse_size(text)
+    if v < lo:
+        raise ValueError(f"must be >= {lo} bytes")
+    return v
+
+
+def resolve(name: str, value: Any = None, *, env: dict | None = None) -> Any:
+    """The effective value of knob ``name`` given an explicit ``value`` (None = unset)."""
+    knob = KNOBS[name]
+    env = os.environ if env is None else env
+    source = "argument"
+    if value is None:
+        raw = env.get(knob.env)
+        if raw is None or raw == "":
+            return knob.default
+        value, source = raw, f"environment variable {knob.env}"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    if name in ("host", "token_file"):
+        return value
+    try:
+        return knob.parse(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"invalid {name} {value!r} (from {source}; flag {knob.flag}, env {knob.env}): {exc}"
+        ) from None
+
+
+def help_text(name: str) -> str:
+    k = KNOBS[name]
+    return f"{k.help} [env {k.env}; default {k.default}]"

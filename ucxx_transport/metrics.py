@@ -1,0 +1,115 @@
+"""Server metrics: counters, latency reservoirs, event-loop lag sampler.
+
+Kept as plain Python numbers (cheap to update on the event loop);
+:func:`prometheus_collector` exposes the same numbers through
+prometheus-client when it is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import numpy as np
+
+
+class Reservoir:
+    """The last ``size`` samples, for percentiles (bounded memory)."""
+
+    def __init__(self, size: int = 4096):
+        self._buf = collections.deque(maxlen=size)
+        self.count = 0
+        self.max = 0.0
+
+    def add(self, v: float) -> None:
+        self._buf.append(v)
+        self.count += 1
+        if v > self.max:
+            self.max = v
+
+    def percentiles(self) -> dict:
+        if not self._buf:
+            return {"p50": None, "p99": None, "max": None, "count": 0}
+        a = np.fromiter(self._buf, dtype=np.float64)
+        p50, p99 = np.percentile(a, [50, 99])
+        return {"p50": float(p50), "p99": float(p99), "max": float(self.max), "count": self.count}
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.requests = collections.Counter()  # (op, status) -> n
+        self.bytes_out = 0
+        self.payloads_out = 0
+        self.inflight = 0
+        self.endpoints = 0
+        self.ack_timeouts = 0
+        self.nacks = 0
+        self.acks = 0
+        self.evictions = 0
+        self.handler_latency = Reservoir()  # seconds, claim -> ack
+        self.loop_lag = Reservoir(1200)  # seconds, sampled at 10 Hz
+        self.started = time.time()
+
+    def count(self, op: str, status: str) -> None:
+        self.requests[(op, status)] += 1
+
+    async def sample_loop_lag(self, interval: float = 0.1) -> None:
+        """Sample event-loop lag at 10 Hz: how late a timer fires."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(interval)
+            self.loop_lag.add(max(0.0, loop.time() - t0 - interval))
+
+    def snapshot(self) -> dict:
+        return {
+            "uptime_s": time.time() - self.started,
+            "requests": {f"{op}:{st}": n for (op, st), n in sorted(self.requests.items())},
+            "bytes_out": self.bytes_out,
+            "payloads_out": self.payloads_out,
+            "inflight": self.inflight,
+            "endpoints": self.endpoints,
+            "acks": self.acks,
+            "nacks": self.nacks,
+            "ack_timeouts": self.ack_timeouts,
+            "evictions": self.evictions,
+            "handler_latency_s": self.handler_latency.percentiles(),
+            "loop_lag_s": self.loop_lag.percentiles(),
+        }
+
+
+def prometheus_collector(snapshot_fn):
+    """A prometheus-client collector exporting ``snapshot_fn()`` (server + ring)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class Collector:
+        def collect(self):
+            s = snapshot_fn()
+            m = s["metrics"]
+            req = CounterMetricFamily("ucxx_transport_requests", "requests by op and status", labels=["op", "status"])
+            for key, n in m["requests"].items():
+                op, st = key.split(":")
+                req.add_metric([op, st], n)
+            yield req
+            for name, help_ in [("bytes_out", "payload bytes sent"), ("payloads_out", "payloads sent"),
+                                ("acks", "payloads acked"), ("nacks", "payloads returned"),
+                                ("ack_timeouts", "ACKs that never came"), ("evictions", "idle endpoints evicted")]:
+                yield CounterMetricFamily(f"ucxx_transport_{name}", help_, value=m[name])
+            yield GaugeMetricFamily("ucxx_transport_inflight", "requests in flight", value=m["inflight"])
+            yield GaugeMetricFamily("ucxx_transport_endpoints", "connected endpoints", value=m["endpoints"])
+            slots = GaugeMetricFamily("ucxx_transport_slots", "ring slots by state", labels=["state"])
+            for st, n in s["ring"]["states"].items():
+                slots.add_metric([st], n)
+            yield slots
+            yield CounterMetricFamily("ucxx_transport_drops", "payloads dropped (on_full=drop_oldest)",
+                                      value=s["ring"]["drops"])
+            for key, label in [("handler_latency_s", "handler_latency_seconds"), ("loop_lag_s", "loop_lag_seconds")]:
+                g = GaugeMetricFamily(f"ucxx_transport_{label}", f"{label} percentiles", labels=["quantile"])
+                for q in ("p50", "p99", "max"):
+                    v = m[key][q]
+                    if v is not None:
+                        g.add_metric([q], v)
+                yield g
+
+    return Collector()

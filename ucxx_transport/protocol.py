@@ -1,0 +1,162 @@
+"""Wire protocol: the only module that knows the byte layout of messages.
+
+Every message on an endpoint is one UCX tag message. A request is exactly
+``REQUEST.size`` (256) bytes, a response header exactly ``RESPONSE.size``
+(128) bytes; a payload (or STATS JSON) follows its response header as one
+message of exactly ``nbytes`` bytes. All integers are little-endian. The last
+4 bytes of each header are a CRC-32 of the bytes before it, so a short,
+truncated or stale buffer is detected, never misread. See docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+REQUEST_MAGIC = b"UXRQ"
+RESPONSE_MAGIC = b"UXRS"
+
+#: magic, version, op, flags, request_id, generation, max_nbytes, slot, n, wait_ms, text_len
+REQUEST = struct.Struct("<4sHBBQQQIIIH2x204sI")
+#: magic, version, status, flags, request_id, generation, nbytes, slot, index, count, msg_len, message
+RESPONSE = struct.Struct("<4sHBBQQQIIIH2x76sI")
+assert REQUEST.size == 256 and RESPONSE.size == 128
+
+MAX_TEXT = 204  # ring name (GET), token (HELLO)
+MAX_MESSAGE = 76
+#: TAKE never hands out more than this many payloads per request
+MAX_TAKE = 256
+#: response flag: another (header, payload) pair of the same TAKE follows
+FLAG_MORE = 0x1
+
+
+class Op(enum.IntEnum):
+    HELLO = 1  # text = token
+    GET = 2  # text = ring name; slot, generation
+    TAKE = 3  # n, wait_ms: the next READY payloads, publish order, long-poll
+    ACK = 4  # request_id of the GET/TAKE whose payloads were received intact
+    NACK = 5  # ... or not: give them back
+    STATS = 6  # server metrics as JSON
+    PING = 7
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    STALE = 1  # the ref's generation is gone: final
+    BUSY = 2  # leased by another reader: retry later
+    EMPTY = 3  # TAKE: nothing READY within wait_ms
+    DENIED = 4  # authentication missing or wrong: endpoint closed
+    BAD_REQUEST = 5  # malformed request: endpoint closed
+    TOO_LARGE = 6  # payload exceeds the client's max_nbytes (stays READY)
+    SHUTTING_DOWN = 7  # server stopping: try another server/port later
+    ERROR = 8  # server-side failure: retryable
+
+
+#: statuses a client may retry (same or another port)
+RETRYABLE_STATUSES = frozenset({Status.BUSY, Status.SHUTTING_DOWN, Status.ERROR, Status.EMPTY})
+
+
+class ProtocolError(Exception):
+    """A message that does not parse; ``status`` is what the server answers."""
+
+    def __init__(self, message: str, status: Status = Status.BAD_REQUEST):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Request:
+    op: Op
+    request_id: int
+    slot: int = 0
+    generation: int = 0
+    n: int = 0
+    wait_ms: int = 0
+    max_nbytes: int = 0
+    text: str = ""
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class Response:
+    status: Status
+    request_id: int
+    slot: int = 0
+    generation: int = 0
+    nbytes: int = 0
+    index: int = 0
+    count: int = 0
+    message: str = ""
+    flags: int = 0
+
+
+def _crc(buf, n: int) -> int:
+    return zlib.crc32(memoryview(buf)[:n])
+
+
+def encode_request(req: Request) -> bytearray:
+    text = req.text.encode("utf-8")
+    if len(text) > MAX_TEXT:
+        raise ValueError(f"request text is {len(text)} bytes; at most {MAX_TEXT}")
+    out = bytearray(REQUEST.size)
+    REQUEST.pack_into(out, 0, REQUEST_MAGIC, PROTOCOL_VERSION, int(req.op), req.flags, req.request_id,
+                      req.generation, req.max_nbytes, req.slot, req.n, req.wait_ms, len(text), text, 0)
+    struct.pack_into("<I", out, REQUEST.size - 4, _crc(out, REQUEST.size - 4))
+    return out
+
+
+def decode_request(buf) -> Request:
+    """Parse a request; raises :class:`ProtocolError` (status BAD_REQUEST)."""
+    mv = memoryview(buf).cast("B")
+    if len(mv) != REQUEST.size:
+        raise ProtocolError(f"request is {len(mv)} bytes, expected {REQUEST.size}")
+    (magic, version, op, flags, rid, gen, max_nbytes, slot, n, wait_ms, text_len, text, crc) = REQUEST.unpack(mv)
+    if magic != REQUEST_MAGIC:
+        raise ProtocolError(f"bad request magic {magic!r}")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} not supported (server speaks {PROTOCOL_VERSION})")
+    if crc != _crc(mv, REQUEST.size - 4):
+        raise ProtocolError("request checksum mismatch (truncated or corrupt message)")
+    try:
+        op = Op(op)
+    except ValueError:
+        raise ProtocolError(f"unknown op {op}") from None
+    if text_len > MAX_TEXT:
+        raise ProtocolError(f"text length {text_len} exceeds {MAX_TEXT}")
+    try:
+        text_s = text[:text_len].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("request text is not UTF-8") from None
+    return Request(op, rid, slot, gen, n, wait_ms, max_nbytes, text_s, flags)
+
+
+def encode_response(resp: Response, out: bytearray | None = None) -> bytearray:
+    msg = resp.message.encode("utf-8")[:MAX_MESSAGE]
+    out = out if out is not None else bytearray(RESPONSE.size)
+    RESPONSE.pack_into(out, 0, RESPONSE_MAGIC, PROTOCOL_VERSION, int(resp.status), resp.flags, resp.request_id,
+                       resp.generation, resp.nbytes, resp.slot, resp.index, resp.count, len(msg), msg, 0)
+    struct.pack_into("<I", out, RESPONSE.size - 4, _crc(out, RESPONSE.size - 4))
+    return out
+
+
+def decode_response(buf) -> Response:
+    """Parse a response header; raises :class:`ProtocolError` on anything odd."""
+    mv = memoryview(buf).cast("B")
+    if len(mv) != RESPONSE.size:
+        raise ProtocolError(f"response is {len(mv)} bytes, expected {RESPONSE.size}")
+    (magic, version, status, flags, rid, gen, nbytes, slot, index, count, msg_len, msg, crc) = RESPONSE.unpack(mv)
+    if magic != RESPONSE_MAGIC:
+        raise ProtocolError(f"bad response magic {magic!r} (is this a ucxx-transport server?)")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"server speaks protocol version {version}, this client {PROTOCOL_VERSION}")
+    if crc != _crc(mv, RESPONSE.size - 4):
+        raise ProtocolError("response checksum mismatch (truncated or corrupt message)")
+    try:
+        status = Status(status)
+    except ValueError:
+        raise ProtocolError(f"unknown status {status}") from None
+    message = msg[: min(msg_len, MAX_MESSAGE)].decode("utf-8", "replace")
+    return Response(status, rid, slot, gen, nbytes, index, count, message, flags)

@@ -1,0 +1,527 @@
+"""TransportServer: exposes one shared-memory ring over UCX.
+
+One asyncio loop in a dedicated thread owns every listener (N ports sharing
+one UCX worker) and every connection handler. Per endpoint the protocol is
+sequential: request -> response header(s) + payload(s) -> ACK/NACK -> next
+request. The handler that claimed a slot is its only finaliser:
+
+* ACK -> READING -> FREE (consumed)
+* NACK, ACK timeout, endpoint error, cancellation, shutdown -> READY
+
+A crash of the whole server process drops its ownership locks with it, so
+the next reader (or a restarted server) recovers every leased slot to READY.
+
+Deadlines: an idle endpoint is evicted after ``idle_timeout_s``; a client
+that does not ACK within ``ack_timeout_s`` has its endpoint aborted and its
+payloads returned. Both are enforced by one sweeper task (no per-request
+timer cost on the hot path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import hmac
+import itertools
+import json
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import shm
+from shm import RingBuffer
+
+from . import engine
+from .config import resolve
+from .metrics import ServerMetrics
+from .protocol import (
+    FLAG_MORE,
+    MAX_TAKE,
+    REQUEST,
+    Op,
+    ProtocolError,
+    Request,
+    Response,
+    Status,
+    decode_request,
+    encode_response,
+)
+
+log = logging.getLogger("ucxx_transport.server")
+SWEEP_INTERVAL_S = 0.1
+RECOVER_INTERVAL_S = 1.0
+
+
+def default_host() -> str:
+    """This host's primary IP (the one a default route would use), else 127.0.0.1."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent for UDP connect
+            ip = s.getsockname()[0]
+            if ip and not ip.startswith("0."):
+                return ip
+    except OSError:
+        pass
+    return "127.0.0.1"
+
+
+@dataclass
+class _Conn:
+    ep: object
+    port_index: int
+    deadline: float | None
+    phase: str = "idle"  # idle | ack | wait
+    timed_out: str | None = None
+
+
+class _ReadyWaiters:
+    """FIFO of TAKE long-pollers; woken in order when payloads become READY."""
+
+    def __init__(self):
+        self._q: collections.deque[asyncio.Future] = collections.deque()
+        self.present = threading.Event()
+
+    async def wait(self, timeout: float) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._q.append(fut)
+        self.present.set()
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            try:
+                self._q.remove(fut)
+            except ValueError:
+                pass
+            if not self._q:
+                self.present.clear()
+
+    def notify(self, k: int) -> None:
+        for fut in list(self._q)[: max(1, k)]:
+            if not fut.done():
+                fut.set_result(None)
+
+    def notify_all(self) -> None:
+        self.notify(len(self._q))
+
+
+class TransportServer:
+    """Serve ``ring`` (a :class:`shm.RingBuffer` or its name) over UCX.
+
+    ``ports``: explicit listener ports (0 = any free port); else ``n_ports``
+    free ports. ``start()`` returns the ports actually bound, and those are
+    what the ring advertises in new refs. ``token``: shared secret every
+    endpoint must present in a HELLO first. Timeouts are seconds.
+    Every argument left as None reads its ``UCXX_TRANSPORT_*`` variable.
+    """
+
+    def __init__(self, ring, *, host=None, ports=None, n_ports=None, token=None, ack_timeout_s=None,
+                 idle_timeout_s=None, progress_mode=None, max_take=None, _fault=None):
+        self._own_ring = isinstance(ring, str)
+        self.ring: RingBuffer = RingBuffer.attach(ring) if isinstance(ring, str) else ring
+        self._host = resolve("host", host) or default_host()
+        self._req_ports = resolve("ports", ports) or [0] * resolve("n_ports", n_ports)
+        self._token = token.encode() if isinstance(token, str) else token
+        self._ack_timeout = resolve("ack_timeout_s", ack_timeout_s)
+        self._idle_timeout = resolve("idle_timeout_s", idle_timeout_s)
+        self._mode = resolve("progress_mode", progress_mode)
+        self._max_take = min(resolve("max_take", max_take), MAX_TAKE)
+        self._fault = _fault or {}
+        self.metrics = ServerMetrics()
+        self._ports: list[int] = []
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._stop_evt: asyncio.Event | None = None
+        self._conns: dict[asyncio.Task, _Conn] = {}
+        self._waiters = _ReadyWaiters()
+        self._watch_ack = threading.Event()
+        self._req_ids = itertools.count(1)
+
+    # ---------------------------------------------------------- lifetime --
+    @property
+    def address(self) -> tuple[str, list[int]]:
+        return self._host, list(self._ports)
+
+    @property
+    def ports(self) -> list[int]:
+        return list(self._ports)
+
+    def start(self, timeout: float = 30.0) -> list[int]:
+        """Bind the listeners and start serving; returns the bound ports.
+        Raises the startup error (e.g. a port in use) if binding fails."""
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        self._thread = threading.Thread(target=self._thread_main, name="ucxx-transport-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise TimeoutError(f"server did not start within {timeout} s")
+        if self._error is not None:
+            self._thread.join(5)
+            raise self._error
+        return list(self._ports)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, return every lease to READY, tear UCX down. Bounded by ``timeout``."""
+        if self._thread is None:
+            return
+        loop = self._loop
+        self._stopping = True
+        if loop is not None and self._stop_evt is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._stop_evt.set)
+            except RuntimeError:
+                pass
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("server thread did not stop within %.1f s; leases it holds are recovered when "
+                      "this process exits", timeout)
+        self._thread = None
+        if self._own_ring:
+            self.ring.close()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def serve_forever(self) -> None:
+        """Block until :meth:`stop` is called from another thread (or a signal handler)."""
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(0.5)
+
+    def _thread_main(self):
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._main())
+        except BaseException as exc:  # startup failure
+            if not self._ready.is_set():
+                self._error = exc
+                self._ready.set()
+            else:
+                log.exception("server loop crashed")
+        finally:
+            try:
+                engine.reset()
+            finally:
+                try:
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                except Exception:
+                    pass
+                loop.close()
+
+    async def _main(self):
+        import ucxx
+
+        engine.init(self._mode)
+        engine.attach_loop()
+        self._stop_evt = asyncio.Event()
+        listeners = []
+        try:
+            for i, port in enumerate(self._req_ports):
+                cb = functools.partial(self._serve_endpoint, port_index=i)
+                try:
+                    listeners.append(ucxx.create_listener(cb, port))
+                except Exception as exc:
+                    raise OSError(f"cannot listen on port {port}: {exc} (in use? pick another with --ports, "
+                                  f"or 0 for any free port)") from exc
+            self._ports = [lst.port for lst in listeners]
+            self.ring.set_server_address(self._host, self._ports)
+            self.ring.recover()
+            watcher = threading.Thread(target=self._watch_ready, name="ucxx-transport-ready-watch", daemon=True)
+            watcher.start()
+            bg = [asyncio.create_task(c) for c in (self._sweeper(), self._recoverer(),
+                                                   self.metrics.sample_loop_lag())]
+            log.info("serving ring %r on %s ports %s (progress mode %s)", self.ring.name, self._host,
+                     self._ports, engine.mode())
+            self._ready.set()
+            await self._stop_evt.wait()
+            # ---- shutdown: stop accepting, drain, cancel, return leases ----
+            self._stopping = True
+            for lst in listeners:
+                lst.close()
+            self._waiters.notify_all()
+            busy = [t for t, c in self._conns.items() if c.phase != "idle"]
+            if busy:
+                await asyncio.wait(busy, timeout=min(2.0, self._ack_timeout))
+            for t, c in list(self._conns.items()):
+                self._abort(c, "shutdown")
+                t.cancel()
+            if self._conns:
+                await asyncio.wait(list(self._conns), timeout=2.0)
+            for t in bg:
+                t.cancel()
+            await asyncio.gather(*bg, return_exceptions=True)
+            self._waiters.present.set()  # let the watcher observe _stopping
+            self.ring.wake_waiters()
+            watcher.join(2.0)
+        finally:
+            for lst in listeners:
+                lst.close()
+            listeners.clear()
+            self.ring.clear_server_address()
+            log.info("server for ring %r stopped", self.ring.name)
+
+    # ------------------------------------------------------- background --
+    async def _sweeper(self):
+        """Enforce idle and ACK deadlines by aborting late endpoints."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            now = time.monotonic()
+            for c in list(self._conns.values()):
+                if c.deadline is not None and now > c.deadline and c.timed_out is None:
+                    self._abort(c, "ack_timeout" if c.phase == "ack" else "idle")
+
+    async def _recoverer(self):
+        while True:
+            await asyncio.sleep(RECOVER_INTERVAL_S)
+            if self.ring.recover():
+                self._waiters.notify_all()
+
+    def _watch_ready(self):
+        """Thread: sleep on the ring's futex while TAKE long-pollers wait; wake them in order."""
+        ring, loop = self.ring, self._loop
+        while not self._stopping:
+            if not self._waiters.present.wait(0.5) or self._stopping:
+                continue
+            if ring.wait_ready(0.25) and not self._stopping:
+                self._watch_ack.clear()
+                try:
+                    loop.call_soon_threadsafe(self._notify_from_watcher, ring.ready_count())
+                except RuntimeError:
+                    return
+                self._watch_ack.wait(0.25)
+
+    def _notify_from_watcher(self, k: int):
+        self._waiters.notify(k)
+        self._watch_ack.set()
+
+    def _abort(self, c: _Conn, reason: str):
+        c.timed_out = reason
+        if reason == "ack_timeout":
+            self.metrics.ack_timeouts += 1
+            log.warning("client on port index %d did not ACK within %.1f s: returning its payloads",
+                        c.port_index, self._ack_timeout)
+        elif reason == "idle":
+            self.metrics.evictions += 1
+            log.debug("evicting idle endpoint (port index %d)", c.port_index)
+        try:
+            c.ep.abort()
+        except Exception as exc:  # pragma: no cover
+            log.debug("abort: %s", exc)
+
+    # ---------------------------------------------------------- handlers --
+    async def _serve_endpoint(self, ep, port_index: int = 0):
+        task = asyncio.current_task()
+        conn = _Conn(ep, port_index, time.monotonic() + self._idle_timeout)
+        self._conns[task] = conn
+        self.metrics.endpoints += 1
+        authed = self._token is None
+        buf = np.empty(REQUEST.size, np.uint8)
+        try:
+            if self._fault.get("silent_port_index") == port_index:
+                await asyncio.sleep(3600)  # fault injection: accept, never answer
+            while True:
+                conn.phase, conn.deadline = "idle", time.monotonic() + self._idle_timeout
+                try:
+                    await ep.recv(buf)
+                except Exception as exc:
+                    log.debug("endpoint closed (%s: %s)", type(exc).__name__, exc)
+                    return
+                try:
+                    req = decode_request(buf)
+                except ProtocolError as exc:
+                    self.metrics.count("?", exc.status.name)
+                    log.info("bad request (%s); closing endpoint", exc)
+                    await self._reply(ep, Response(exc.status, 0, message=str(exc)))
+                    return
+                if self._stopping:
+                    await self._reply(ep, Response(Status.SHUTTING_DOWN, req.request_id, message="server stopping"))
+                    return
+                if not authed:
+                    if req.op != Op.HELLO or not hmac.compare_digest(req.text.encode(), self._token):
+                        self.metrics.count(req.op.name, "DENIED")
+                        log.warning("denied: %s without a valid token; closing endpoint", req.op.name)
+                        await self._reply(ep, Response(Status.DENIED, req.request_id,
+                                                       message="authentication required: HELLO with the token"))
+                        return
+                    authed = True
+                if not await self._dispatch(ep, conn, req, buf):
+                    return
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._conns.pop(task, None)
+            self.metrics.endpoints -= 1
+            if conn.timed_out is None:
+                try:
+                    ep.abort()
+                except Exception:
+                    pass
+
+    async def _reply(self, ep, resp: Response) -> bool:
+        try:
+            await ep.send(encode_response(resp))
+            return True
+        except Exception as exc:
+            log.debug("reply failed: %s", exc)
+            return False
+
+    async def _dispatch(self, ep, conn: _Conn, req: Request, buf) -> bool:
+        """Serve one request. Returns False to close the endpoint."""
+        op = req.op
+        if op in (Op.HELLO, Op.PING):
+            self.metrics.count(op.name, "OK")
+            return await self._reply(ep, Response(Status.OK, req.request_id))
+        if op == Op.GET:
+            return await self._get(ep, conn, req, buf)
+        if op == Op.TAKE:
+            return await self._take(ep, conn, req, buf)
+        if op == Op.STATS:
+            body = json.dumps(self.snapshot()).encode()
+            self.metrics.count(op.name, "OK")
+            return await self._reply(ep, Response(Status.OK, req.request_id, nbytes=len(body))) and \
+                await self._send(ep, np.frombuffer(body, np.uint8))
+        self.metrics.count(op.name, "BAD_REQUEST")
+        await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id, message=f"unexpected {op.name}"))
+        return False
+
+    async def _send(self, ep, buf) -> bool:
+        try:
+            await ep.send(buf)
+            return True
+        except Exception as exc:
+            log.debug("send failed: %s", exc)
+            return False
+
+    async def _get(self, ep, conn, req: Request, buf) -> bool:
+        ring = self.ring
+        if req.text != ring.name:
+            self.metrics.count("GET", "BAD_REQUEST")
+            await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id,
+                                           message=f"this server serves ring {ring.name!r}"))
+            return False
+        if req.slot >= ring.slots:
+            self.metrics.count("GET", "STALE")
+            return await self._reply(ep, Response(Status.STALE, req.request_id, req.slot, req.generation,
+                                                  message="slot out of range"))
+        try:
+            lease = ring.try_claim(shm.SlotRef(ring.name, req.slot, req.generation, 0))
+        except shm.StaleSlotError:
+            self.metrics.count("GET", "STALE")
+            return await self._reply(ep, Response(Status.STALE, req.request_id, req.slot, req.generation,
+                                                  message="generation gone"))
+        except shm.SlotBusyError:
+            self.metrics.count("GET", "BUSY")
+            return await self._reply(ep, Response(Status.BUSY, req.request_id, req.slot, req.generation,
+                                                  message="leased by another reader"))
+        if req.max_nbytes and lease.nbytes > req.max_nbytes:
+            lease.nack()
+            self.metrics.count("GET", "TOO_LARGE")
+            return await self._reply(ep, Response(Status.TOO_LARGE, req.request_id, req.slot, req.generation,
+                                                  lease.nbytes, message="payload exceeds max_nbytes"))
+        return await self._deliver(ep, conn, req, [lease], buf)
+
+    async def _take(self, ep, conn, req: Request, buf) -> bool:
+        n = max(1, min(req.n or 1, self._max_take))
+        leases = self._claim_ready(n)
+        if not leases and req.wait_ms:
+            deadline = time.monotonic() + req.wait_ms / 1000.0
+            conn.phase, conn.deadline = "wait", None
+            while not leases and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                await self._waiters.wait(remaining)
+                leases = self._claim_ready(n)
+        if not leases:
+            self.metrics.count("TAKE", "EMPTY")
+            status = Status.SHUTTING_DOWN if self._stopping else Status.EMPTY
+            return await self._reply(ep, Response(status, req.request_id))
+        return await self._deliver(ep, conn, req, leases, buf)
+
+    def _claim_ready(self, n: int) -> list:
+        out = []
+        while len(out) < n:
+            lease = self.ring.try_claim()
+            if lease is None:
+                break
+            out.append(lease)
+        return out
+
+    async def _deliver(self, ep, conn, req: Request, leases: list, buf) -> bool:
+        """Send each (header, payload) straight from shared memory, then wait for ACK/NACK."""
+        m = self.metrics
+        t0 = time.monotonic()
+        m.inflight += 1
+        conn.phase, conn.deadline = "ack", time.monotonic() + self._ack_timeout
+        ok = False
+        try:
+            count = len(leases)
+            for i, lease in enumerate(leases):
+                hdr = encode_response(Response(Status.OK, req.request_id, lease.slot, lease.generation,
+                                               lease.nbytes, i, count, flags=FLAG_MORE if i + 1 < count else 0))
+                await ep.send(hdr)
+                await ep.send(lease.array())
+                m.bytes_out += lease.nbytes
+                m.payloads_out += 1
+            m.count(req.op.name, "OK")
+            log.debug("sent %d payload(s) for request %d; awaiting ACK", count, req.request_id)
+            await ep.recv(buf)
+            ack = decode_request(buf)
+            if ack.op not in (Op.ACK, Op.NACK) or ack.request_id != req.request_id:
+                raise ProtocolError(f"expected ACK/NACK for request {req.request_id}, got {ack.op.name} "
+                                    f"for {ack.request_id}")
+            if ack.op == Op.ACK:
+                for lease in leases:
+                    lease.ack()
+                m.acks += count
+            else:
+                for lease in leases:
+                    lease.nack()
+                m.nacks += count
+                self._waiters.notify(count)
+            ok = True
+            m.handler_latency.add(time.monotonic() - t0)
+            return True
+        except ProtocolError as exc:
+            log.info("protocol violation while awaiting ACK (%s); payloads returned, endpoint closed", exc)
+            await self._reply(ep, Response(exc.status, req.request_id, message=str(exc)))
+            return False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("endpoint failed during delivery (%s: %s); payloads returned to READY",
+                     type(exc).__name__, exc)
+            return False
+        finally:
+            m.inflight -= 1
+            if not ok:
+                returned = [lease for lease in leases if not lease.finalised]
+                for lease in returned:
+                    lease.nack()
+                if returned:
+                    m.nacks += len(returned)
+                    self._waiters.notify(len(returned))
+
+    # --------------------------------------------------------- inspection --
+    def snapshot(self) -> dict:
+        return {
+            "server": {"ring": self.ring.name, "host": self._host, "ports": self._ports,
+                       "progress_mode": engine.mode(), "auth": self._token is not None},
+            "metrics": self.metrics.snapshot(),
+            "ring": self.ring.stats(),
+        }
