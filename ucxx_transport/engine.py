@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 
 log = logging.getLogger("ucxx_transport.engine")
@@ -26,6 +27,8 @@ PROGRESS_MODES = ("adaptive", "thread", "thread-polling", "polling", "blocking")
 DEFAULT_PROGRESS_MODE = "adaptive"
 
 _state = {"mode": None, "pid": None, "driver": None}
+_lock = threading.RLock()
+_loop_state = {"loop": None, "thread": None, "refs": 0}
 
 
 def _import_ucxx():
@@ -41,19 +44,28 @@ def _import_ucxx():
     return ucxx
 
 
-def init(progress_mode: str | None = None) -> str:
-    """Initialise ucxx in this process (idempotent for the same mode)."""
+def resolve_mode(progress_mode: str | None) -> str:
     mode = progress_mode or os.environ.get("UCXX_TRANSPORT_PROGRESS_MODE") or DEFAULT_PROGRESS_MODE
     if mode not in PROGRESS_MODES:
         raise ValueError(f"progress mode {mode!r} is not one of {', '.join(PROGRESS_MODES)} "
                          f"(UCXX_TRANSPORT_PROGRESS_MODE / --progress-mode)")
+    return mode
+
+
+def init(progress_mode: str | None = None) -> str:
+    """Initialise ucxx in this process (idempotent for the same mode)."""
+    with _lock:
+        return _init_locked(resolve_mode(progress_mode))
+
+
+def _init_locked(mode: str) -> str:
     if _state["mode"] is not None:
         if _state["pid"] != os.getpid():
             raise RuntimeError("ucxx was initialised in a parent process and this one was forked; "
                                "start children with the 'spawn' method")
         if _state["mode"] != mode:
-            raise RuntimeError(f"ucxx already initialised with progress mode {_state['mode']!r}, "
-                               f"asked for {mode!r}; call engine.reset() first")
+            raise RuntimeError(f"ucxx already initialised in this process with progress mode "
+                               f"{_state['mode']!r}, asked for {mode!r}; use one mode per process")
         return mode
     ucxx = _import_ucxx()
     ucxx.init(progress_mode="polling" if mode == "adaptive" else mode)
@@ -73,7 +85,12 @@ def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
     if _state["mode"] == "adaptive":
         from ucxx._lib_async.application_context import ProgressTasks
 
-        if loop not in ProgressTasks:
+        old = ProgressTasks.get(loop)
+        if not isinstance(old, AdaptiveProgress):
+            if old is not None:  # ucxx.init() attached its polling task to this loop: replace it
+                for t in old._tasks:
+                    if t is not None:
+                        t.cancel()
             drv = AdaptiveProgress(ucxx.core._get_ctx().worker, loop)
             ProgressTasks[loop] = drv
             _state["driver"] = drv
@@ -90,27 +107,118 @@ def kick() -> None:
 
 def reset() -> None:
     """Tear ucxx down: stop progress, cancel in-flight requests, reset the context."""
-    if _state["mode"] is None:
-        return
-    import gc
+    with _lock:
+        _reset_locked()
 
-    ucxx = _import_ucxx()
-    drv = _state["driver"]
-    if drv is not None:
-        drv.stop()
-    try:
-        ucxx.core._get_ctx().worker.cancel_inflight_requests()
-    except Exception as exc:  # pragma: no cover
-        log.debug("cancel_inflight_requests: %s", exc)
-    from ucxx._lib_async.application_context import clear_progress_tasks
 
-    clear_progress_tasks()
-    gc.collect()
+def _reset_locked() -> None:
+    if True:
+        if _state["mode"] is None:
+            return
+        import gc
+
+        ucxx = _import_ucxx()
+        drv = _state["driver"]
+        if drv is not None:
+            drv.stop()
+        try:
+            ucxx.core._get_ctx().worker.cancel_inflight_requests()
+        except Exception as exc:  # pragma: no cover
+            log.debug("cancel_inflight_requests: %s", exc)
+        from ucxx._lib_async.application_context import clear_progress_tasks
+
+        clear_progress_tasks()
+        gc.collect()
+        try:
+            ucxx.reset()
+        except Exception as exc:
+            log.warning("ucxx.reset() failed: %s", str(exc)[:2000])
+        _state.update(mode=None, pid=None, driver=None)
+
+
+# ------------------------------------------------------------ the UCX loop ---
+def acquire(progress_mode: str | None = None) -> asyncio.AbstractEventLoop:
+    """The process's UCX event loop (one thread, one worker, one progress
+    driver), started on first use; every server and client in the process
+    shares it. Balance with :func:`release`."""
+    mode = resolve_mode(progress_mode)
+    with _lock:
+        if _loop_state["refs"] == 0:
+            loop = asyncio.new_event_loop()
+            started = threading.Event()
+
+            def run():
+                asyncio.set_event_loop(loop)
+                loop.call_soon(started.set)
+                loop.run_forever()
+
+            t = threading.Thread(target=run, name="ucxx-transport-loop", daemon=True)
+            t.start()
+            started.wait()
+            try:
+                asyncio.run_coroutine_threadsafe(_init_and_attach(mode), loop).result(30)
+            except BaseException:
+                loop.call_soon_threadsafe(loop.stop)
+                t.join(5)
+                raise
+            _loop_state.update(loop=loop, thread=t)
+        elif _state["mode"] != mode:
+            raise RuntimeError(f"this process already runs UCX with progress mode {_state['mode']!r}; "
+                               f"asked for {mode!r}: use one mode per process")
+        _loop_state["refs"] += 1
+        return _loop_state["loop"]
+
+
+async def _init_and_attach(mode: str):
+    _init_locked(mode)  # in the loop thread (acquire() holds _lock), so ucxx binds to this loop
+    attach_loop()
+
+
+def release(timeout: float = 5.0) -> None:
+    """Drop one reference; the last one cancels every task on the loop, stops
+    the progress driver, resets ucxx and joins the loop thread (bounded)."""
+    with _lock:
+        if _loop_state["refs"] == 0:
+            return
+        _loop_state["refs"] -= 1
+        if _loop_state["refs"]:
+            return
+        loop, t = _loop_state["loop"], _loop_state["thread"]
+        _loop_state.update(loop=None, thread=None)
+
+        async def _teardown():
+            me = asyncio.current_task()
+            tasks = [x for x in asyncio.all_tasks() if x is not me]
+            for x in tasks:
+                x.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=timeout / 2)
+            _reset_locked()  # release() holds _lock
+
+        try:
+            asyncio.run_coroutine_threadsafe(_teardown(), loop).result(timeout)
+        except Exception as exc:
+            log.warning("UCX teardown did not finish cleanly: %r", exc)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(timeout)
+        if t.is_alive():
+            log.error("UCX loop thread did not stop within %.1f s", timeout)
+        else:
+            loop.close()
+
+
+def run(coro, timeout: float | None = None):
+    """Run ``coro`` on the UCX loop from a plain thread; returns its result."""
+    loop = _loop_state["loop"]
+    if loop is None:
+        raise RuntimeError("the UCX loop is not running (engine.acquire() first)")
     try:
-        ucxx.reset()
-    except Exception as exc:
-        log.warning("ucxx.reset() failed: %s", str(exc)[:2000])
-    _state.update(mode=None, pid=None, driver=None)
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        raise RuntimeError("sync call made from the UCX loop thread itself; use the async method")
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
 
 class AdaptiveProgress:

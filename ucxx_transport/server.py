@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import functools
 import hmac
 import itertools
@@ -135,7 +136,7 @@ class TransportServer:
         self._fault = _fault or {}
         self.metrics = ServerMetrics()
         self._ports: list[int] = []
-        self._thread: threading.Thread | None = None
+        self._future: concurrent.futures.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -158,34 +159,41 @@ class TransportServer:
     def start(self, timeout: float = 30.0) -> list[int]:
         """Bind the listeners and start serving; returns the bound ports.
         Raises the startup error (e.g. a port in use) if binding fails."""
-        if self._thread is not None:
+        if self._future is not None:
             raise RuntimeError("server already started")
-        self._thread = threading.Thread(target=self._thread_main, name="ucxx-transport-server", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
+        self._stopping = False
+        self._ready.clear()
+        self._error = None
+        self._loop = engine.acquire(self._mode)
+        self._future = asyncio.run_coroutine_threadsafe(self._main(), self._loop)
+        if not self._ready.wait(timeout) or self._error is not None:
+            err = self._error or TimeoutError(f"server did not start within {timeout} s")
             self.stop()
-            raise TimeoutError(f"server did not start within {timeout} s")
-        if self._error is not None:
-            self._thread.join(5)
-            raise self._error
+            raise err
         return list(self._ports)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, return every lease to READY, tear UCX down. Bounded by ``timeout``."""
-        if self._thread is None:
+        """Stop accepting, drain, return every lease to READY, release UCX
+        (the last user in the process resets it). Bounded by ``timeout``."""
+        fut, loop = self._future, self._loop
+        if fut is None:
             return
-        loop = self._loop
         self._stopping = True
-        if loop is not None and self._stop_evt is not None and not loop.is_closed():
+        if self._stop_evt is not None:
             try:
                 loop.call_soon_threadsafe(self._stop_evt.set)
             except RuntimeError:
                 pass
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.error("server thread did not stop within %.1f s; leases it holds are recovered when "
-                      "this process exits", timeout)
-        self._thread = None
+        try:
+            fut.result(timeout)
+        except Exception as exc:
+            if not isinstance(exc, concurrent.futures.CancelledError) and self._error is None:
+                log.warning("server stopped with %r", exc)
+            fut.cancel()
+        self._future = None
+        self._stop_evt = None
+        engine.release()
+        self._loop = None
         if self._own_ring:
             self.ring.close()
 
@@ -196,38 +204,18 @@ class TransportServer:
     def __exit__(self, *exc):
         self.stop()
 
-    def serve_forever(self) -> None:
-        """Block until :meth:`stop` is called from another thread (or a signal handler)."""
-        while self._thread is not None and self._thread.is_alive():
-            self._thread.join(0.5)
+    @property
+    def running(self) -> bool:
+        return self._future is not None and not self._future.done()
 
-    def _thread_main(self):
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._main())
-        except BaseException as exc:  # startup failure
-            if not self._ready.is_set():
-                self._error = exc
-                self._ready.set()
-            else:
-                log.exception("server loop crashed")
-        finally:
-            try:
-                engine.reset()
-            finally:
-                try:
-                    loop.run_until_complete(loop.shutdown_asyncgens())
-                except Exception:
-                    pass
-                loop.close()
+    def serve_forever(self) -> None:
+        """Block until the server stops (e.g. :meth:`stop` from a signal handler)."""
+        while self.running:
+            time.sleep(0.2)
 
     async def _main(self):
         import ucxx
 
-        engine.init(self._mode)
-        engine.attach_loop()
         self._stop_evt = asyncio.Event()
         listeners = []
         try:
@@ -236,8 +224,10 @@ class TransportServer:
                 try:
                     listeners.append(ucxx.create_listener(cb, port))
                 except Exception as exc:
-                    raise OSError(f"cannot listen on port {port}: {exc} (in use? pick another with --ports, "
-                                  f"or 0 for any free port)") from exc
+                    self._error = OSError(f"cannot listen on port {port}: {exc} (in use? pick another with "
+                                          f"--ports, or 0 for any free port)")
+                    self._ready.set()
+                    return
             self._ports = [lst.port for lst in listeners]
             self.ring.set_server_address(self._host, self._ports)
             self.ring.recover()
@@ -268,11 +258,17 @@ class TransportServer:
             self._waiters.present.set()  # let the watcher observe _stopping
             self.ring.wake_waiters()
             watcher.join(2.0)
+        except BaseException as exc:
+            if not self._ready.is_set():
+                self._error = exc
+                self._ready.set()
+            raise
         finally:
             for lst in listeners:
                 lst.close()
             listeners.clear()
-            self.ring.clear_server_address()
+            if self._ports:
+                self.ring.clear_server_address()
             log.info("server for ring %r stopped", self.ring.name)
 
     # ------------------------------------------------------- background --

@@ -1,0 +1,213 @@
+"""`ucxx-transport` command line: serve, status, doctor, bench.
+
+Every knob also reads its ``UCXX_TRANSPORT_*`` environment variable; the
+help of each subcommand lists them with their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from .config import KNOBS, ConfigError, help_text, resolve
+
+log = logging.getLogger("ucxx_transport.cli")
+
+EPILOG_ENV = "Every option also reads an environment variable UCXX_TRANSPORT_<OPTION> (e.g. UCXX_TRANSPORT_PORTS); " \
+             "the command line wins over the environment."
+
+
+def _add(p: argparse.ArgumentParser, name: str, **kw):
+    k = KNOBS[name]
+    p.add_argument(k.flag, dest=name, default=None, help=help_text(name), **kw)
+
+
+def _setup_logging(level: str):
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ------------------------------------------------------------------ serve ---
+def cmd_serve(a) -> int:
+    import shm
+
+    from .server import TransportServer
+
+    token = None
+    tf = resolve("token_file", a.token_file)
+    if tf:
+        try:
+            token = open(tf, "rb").read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --token-file {tf!r}: {exc}") from None
+        if not token:
+            raise ConfigError(f"--token-file {tf!r} is empty")
+    if a.create:
+        ring = shm.RingBuffer.create(a.ring, slots=resolve("slots", a.slots), slot_bytes=resolve("slot_bytes", a.slot_bytes),
+                                     on_full=resolve("on_full", a.on_full), exist_ok=True)
+    else:
+        ring = shm.RingBuffer.attach(a.ring)
+    srv = TransportServer(ring, host=a.host, ports=a.ports, n_ports=a.n_ports, token=token,
+                          ack_timeout_s=a.ack_timeout_s, idle_timeout_s=a.idle_timeout_s,
+                          progress_mode=a.progress_mode, max_take=a.max_take)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    ports = srv.start()
+    mport = resolve("metrics_port", a.metrics_port)
+    if mport is not None:
+        _start_metrics(srv, mport)
+    host, _ = srv.address
+    sys.stdout.write(json.dumps({"ring": ring.name, "host": host, "ports": ports, "pid": os.getpid()}) + "\n")
+    sys.stdout.flush()
+    while not stop.wait(0.5):
+        if not srv.running:
+            log.error("server thread exited unexpectedly")
+            return 1
+    srv.stop()
+    ring.close()
+    if a.unlink_on_exit:
+        shm.RingBuffer.unlink_name(a.ring)
+    return 0
+
+
+def _start_metrics(srv, port: int):
+    try:
+        from prometheus_client import CollectorRegistry, start_http_server
+    except ImportError:
+        raise ConfigError("--metrics-port needs prometheus-client: pip install 'ucxx-transport[metrics]'") from None
+    from .metrics import prometheus_collector
+
+    reg = CollectorRegistry()
+    reg.register(prometheus_collector(srv.snapshot))
+    start_http_server(port, registry=reg)
+    log.info("Prometheus metrics on :%d/metrics", port)
+
+
+# ----------------------------------------------------------------- status ---
+def cmd_status(a) -> int:
+    if bool(a.ring) == bool(a.address):
+        raise ConfigError("status needs exactly one of --ring NAME (local) or --address HOST:PORT (remote)")
+    if a.ring:
+        import shm
+
+        with shm.RingBuffer.attach(a.ring) as ring:
+            info = ring.stats()
+            addr = ring.server_address()
+            info["server"] = {"host": addr[0], "ports": list(addr[1])} if addr else None
+            info["slots_detail"] = ring.slot_info()
+    else:
+        host, _, port = a.address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--address must be HOST:PORT, got {a.address!r}")
+        from clients.client import TransportClient
+
+        token = None
+        if a.token_file:
+            token = open(a.token_file, "rb").read().strip()
+        with TransportClient(token=token, local_fast_path=False) as c:
+            info = c.server_stats((host, [int(port)]))
+    if a.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    if a.ring:
+        print(f"ring {info['ring']}: {info['slots']} slots x {info['slot_bytes']} bytes, on_full={info['on_full']}")
+        print("  states: " + ", ".join(f"{k}={v}" for k, v in info["states"].items()))
+        print(f"  published={info['published']} consumed={info['consumed']} drops={info['drops']} "
+              f"recovered={info['recovered']}")
+        print(f"  server: {info['server'] or 'none running'}")
+        for s in info["slots_detail"]:
+            if s["state"] != "FREE":
+                print(f"  slot {s['slot']:5d} {s['state']:8s} gen={s['generation']} nbytes={s['nbytes']} "
+                      f"owner_pid={s['owner_pid']}")
+    else:
+        m = info["metrics"]
+        print(f"server {info['server']}")
+        print(f"  ring states: {info['ring']['states']}  drops={info['ring']['drops']}")
+        print(f"  requests: {m['requests']}")
+        print(f"  bytes_out={m['bytes_out']} payloads_out={m['payloads_out']} inflight={m['inflight']} "
+              f"endpoints={m['endpoints']} ack_timeouts={m['ack_timeouts']}")
+        print(f"  handler latency: {m['handler_latency_s']}")
+        print(f"  loop lag: {m['loop_lag_s']}")
+    return 0
+
+
+# ----------------------------------------------------------------- doctor ---
+def cmd_doctor(a) -> int:
+    from . import doctor
+
+    report = doctor.run()
+    if a.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(doctor.format_report(report))
+    return 0 if not report["problems"] else 1
+
+
+# ------------------------------------------------------------------ main ----
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ucxx-transport",
+        description="Zero-copy UCXX transport for RL rollout payloads: serve a shared-memory ring over UCX, "
+                    "inspect it, benchmark it.",
+        epilog="Quick start: ucxx-transport serve --ring rollouts --create --slots 64 --slot-bytes 64MiB\n"
+               "             ucxx-transport bench --quick\n" + EPILOG_ENV,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--log-level", default=os.environ.get("UCXX_TRANSPORT_LOG_LEVEL", "INFO"),
+                   help="DEBUG logs every request [env UCXX_TRANSPORT_LOG_LEVEL; default INFO]")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="serve a ring over UCX until SIGTERM/SIGINT",
+                       description="Serve one ring over UCX. When ready, prints one JSON line to stdout: "
+                                   '{"ring", "host", "ports", "pid"}; logs go to stderr. SIGTERM/SIGINT stop it '
+                                   "gracefully (leases return to READY) and exit 0.",
+                       epilog=EPILOG_ENV)
+    s.add_argument("--ring", required=True, help="ring name (a file in /dev/shm)")
+    s.add_argument("--create", action="store_true", help="create the ring if it does not exist")
+    s.add_argument("--unlink-on-exit", action="store_true", help="remove the ring segment when the server exits")
+    for name in ("slots", "slot_bytes", "on_full", "host", "ports", "n_ports", "token_file", "progress_mode",
+                 "metrics_port", "ack_timeout_s", "idle_timeout_s", "max_take"):
+        _add(s, name)
+    s.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("status", help="show a ring's slots (--ring) or a running server's metrics (--address)")
+    st.add_argument("--ring", help="local ring name: slot states, generations, drops, owner pids")
+    st.add_argument("--address", help="HOST:PORT of a running server: its metrics")
+    st.add_argument("--token-file", help="token for a server that requires one")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_status)
+
+    d = sub.add_parser("doctor", help="check UCX, transports, progress mode, /dev/shm and limits; say what to fix")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doctor)
+
+    from . import bench
+
+    bench.add_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    _setup_logging(a.log_level)
+    try:
+        return int(a.func(a) or 0)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"ucxx-transport {a.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
