@@ -306,15 +306,18 @@ def parse_header(head) -> tuple[int, int, int, int, int, int, int]:
     return flags, n, meta_len, total, table_off, meta_off, raw_len
 
 
-def parse_index(buf, length: int | None = None) -> FrameIndex:
-    """Parse and validate a frame's index from host memory ``buf``.
+def parse_index(buf, length: int | None = None, *, tail=None) -> FrameIndex:
+    """Parse and validate a frame's index from host memory.
 
-    ``length`` is the number of valid bytes (defaults to ``len(buf)``); every
-    offset is checked against it.
+    ``buf`` holds at least the 64-byte header; ``length`` is the number of
+    valid frame bytes (defaults to ``len(buf)``) and every offset is checked
+    against it. When the frame body lives elsewhere (device memory), pass
+    ``tail``: a host copy of bytes ``[table_off, total_len)`` (field table and
+    metadata); see :func:`index_tail_range`.
     """
     mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
     size = len(mv) if length is None else length
-    if size > len(mv):
+    if tail is None and size > len(mv):
         _fail(f"declared length {size} exceeds the buffer ({len(mv)} bytes)")
     flags, n, meta_len, total, table_off, meta_off, raw_len = parse_header(mv)
     if total > size:
@@ -325,10 +328,16 @@ def parse_index(buf, length: int | None = None) -> FrameIndex:
         _fail(f"field table offset {table_off} out of range or unaligned")
     if meta_off != table_off + n * FIELD_ENTRY.size or meta_off + meta_len != total:
         _fail("field table / metadata offsets are inconsistent with the frame length")
+    if tail is None:
+        tab, base = mv, 0
+    else:
+        tab, base = memoryview(tail).cast("B"), table_off
+        if len(tab) < total - table_off:
+            _fail("index tail shorter than the field table and metadata")
     meta = EMPTY_META
     if meta_len:
         try:
-            meta = json.loads(bytes(mv[meta_off : meta_off + meta_len]).decode("utf-8"))
+            meta = json.loads(bytes(tab[meta_off - base : meta_off - base + meta_len]).decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             _fail(f"metadata is not valid UTF-8 JSON ({exc})")
         if not isinstance(meta, dict):
@@ -344,13 +353,13 @@ def parse_index(buf, length: int | None = None) -> FrameIndex:
     fields = []
     seen = set()
     for i in range(n):
-        (off, nbytes, ndim, dlen, nlen, *rest) = FIELD_ENTRY.unpack_from(mv, table_off + i * FIELD_ENTRY.size)
+        (off, nbytes, ndim, dlen, nlen, *rest) = FIELD_ENTRY.unpack_from(tab, table_off - base + i * FIELD_ENTRY.size)
         shape, dt_b, nm_b = rest[:MAX_NDIM], rest[MAX_NDIM], rest[MAX_NDIM + 1]
         if ndim > MAX_NDIM or dlen > MAX_DTYPE_BYTES or not nlen or nlen > MAX_NAME_BYTES:
             _fail(f"field {i}: bad ndim/dtype/name lengths")
         try:
             name = nm_b[:nlen].decode("utf-8")
-            dtype = np.dtype(dt_b[:dlen].decode("ascii"))
+            dtype = _dtype(dt_b[:dlen])
         except (UnicodeDecodeError, TypeError, ValueError):
             _fail(f"field {i}: undecodable name or dtype")
         if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
@@ -365,6 +374,25 @@ def parse_index(buf, length: int | None = None) -> FrameIndex:
             _fail(f"field {name!r}: data [{off}, {off + nbytes}) outside the data area or unaligned")
         fields.append((name, dtype, shape, off, nbytes))
     return FrameIndex(total, None, fields, meta)
+
+
+_DTYPES: dict[bytes, np.dtype] = {}
+
+
+def _dtype(code: bytes) -> np.dtype:
+    dt = _DTYPES.get(code)
+    if dt is None:
+        dt = np.dtype(code.decode("ascii"))
+        if len(_DTYPES) < 1024:
+            _DTYPES[code] = dt
+    return dt
+
+
+def index_tail_range(head) -> tuple[int, int]:
+    """(table_off, total_len) from a frame's 64-byte header: the byte range a
+    device-memory receiver copies to host to parse the index."""
+    _, _, _, total, table_off, _, _ = parse_header(head)
+    return table_off, total
 
 
 def decode(buf, length: int | None = None, *, owner: Any = None, on_release=None,

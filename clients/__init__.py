@@ -1,0 +1,24 @@
+"""Trainer side: TransportClient, FetchStream, UCXXDataPackerMixin."""
+
+from .client import FetchResult, TransportClient
+from .errors import (
+    AuthError,
+    BadRequestError,
+    CallTimeoutError,
+    ConnectionLostError,
+    CorruptPayloadError,
+    PayloadTooLargeError,
+    ServerBusyError,
+    StaleSlotError,
+    TransientTransportError,
+    TransportError,
+)
+from .mixin import PrefetchHandle, UCXXDataPackerMixin
+from .stream import FetchStream
+
+__all__ = [
+    "TransportClient", "FetchResult", "FetchStream", "UCXXDataPackerMixin", "PrefetchHandle",
+    "TransportError", "StaleSlotError", "AuthError", "BadRequestError", "PayloadTooLargeError",
+    "TransientTransportError", "ConnectionLostError", "CallTimeoutError", "ServerBusyError",
+    "CorruptPayloadError",
+]

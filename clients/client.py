@@ -1,0 +1,637 @@
+"""TransportClient: fetch payloads from ucxx-transport servers, exactly once.
+
+Three retry layers (DESIGN.md "Client retry stack"):
+
+1. one call: round-robin start port; a connection-level failure quarantines
+   the (host, port) and the call moves to the next healthy port;
+2. one ref: up to ``max_attempts`` tries of transient errors; STALE, DENIED,
+   BAD_REQUEST are final;
+3. a batch: up to ``max_rounds`` rounds of at most ``max_inflight``
+   concurrent fetches, each round retrying only what is still retryable.
+
+All UCX work runs on the process's UCX loop thread (``ucxx_transport.engine``):
+sync methods block the calling thread with a deadline; async methods await
+it from any other loop, which therefore never runs UCX work itself.
+
+A payload is acknowledged only after it was received whole and its frame
+validated; a payload seen before (same ring, slot, generation) is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+import shm
+from shm.frame import decode, decode_views, index_tail_range, parse_index
+from ucxx_transport import engine
+from ucxx_transport.config import resolve
+from ucxx_transport.metrics import Reservoir
+from ucxx_transport.protocol import (
+    FLAG_MORE,
+    MAX_TAKE,
+    RESPONSE,
+    Op,
+    ProtocolError,
+    Request,
+    Status,
+    decode_response,
+    encode_request,
+)
+
+from .buffers import BufferPool
+from .errors import (
+    AuthError,
+    CallTimeoutError,
+    ConnectionLostError,
+    CorruptPayloadError,
+    ServerBusyError,
+    StaleSlotError,
+    TransientTransportError,
+    TransportError,
+    classify,
+    status_error,
+)
+from .pool import EndpointPool, PooledEndpoint
+
+log = logging.getLogger("clients.client")
+
+#: ports tried by one call before it gives up (layer 1)
+PORTS_PER_CALL = 2
+
+
+@dataclass
+class FetchResult:
+    """Outcome of one ref in a batch: ``payload`` or ``error``."""
+
+    ref: shm.SlotRef
+    payload: shm.Payload | None = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _local_addresses() -> frozenset[str]:
+    addrs = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+    try:
+        import psutil
+
+        for infos in psutil.net_if_addrs().values():
+            for a in infos:
+                if a.family in (socket.AF_INET, socket.AF_INET6):
+                    addrs.add(a.address.split("%")[0])
+    except Exception:  # pragma: no cover
+        pass
+    return frozenset(addrs)
+
+
+class _Timeout:
+    """Deadline of one call: aborts the endpoint when it fires (cheaper than wait_for)."""
+
+    __slots__ = ("fired", "_h")
+
+    def __init__(self, loop, seconds: float, pe: PooledEndpoint):
+        self.fired = False
+
+        def fire():
+            self.fired = True
+            pe.abort()
+
+        self._h = loop.call_later(max(0.0, seconds), fire)
+
+    def cancel(self):
+        self._h.cancel()
+
+
+class TransportClient:
+    """Trainer-side client. Every argument left as None reads its
+    ``UCXX_TRANSPORT_*`` environment variable, else the documented default.
+
+    ``timeout``: deadline (s) of one network call; ``device``: ``"cpu"``
+    (numpy views) or ``"cuda"`` (cupy views, received straight into device
+    memory); ``local_fast_path``: claim refs of rings on this host straight
+    from shared memory (no network; the payload's views stay valid until it
+    is released, and releasing it consumes the slot).
+    """
+
+    def __init__(self, *, token=None, timeout=None, max_attempts=None, max_rounds=None, quarantine_s=None,
+                 endpoint_max_age_s=None, pool_size=None, max_inflight=None, device="cpu",
+                 local_fast_path=True, progress_mode=None, max_nbytes: int = 0, dedup_window: int = 100_000):
+        self.token = token.decode() if isinstance(token, bytes) else token
+        self.timeout = resolve("timeout", timeout)
+        self.max_attempts = resolve("max_attempts", max_attempts)
+        self.max_rounds = resolve("max_rounds", max_rounds)
+        self.max_inflight = resolve("max_inflight", max_inflight)
+        self._pool = EndpointPool(pool_size=resolve("pool_size", pool_size),
+                                  endpoint_max_age_s=resolve("endpoint_max_age_s", endpoint_max_age_s),
+                                  quarantine_s=resolve("quarantine_s", quarantine_s))
+        self._buffers = BufferPool(device)
+        self.device = device
+        self.local_fast_path = local_fast_path
+        self.max_nbytes = max_nbytes
+        self._mode = progress_mode
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self._closed = False
+        self._ids = itertools.count(1)
+        self._delivered: collections.OrderedDict = collections.OrderedDict()
+        self._dedup_window = dedup_window
+        self._rings: dict[str, shm.RingBuffer | None] = {}
+        self._local_addrs = _local_addresses()
+        self._stats = collections.Counter()
+        self._latency = Reservoir()
+
+    # ----------------------------------------------------------- lifetime --
+    def _ucx_loop(self) -> asyncio.AbstractEventLoop:
+        if self._closed:
+            raise TransportError("client is closed")
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = engine.acquire(self._mode)
+            return self._loop
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close pooled endpoints and release UCX (bounded; idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._aclose_pool(), self._loop).result(timeout)
+            except Exception as exc:
+                log.debug("closing pool: %r", exc)
+            engine.release(timeout)
+            self._loop = None
+        for ring in self._rings.values():
+            if ring is not None:
+                ring.close()
+        self._rings.clear()
+        self._buffers.clear()
+
+    async def _aclose_pool(self):
+        self._pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    # ------------------------------------------------------ sync / async ---
+    def _run(self, coro_fn, *args, budget: float):
+        loop = self._ucx_loop()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError("sync TransportClient method called on the UCX loop; use the a* twin")
+        fut = asyncio.run_coroutine_threadsafe(coro_fn(*args), loop)
+        try:
+            return fut.result(budget + 5.0)
+        except TimeoutError:
+            fut.cancel()
+            raise CallTimeoutError(f"no answer within {budget + 5.0:.1f} s") from None
+
+    async def _arun(self, coro_fn, *args):
+        loop = self._ucx_loop()
+        if asyncio.get_running_loop() is loop:
+            return await coro_fn(*args)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro_fn(*args), loop))
+
+    def _ref_budget(self) -> float:
+        return self.timeout * PORTS_PER_CALL * self.max_attempts + 0.5 * self.max_attempts
+
+    def fetch(self, ref: shm.SlotRef) -> shm.Payload:
+        """Fetch one payload (local fast path when possible). Raises a
+        :class:`TransportError` subclass when every attempt failed."""
+        local = self._fetch_local(ref)
+        if local is not None:
+            return local
+        return self._run(self._fetch_ref, ref, budget=self._ref_budget())
+
+    async def afetch(self, ref: shm.SlotRef) -> shm.Payload:
+        local = self._fetch_local(ref)
+        if local is not None:
+            return local
+        return await self._arun(self._fetch_ref, ref)
+
+    def fetch_many(self, refs: Sequence[shm.SlotRef]) -> list[FetchResult]:
+        """Fetch a batch; one result per ref, in order (payload or error)."""
+        refs = list(refs)
+        budget = self._ref_budget() * self.max_rounds * max(1, -(-len(refs) // self.max_inflight))
+        return self._run(self._fetch_many, refs, budget=budget)
+
+    async def afetch_many(self, refs: Sequence[shm.SlotRef]) -> list[FetchResult]:
+        return await self._arun(self._fetch_many, list(refs))
+
+    def take(self, address, n: int = 1, wait: float = 0.0) -> list[shm.Payload]:
+        """The next ``n`` READY payloads of a server (publish order), waiting up
+        to ``wait`` seconds for the first (long-poll). ``address``: (host, ports) or a ref."""
+        host, ports = self._address(address)
+        return self._run(self._take, host, ports, n, wait, budget=self._ref_budget() + wait)
+
+    async def atake(self, address, n: int = 1, wait: float = 0.0) -> list[shm.Payload]:
+        host, ports = self._address(address)
+        return await self._arun(self._take, host, ports, n, wait)
+
+    def server_stats(self, address) -> dict:
+        host, ports = self._address(address)
+        return self._run(self._server_stats, host, ports, budget=self._ref_budget())
+
+    async def aserver_stats(self, address) -> dict:
+        host, ports = self._address(address)
+        return await self._arun(self._server_stats, host, ports)
+
+    def ping(self, address) -> float:
+        """Round-trip time (s) of a PING."""
+        host, ports = self._address(address)
+        return self._run(self._ping, host, ports, budget=self._ref_budget())
+
+    def stats(self) -> dict:
+        d = dict(self._stats)
+        d.update(self._pool.stats)
+        d["latency_s"] = self._latency.percentiles()
+        d["buffer_allocations"] = self._buffers.allocations
+        d["buffer_reuses"] = self._buffers.reuses
+        return d
+
+    def stream(self, refs=None, *, address=None, depth: int = 4, take_n: int = 1, wait: float = 1.0):
+        """A :class:`~clients.stream.FetchStream` over ``refs`` or over TAKE from ``address``."""
+        from .stream import FetchStream
+
+        return FetchStream(self, refs, address=address, depth=depth, take_n=take_n, wait=wait)
+
+    @staticmethod
+    def _address(address) -> tuple[str, list[int]]:
+        if isinstance(address, shm.SlotRef):
+            if not address.host or not address.ports:
+                raise ValueError("this ref carries no server address (no server was running when it was "
+                                 "published); pass (host, ports)")
+            return address.host, list(address.ports)
+        host, ports = address
+        if isinstance(ports, int):
+            ports = [ports]
+        return host, list(ports)
+
+    # -------------------------------------------------------- local path ---
+    def _local_ring(self, ref: shm.SlotRef) -> shm.RingBuffer | None:
+        if not self.local_fast_path or self.device != "cpu":
+            return None
+        if ref.host is not None and ref.host not in self._local_addrs:
+            return None
+        if ref.ring not in self._rings:
+            try:
+                self._rings[ref.ring] = shm.RingBuffer.attach(ref.ring)
+            except (FileNotFoundError, shm.RingError, OSError, ValueError):
+                self._rings[ref.ring] = None
+        return self._rings[ref.ring]
+
+    def _fetch_local(self, ref: shm.SlotRef) -> shm.Payload | None:
+        ring = self._local_ring(ref)
+        if ring is None:
+            return None
+        t0 = time.perf_counter()
+        last: BaseException | None = None
+        for attempt in range(self.max_attempts):
+            try:
+                lease = ring.claim(ref, timeout=0 if attempt == 0 else 0.05)
+                break
+            except shm.StaleSlotError as exc:
+                self._stats["stale"] += 1
+                raise StaleSlotError(str(exc)) from None
+            except shm.SlotBusyError as exc:
+                last = exc
+                self._stats["retries"] += 1
+        else:
+            raise ServerBusyError(f"local claim of {ref.key}: {last}")
+        try:
+            payload = decode(lease.buffer, owner=lease, on_release=lease.ack)
+        except shm.FrameError as exc:
+            lease.nack()
+            raise CorruptPayloadError(f"local frame of {ref.key}: {exc}") from exc
+        self._stats["local_fetches"] += 1
+        self._stats["bytes"] += lease.nbytes
+        self._latency.add(time.perf_counter() - t0)
+        return payload
+
+    # ------------------------------------------------------ network core ---
+    async def _connect(self, host: str, port: int, budget: float) -> PooledEndpoint:
+        import ucxx
+
+        self._stats["connects"] += 1
+        try:
+            ep = await asyncio.wait_for(ucxx.create_endpoint(host, port, connect_timeout=budget), budget)
+        except Exception as exc:
+            raise classify(exc, f"connect {host}:{port}") from exc
+        pe = PooledEndpoint(ep, host, port)
+        if self.token is not None:
+            t = _Timeout(asyncio.get_running_loop(), budget, pe)
+            try:
+                resp = await self._request(pe, Request(Op.HELLO, next(self._ids), text=self.token))
+            except BaseException as exc:
+                pe.abort()
+                raise self._map(exc, t, f"HELLO {host}:{port}") from exc
+            finally:
+                t.cancel()
+            if resp.status != Status.OK:
+                pe.abort()
+                raise AuthError(f"{host}:{port} refused the token: {resp.message}")
+        return pe
+
+    async def _request(self, pe: PooledEndpoint, req: Request):
+        await pe.ep.send(encode_request(req))
+        hdr = np.empty(RESPONSE.size, np.uint8)
+        await pe.ep.recv(hdr)
+        resp = decode_response(hdr)
+        if resp.request_id != req.request_id:
+            raise ProtocolError(f"response for request {resp.request_id}, expected {req.request_id}")
+        return resp
+
+    @staticmethod
+    def _map(exc: BaseException, t: _Timeout, where: str) -> BaseException:
+        if t.fired:
+            err = CallTimeoutError(f"{where}: no answer within the deadline")
+            err.__cause__ = exc
+            return err
+        return classify(exc, where)
+
+    async def _with_endpoint(self, host: str, port: int, budget: float, body, where: str):
+        """Run ``body(pe)`` on a pooled endpoint under a deadline; recycle or discard it."""
+        loop = asyncio.get_running_loop()
+        pe = self._pool.checkout(host, port) or await self._connect(host, port, budget)
+        t = _Timeout(loop, budget, pe)
+        healthy = False
+        try:
+            result, healthy = await body(pe)
+            return result
+        except _Answered:
+            healthy = True  # the server answered with an error status: the endpoint is fine
+            raise
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            raise self._map(exc, t, where) from exc
+        finally:
+            t.cancel()
+            if healthy and not t.fired:
+                self._pool.checkin(pe)
+            else:
+                pe.abort()
+
+    async def _call(self, host: str, ports, fn, where: str):
+        """Layer 1: try ``fn(host, port)`` on up to PORTS_PER_CALL healthy ports."""
+        last: TransportError | None = None
+        for port in self._pool.order(host, ports)[:PORTS_PER_CALL]:
+            self._stats["attempts"] += 1
+            try:
+                return await fn(host, port)
+            except TransportError as exc:
+                if not exc.quarantine:
+                    raise
+                self._pool.quarantine(host, port, str(exc))
+                last = exc
+        assert last is not None
+        raise last
+
+    def _remember(self, key) -> bool:
+        """Record a delivered payload; False if it was delivered before (a duplicate)."""
+        if key in self._delivered:
+            self._stats["duplicates_dropped"] += 1
+            return False
+        self._delivered[key] = None
+        if len(self._delivered) > self._dedup_window:
+            self._delivered.popitem(last=False)
+        return True
+
+    async def _recv_payload(self, pe: PooledEndpoint, nbytes: int):
+        base = self._buffers.get(nbytes)
+        view = base[:nbytes]
+        await pe.ep.recv(view)
+        return base, view
+
+    def _make_payload(self, base, view, nbytes: int, expected: int | None, where: str) -> shm.Payload:
+        pool = self._buffers
+        try:
+            if expected and nbytes != expected:
+                raise shm.FrameError(f"server sent {nbytes} bytes, the ref says {expected}")
+            if self.device == "cuda":
+                head = view[:64].get().tobytes()
+                table_off, total = index_tail_range(head)
+                if total != nbytes:
+                    raise shm.FrameError(f"frame length {total} != received {nbytes}")
+                tail = view[table_off:total].get().tobytes()
+                idx = parse_index(head, nbytes, tail=tail)
+                return decode_views(idx, view, on_release=lambda: pool.put(base))
+            p = decode(view, readonly=False, on_release=lambda: pool.put(base))
+            if p.nbytes != nbytes:
+                p.release()
+                raise shm.FrameError(f"frame length {p.nbytes} != received {nbytes}")
+            return p
+        except shm.FrameError as exc:
+            pool.put(base)
+            raise CorruptPayloadError(f"{where}: {exc}") from exc
+
+    async def _get_once(self, ref: shm.SlotRef, host: str, port: int) -> shm.Payload:
+        where = f"GET {ref.ring}[{ref.slot}]@{ref.generation} from {host}:{port}"
+
+        async def body(pe):
+            rid = next(self._ids)
+            resp = await self._request(pe, Request(Op.GET, rid, ref.slot, ref.generation,
+                                                   max_nbytes=self.max_nbytes, text=ref.ring))
+            if resp.status != Status.OK:
+                raise _Answered(status_error(resp.status, resp.message, where))
+            base, view = await self._recv_payload(pe, resp.nbytes)
+            try:
+                payload = self._make_payload(base, view, resp.nbytes, ref.nbytes or None, where)
+            except CorruptPayloadError:
+                await pe.ep.send(encode_request(Request(Op.NACK, rid)))
+                raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (NACKed)"))
+            await pe.ep.send(encode_request(Request(Op.ACK, rid)))
+            engine.kick()
+            return payload, True
+
+        try:
+            return await self._with_endpoint(host, port, self.timeout, body, where)
+        except _Answered as a:  # the server answered: the endpoint is fine, the error is real
+            raise a.error from None
+
+    async def _fetch_ref(self, ref: shm.SlotRef) -> shm.Payload:
+        """Layer 2: bounded retries of transient errors for one ref."""
+        if not ref.host or not ref.ports:
+            raise ValueError(f"ref {ref.key} has no server address and its ring is not attachable here")
+        t0 = time.perf_counter()
+        last: TransportError | None = None
+        for attempt in range(self.max_attempts):
+            if attempt:
+                self._stats["retries"] += 1
+                await asyncio.sleep(min(0.05 * attempt, 0.5))
+            try:
+                payload = await self._call(ref.host, ref.ports, lambda h, p: self._get_once(ref, h, p),
+                                           f"GET {ref.key}")
+            except TransportError as exc:
+                if isinstance(exc, StaleSlotError):
+                    self._stats["stale"] += 1
+                if not exc.retryable:
+                    raise
+                last = exc
+                continue
+            self._remember(ref.key)
+            self._stats["fetches"] += 1
+            self._stats["bytes"] += payload.nbytes
+            self._latency.add(time.perf_counter() - t0)
+            return payload
+        assert last is not None
+        raise last
+
+    async def _fetch_many(self, refs: list) -> list[FetchResult]:
+        """Layer 3: rounds of bounded concurrency; only retryable failures go to the next round."""
+        results = [FetchResult(r) for r in refs]
+        pending = list(range(len(refs)))
+        sem = asyncio.Semaphore(self.max_inflight)
+        loop = asyncio.get_running_loop()
+
+        async def one(i):
+            async with sem:
+                ref = refs[i]
+                try:
+                    local = await loop.run_in_executor(None, self._fetch_local, ref) \
+                        if self._local_ring(ref) is not None else None
+                    results[i].payload = local if local is not None else await self._fetch_ref(ref)
+                    results[i].error = None
+                except TransportError as exc:
+                    results[i].error = exc
+                except ValueError as exc:
+                    results[i].error = exc
+
+        for rnd in range(self.max_rounds):
+            if not pending:
+                break
+            if rnd:
+                self._stats["rounds_retried"] += 1
+                log.info("batch round %d: retrying %d ref(s)", rnd + 1, len(pending))
+            await asyncio.gather(*(one(i) for i in pending))
+            pending = [i for i in pending if results[i].error is not None
+                       and getattr(results[i].error, "retryable", False)]
+        return results
+
+    async def _take_once(self, host: str, port: int, ports, n: int, wait: float) -> list[shm.Payload]:
+        where = f"TAKE {n} from {host}:{port}"
+        server_id = (host, tuple(sorted(ports)))
+
+        async def body(pe):
+            rid = next(self._ids)
+            await pe.ep.send(encode_request(Request(Op.TAKE, rid, n=n, wait_ms=int(wait * 1000),
+                                                    max_nbytes=self.max_nbytes)))
+            out, corrupt = [], False
+            hdr = np.empty(RESPONSE.size, np.uint8)
+            while True:
+                await pe.ep.recv(hdr)
+                resp = decode_response(hdr)
+                if resp.request_id != rid:
+                    raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
+                if resp.status == Status.EMPTY:
+                    return [], True
+                if resp.status != Status.OK:
+                    raise _Answered(status_error(resp.status, resp.message, where))
+                base, view = await self._recv_payload(pe, resp.nbytes)
+                try:
+                    p = self._make_payload(base, view, resp.nbytes, None, where)
+                    out.append(((server_id, resp.slot, resp.generation), p))
+                except CorruptPayloadError:
+                    corrupt = True
+                if not resp.flags & FLAG_MORE:
+                    break
+            if corrupt:
+                await pe.ep.send(encode_request(Request(Op.NACK, rid)))
+                for _, p in out:
+                    p.release()
+                raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (batch NACKed)"))
+            await pe.ep.send(encode_request(Request(Op.ACK, rid)))
+            engine.kick()
+            kept = []
+            for key, p in out:
+                if self._remember(key):
+                    kept.append(p)
+                else:
+                    p.release()
+            return kept, True
+
+        try:
+            return await self._with_endpoint(host, port, self.timeout + wait, body, where)
+        except _Answered as a:
+            raise a.error from None
+
+    async def _take(self, host: str, ports, n: int, wait: float) -> list[shm.Payload]:
+        if not 1 <= n <= MAX_TAKE:
+            raise ValueError(f"n must be in [1, {MAX_TAKE}], got {n}")
+        if wait < 0:
+            raise ValueError("wait must be >= 0 seconds")
+        last = None
+        for attempt in range(self.max_attempts):
+            if attempt:
+                self._stats["retries"] += 1
+            try:
+                got = await self._call(host, ports, lambda h, p: self._take_once(h, p, ports, n, wait), f"TAKE {n}")
+                self._stats["takes"] += 1
+                self._stats["bytes"] += sum(p.nbytes for p in got)
+                return got
+            except TransportError as exc:
+                if not exc.retryable:
+                    raise
+                last = exc
+        raise last
+
+    async def _server_stats(self, host: str, ports) -> dict:
+        import json
+
+        async def once(h, p):
+            async def body(pe):
+                resp = await self._request(pe, Request(Op.STATS, next(self._ids)))
+                if resp.status != Status.OK:
+                    raise _Answered(status_error(resp.status, resp.message, f"STATS {h}:{p}"))
+                buf = np.empty(resp.nbytes, np.uint8)
+                await pe.ep.recv(buf)
+                return json.loads(buf.tobytes()), True
+            try:
+                return await self._with_endpoint(h, p, self.timeout, body, f"STATS {h}:{p}")
+            except _Answered as a:
+                raise a.error from None
+
+        return await self._call(host, ports, once, "STATS")
+
+    async def _ping(self, host: str, ports) -> float:
+        async def once(h, p):
+            async def body(pe):
+                t0 = time.perf_counter()
+                await self._request(pe, Request(Op.PING, next(self._ids)))
+                return time.perf_counter() - t0, True
+            return await self._with_endpoint(h, p, self.timeout, body, f"PING {h}:{p}")
+
+        return await self._call(host, ports, once, "PING")
+
+
+class _Answered(Exception):
+    """The server answered with an error status: not a connection failure."""
+
+    def __init__(self, error: TransportError):
+        super().__init__(str(error))
+        self.error = error

@@ -1,0 +1,115 @@
+"""Client exception hierarchy, and the one place that classifies low-level errors.
+
+::
+
+    TransportError
+    |-- StaleSlotError (also shm.StaleSlotError)   final: the payload is gone
+    |-- AuthError                                   final: token missing/wrong
+    |-- BadRequestError                             final: the server rejected the request
+    |-- PayloadTooLargeError                        final: exceeds the client's limit
+    `-- TransientTransportError                     retryable
+        |-- ConnectionLostError   reset / cancel / close / truncation: port quarantined
+        |-- CallTimeoutError      the call's deadline passed: port quarantined
+        |-- ServerBusyError       BUSY / SHUTTING_DOWN / ERROR from the server
+        `-- CorruptPayloadError   length or frame check failed (NACKed)
+
+Which ucxx exceptions mean what is decided by *type* in :func:`classify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import shm
+from ucxx_transport.protocol import ProtocolError, Status
+
+
+class TransportError(Exception):
+    """Base of every client error."""
+
+    retryable = False
+    #: the (host, port) should be quarantined
+    quarantine = False
+
+
+class StaleSlotError(TransportError, shm.StaleSlotError):
+    """The ref's (slot, generation) was consumed or dropped. Never retried."""
+
+
+class AuthError(TransportError):
+    """The server requires a token and ours is missing or wrong."""
+
+
+class BadRequestError(TransportError):
+    """The server rejected the request as malformed (a bug or a version skew)."""
+
+
+class PayloadTooLargeError(TransportError):
+    """The payload exceeds the client's ``max_nbytes``."""
+
+
+class TransientTransportError(TransportError):
+    """May succeed if retried (another port, later)."""
+
+    retryable = True
+
+
+class ConnectionLostError(TransientTransportError):
+    quarantine = True
+
+
+class CallTimeoutError(TransientTransportError):
+    quarantine = True
+
+
+class ServerBusyError(TransientTransportError):
+    pass
+
+
+class CorruptPayloadError(TransientTransportError):
+    pass
+
+
+_STATUS_ERRORS = {
+    Status.STALE: StaleSlotError,
+    Status.BUSY: ServerBusyError,
+    Status.DENIED: AuthError,
+    Status.BAD_REQUEST: BadRequestError,
+    Status.TOO_LARGE: PayloadTooLargeError,
+    Status.SHUTTING_DOWN: ServerBusyError,
+    Status.ERROR: ServerBusyError,
+}
+
+
+def status_error(status: Status, message: str, where: str) -> TransportError:
+    cls = _STATUS_ERRORS.get(status, TransientTransportError)
+    return cls(f"{where}: server answered {status.name}" + (f" ({message})" if message else ""))
+
+
+def _ucx_types():
+    try:
+        from ucxx import exceptions as ux
+    except ImportError:  # pragma: no cover
+        return (), ()
+    lost = (ux.UCXConnectionResetError, ux.UCXCanceledError, ux.UCXCloseError, ux.UCXMessageTruncatedError,
+            ux.UCXNotConnectedError, ux.UCXUnreachableError, ux.UCXRejectedError, ux.UCXEndpointTimeoutError,
+            ux.UCXIOError, ux.UCXError)
+    timeouts = (ux.UCXTimedOutError,)
+    return lost, timeouts
+
+
+def classify(exc: BaseException, where: str) -> TransportError:
+    """Map any exception raised during a call to a :class:`TransportError`, by type."""
+    if isinstance(exc, TransportError):
+        return exc
+    lost, timeouts = _ucx_types()
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError) + timeouts):
+        err: TransportError = CallTimeoutError(f"{where}: timed out")
+    elif isinstance(exc, ProtocolError):
+        err = ConnectionLostError(f"{where}: unintelligible response ({exc})")
+    elif isinstance(exc, lost + (ConnectionError, OSError)):
+        err = ConnectionLostError(f"{where}: {type(exc).__name__}: {exc}")
+    else:
+        return exc  # a bug, not a transport condition: let it propagate
+    err.__cause__ = exc
+    return err
