@@ -98,16 +98,24 @@ def _local_addresses() -> frozenset[str]:
 
 
 class _Timeout:
-    """Deadline of one call: aborts the endpoint when it fires (cheaper than wait_for)."""
+    """Deadline of one call (cheaper than ``asyncio.wait_for`` on the hot path).
+
+    When it fires it aborts the endpoint and cancels the calling task: a UCX
+    receive whose peer is already gone is not cancelled by the abort alone
+    (measured with ucxx 0.52), so the await is interrupted by cancellation.
+    """
 
     __slots__ = ("fired", "_h")
 
     def __init__(self, loop, seconds: float, pe: PooledEndpoint):
         self.fired = False
+        task = asyncio.current_task()
 
         def fire():
             self.fired = True
             pe.abort()
+            if task is not None:
+                task.cancel()
 
         self._h = loop.call_later(max(0.0, seconds), fire)
 
@@ -152,6 +160,7 @@ class TransportClient:
         self._local_addrs = _local_addresses()
         self._stats = collections.Counter()
         self._latency = Reservoir()
+        self._round_hook = None  # tests: called as hook(round_index, pending_refs) before rounds > 0
 
     # ----------------------------------------------------------- lifetime --
     def _ucx_loop(self) -> asyncio.AbstractEventLoop:
@@ -347,6 +356,12 @@ class TransportClient:
             t = _Timeout(asyncio.get_running_loop(), budget, pe)
             try:
                 resp = await self._request(pe, Request(Op.HELLO, next(self._ids), text=self.token))
+            except asyncio.CancelledError:
+                pe.abort()
+                if not t.fired:
+                    raise
+                _uncancel()
+                raise CallTimeoutError(f"HELLO {host}:{port}: no answer within {budget:.1f} s") from None
             except BaseException as exc:
                 pe.abort()
                 raise self._map(exc, t, f"HELLO {host}:{port}") from exc
@@ -358,9 +373,9 @@ class TransportClient:
         return pe
 
     async def _request(self, pe: PooledEndpoint, req: Request):
-        await pe.ep.send(encode_request(req))
+        await engine.send(pe.ep, encode_request(req))
         hdr = np.empty(RESPONSE.size, np.uint8)
-        await pe.ep.recv(hdr)
+        await engine.recv(pe.ep, hdr)
         resp = decode_response(hdr)
         if resp.request_id != req.request_id:
             raise ProtocolError(f"response for request {resp.request_id}, expected {req.request_id}")
@@ -387,7 +402,10 @@ class TransportClient:
             healthy = True  # the server answered with an error status: the endpoint is fine
             raise
         except asyncio.CancelledError:
-            raise
+            if not t.fired:
+                raise
+            _uncancel()
+            raise CallTimeoutError(f"{where}: no answer within {budget:.1f} s") from None
         except BaseException as exc:
             raise self._map(exc, t, where) from exc
         finally:
@@ -425,7 +443,7 @@ class TransportClient:
     async def _recv_payload(self, pe: PooledEndpoint, nbytes: int):
         base = self._buffers.get(nbytes)
         view = base[:nbytes]
-        await pe.ep.recv(view)
+        await engine.recv(pe.ep, view)
         return base, view
 
     def _make_payload(self, base, view, nbytes: int, expected: int | None, where: str) -> shm.Payload:
@@ -463,9 +481,9 @@ class TransportClient:
             try:
                 payload = self._make_payload(base, view, resp.nbytes, ref.nbytes or None, where)
             except CorruptPayloadError:
-                await pe.ep.send(encode_request(Request(Op.NACK, rid)))
+                await engine.send(pe.ep, encode_request(Request(Op.NACK, rid)))
                 raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (NACKed)"))
-            await pe.ep.send(encode_request(Request(Op.ACK, rid)))
+            await engine.send(pe.ep, encode_request(Request(Op.ACK, rid)))
             engine.kick()
             return payload, True
 
@@ -526,6 +544,8 @@ class TransportClient:
             if not pending:
                 break
             if rnd:
+                if self._round_hook is not None:
+                    self._round_hook(rnd, [refs[i] for i in pending])
                 self._stats["rounds_retried"] += 1
                 log.info("batch round %d: retrying %d ref(s)", rnd + 1, len(pending))
             await asyncio.gather(*(one(i) for i in pending))
@@ -539,12 +559,12 @@ class TransportClient:
 
         async def body(pe):
             rid = next(self._ids)
-            await pe.ep.send(encode_request(Request(Op.TAKE, rid, n=n, wait_ms=int(wait * 1000),
+            await engine.send(pe.ep, encode_request(Request(Op.TAKE, rid, n=n, wait_ms=int(wait * 1000),
                                                     max_nbytes=self.max_nbytes)))
             out, corrupt = [], False
             hdr = np.empty(RESPONSE.size, np.uint8)
             while True:
-                await pe.ep.recv(hdr)
+                await engine.recv(pe.ep, hdr)
                 resp = decode_response(hdr)
                 if resp.request_id != rid:
                     raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
@@ -561,11 +581,11 @@ class TransportClient:
                 if not resp.flags & FLAG_MORE:
                     break
             if corrupt:
-                await pe.ep.send(encode_request(Request(Op.NACK, rid)))
+                await engine.send(pe.ep, encode_request(Request(Op.NACK, rid)))
                 for _, p in out:
                     p.release()
                 raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (batch NACKed)"))
-            await pe.ep.send(encode_request(Request(Op.ACK, rid)))
+            await engine.send(pe.ep, encode_request(Request(Op.ACK, rid)))
             engine.kick()
             kept = []
             for key, p in out:
@@ -609,7 +629,7 @@ class TransportClient:
                 if resp.status != Status.OK:
                     raise _Answered(status_error(resp.status, resp.message, f"STATS {h}:{p}"))
                 buf = np.empty(resp.nbytes, np.uint8)
-                await pe.ep.recv(buf)
+                await engine.recv(pe.ep, buf)
                 return json.loads(buf.tobytes()), True
             try:
                 return await self._with_endpoint(h, p, self.timeout, body, f"STATS {h}:{p}")
@@ -627,6 +647,13 @@ class TransportClient:
             return await self._with_endpoint(h, p, self.timeout, body, f"PING {h}:{p}")
 
         return await self._call(host, ports, once, "PING")
+
+
+def _uncancel() -> None:
+    """Undo the cancellation our own deadline caused (Python >= 3.11)."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
 
 
 class _Answered(Exception):

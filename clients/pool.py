@@ -33,7 +33,7 @@ class PooledEndpoint:
 
     def abort(self) -> None:
         try:
-            self.ep.abort()
+            engine.abort(self.ep)
         except Exception as exc:  # pragma: no cover
             log.debug("abort: %s", exc)
 

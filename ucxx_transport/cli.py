@@ -54,7 +54,8 @@ def cmd_serve(a) -> int:
         ring = shm.RingBuffer.attach(a.ring)
     srv = TransportServer(ring, host=a.host, ports=a.ports, n_ports=a.n_ports, token=token,
                           ack_timeout_s=a.ack_timeout_s, idle_timeout_s=a.idle_timeout_s,
-                          progress_mode=a.progress_mode, max_take=a.max_take)
+                          progress_mode=a.progress_mode, max_take=a.max_take,
+                          _fault={"silent_port_index": a.fault_silent_port} if a.fault_silent_port is not None else None)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("slots", "slot_bytes", "on_full", "host", "ports", "n_ports", "token_file", "progress_mode",
                  "metrics_port", "ack_timeout_s", "idle_timeout_s", "max_take"):
         _add(s, name)
+    s.add_argument("--fault-silent-port", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     s.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("status", help="show a ring's slots (--ring) or a running server's metrics (--address)")

@@ -105,6 +105,27 @@ def kick() -> None:
         drv.kick()
 
 
+async def send(ep, buf):
+    """``ep.send`` that wakes an idle progress driver first (so the send is progressed now)."""
+    kick()
+    return await ep.send(buf)
+
+
+async def recv(ep, buf):
+    """``ep.recv`` that wakes an idle progress driver first."""
+    kick()
+    return await ep.recv(buf)
+
+
+def abort(ep) -> None:
+    """Abort an endpoint and make the driver progress the cancellations at once,
+    so pending receives on it raise now rather than at the next wake-up."""
+    try:
+        ep.abort()
+    finally:
+        kick()
+
+
 def reset() -> None:
     """Tear ucxx down: stop progress, cancel in-flight requests, reset the context."""
     with _lock:

@@ -39,6 +39,7 @@ class Reservoir:
 class ServerMetrics:
     def __init__(self):
         self.requests = collections.Counter()  # (op, status) -> n
+        self.by_port = collections.Counter()  # listener index -> requests
         self.bytes_out = 0
         self.payloads_out = 0
         self.inflight = 0
@@ -66,6 +67,7 @@ class ServerMetrics:
         return {
             "uptime_s": time.time() - self.started,
             "requests": {f"{op}:{st}": n for (op, st), n in sorted(self.requests.items())},
+            "requests_by_port": {str(k): v for k, v in sorted(self.by_port.items())},
             "bytes_out": self.bytes_out,
             "payloads_out": self.payloads_out,
             "inflight": self.inflight,

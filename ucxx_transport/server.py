@@ -78,6 +78,7 @@ class _Conn:
     deadline: float | None
     phase: str = "idle"  # idle | ack | wait
     timed_out: str | None = None
+    task: asyncio.Task | None = None
 
 
 class _ReadyWaiters:
@@ -306,6 +307,14 @@ class TransportServer:
         self._watch_ack.set()
 
     def _abort(self, c: _Conn, reason: str):
+        """End connection ``c``: abort its endpoint and cancel its handler task.
+
+        A pending UCX tag receive is *not* cancelled when its peer is already
+        gone (measured with ucxx 0.52), so the handler is interrupted by task
+        cancellation instead; its ``finally`` returns every lease to READY.
+        """
+        if c.timed_out is not None:
+            return
         c.timed_out = reason
         if reason == "ack_timeout":
             self.metrics.ack_timeouts += 1
@@ -314,16 +323,30 @@ class TransportServer:
         elif reason == "idle":
             self.metrics.evictions += 1
             log.debug("evicting idle endpoint (port index %d)", c.port_index)
+        elif reason == "peer_closed":
+            log.debug("peer closed endpoint (port index %d, phase %s)", c.port_index, c.phase)
         try:
-            c.ep.abort()
+            engine.abort(c.ep)
         except Exception as exc:  # pragma: no cover
             log.debug("abort: %s", exc)
+        if c.task is not None and c.task is not asyncio.current_task():
+            c.task.cancel()
+
+    def _on_ep_closed(self, conn: _Conn):
+        """UCX close/error callback (peer died or closed): end the handler now."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._abort, conn, "peer_closed")
 
     # ---------------------------------------------------------- handlers --
     async def _serve_endpoint(self, ep, port_index: int = 0):
         task = asyncio.current_task()
-        conn = _Conn(ep, port_index, time.monotonic() + self._idle_timeout)
+        conn = _Conn(ep, port_index, time.monotonic() + self._idle_timeout, task=task)
         self._conns[task] = conn
+        try:
+            ep.set_close_callback(self._on_ep_closed, cb_args=(conn,))
+        except Exception as exc:  # pragma: no cover
+            log.debug("set_close_callback: %s", exc)
         self.metrics.endpoints += 1
         authed = self._token is None
         buf = np.empty(REQUEST.size, np.uint8)
@@ -333,7 +356,7 @@ class TransportServer:
             while True:
                 conn.phase, conn.deadline = "idle", time.monotonic() + self._idle_timeout
                 try:
-                    await ep.recv(buf)
+                    await engine.recv(ep, buf)
                 except Exception as exc:
                     log.debug("endpoint closed (%s: %s)", type(exc).__name__, exc)
                     return
@@ -355,6 +378,7 @@ class TransportServer:
                                                        message="authentication required: HELLO with the token"))
                         return
                     authed = True
+                self.metrics.by_port[port_index] += 1
                 if not await self._dispatch(ep, conn, req, buf):
                     return
         except asyncio.CancelledError:
@@ -364,13 +388,13 @@ class TransportServer:
             self.metrics.endpoints -= 1
             if conn.timed_out is None:
                 try:
-                    ep.abort()
+                    engine.abort(ep)
                 except Exception:
                     pass
 
     async def _reply(self, ep, resp: Response) -> bool:
         try:
-            await ep.send(encode_response(resp))
+            await engine.send(ep, encode_response(resp))
             return True
         except Exception as exc:
             log.debug("reply failed: %s", exc)
@@ -397,7 +421,7 @@ class TransportServer:
 
     async def _send(self, ep, buf) -> bool:
         try:
-            await ep.send(buf)
+            await engine.send(ep, buf)
             return True
         except Exception as exc:
             log.debug("send failed: %s", exc)
@@ -470,13 +494,13 @@ class TransportServer:
             for i, lease in enumerate(leases):
                 hdr = encode_response(Response(Status.OK, req.request_id, lease.slot, lease.generation,
                                                lease.nbytes, i, count, flags=FLAG_MORE if i + 1 < count else 0))
-                await ep.send(hdr)
-                await ep.send(lease.array())
+                await engine.send(ep, hdr)
+                await engine.send(ep, lease.array())
                 m.bytes_out += lease.nbytes
                 m.payloads_out += 1
             m.count(req.op.name, "OK")
             log.debug("sent %d payload(s) for request %d; awaiting ACK", count, req.request_id)
-            await ep.recv(buf)
+            await engine.recv(ep, buf)
             ack = decode_request(buf)
             if ack.op not in (Op.ACK, Op.NACK) or ack.request_id != req.request_id:
                 raise ProtocolError(f"expected ACK/NACK for request {req.request_id}, got {ack.op.name} "

@@ -1,0 +1,291 @@
+"""Real server subprocess; requests from a raw ucxx endpoint using the protocol module."""
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+import shm
+from shm.frame import decode
+from tests import helpers
+from tests.rawucx import RawConn
+from ucxx_transport.protocol import REQUEST, Op, Request, Status, encode_request
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def get(conn, ref, rid=1, ack=True):
+    resp = conn.request(Request(Op.GET, rid, ref.slot, ref.generation, text=ref.ring))
+    if resp.status != Status.OK:
+        return resp, None
+    data = conn.recv_bytes(resp.nbytes)
+    if ack is not None:
+        conn.send(Request(Op.ACK if ack else Op.NACK, rid))
+    return resp, data
+
+
+def test_get_roundtrip_ack_frees_nack_restores(make_ring, ring_name, serve):
+    ring = make_ring(slots=4, slot_bytes=1 << 20)
+    srv = serve(ring_name)
+    payload = {"tokens": np.arange(5000, dtype=np.int32), "lp": np.random.rand(5000).astype(np.float32)}
+    ref = ring.put(payload, meta={"crc": helpers.checksum(payload)})
+    assert ref.host == "127.0.0.1" and list(ref.ports) == srv.ports
+    with RawConn("127.0.0.1", srv.ports[0]) as c:
+        resp, data = get(c, ref, 1, ack=False)  # NACK
+        assert resp.status == Status.OK and resp.nbytes == ref.nbytes
+        p = decode(data)
+        assert helpers.checksum(p) == p.meta["crc"]
+        c.send(Request(Op.PING, 2))  # ordered after the NACK on the same endpoint
+        assert c.recv_response().status == Status.OK
+        assert ring.state_counts()["READY"] == 1
+        resp, data = get(c, ref, 3, ack=True)
+        assert bytes(data) == bytes(ring.slot_buffer(ref.slot, ref.nbytes))  # byte-identical to shm
+        assert c.request(Request(Op.PING, 4)).status == Status.OK
+    assert ring.state_counts()["FREE"] == 4
+
+
+def test_take_publish_order_and_long_poll(make_ring, ring_name, serve):
+    ring = make_ring(slots=8)
+    srv = serve(ring_name)
+    refs = [ring.put({"i": np.array([i])}) for i in range(3)]
+    with RawConn("127.0.0.1", srv.ports[1]) as c:
+        c.send(Request(Op.TAKE, 1, n=10, wait_ms=0))
+        got = []
+        while True:
+            r = c.recv_response()
+            assert r.status == Status.OK
+            got.append(int(decode(c.recv_bytes(r.nbytes))["i"][0]))
+            if r.index + 1 == r.count:
+                break
+        c.send(Request(Op.ACK, 1))
+        assert got == [0, 1, 2]
+        assert [(r.slot, r.generation) for r in refs]  # noqa
+        # EMPTY after the wait
+        t0 = time.monotonic()
+        assert c.request(Request(Op.TAKE, 2, n=1, wait_ms=200)).status == Status.EMPTY
+        assert 0.15 < time.monotonic() - t0 < 5
+        # long-poll is woken by a publish (well before its 20 s wait ends)
+        publisher = threading.Timer(0.3, lambda: ring.put({"i": np.array([99])}))
+        publisher.start()
+        t0 = time.monotonic()
+        r = c.request(Request(Op.TAKE, 3, n=1, wait_ms=20000))
+        assert r.status == Status.OK and time.monotonic() - t0 < 5
+        assert int(decode(c.recv_bytes(r.nbytes))["i"][0]) == 99
+        c.send(Request(Op.ACK, 3))
+        publisher.join()
+        assert c.request(Request(Op.PING, 4)).status == Status.OK
+    assert ring.state_counts()["FREE"] == 8
+
+
+def test_stale_and_busy(make_ring, ring_name, serve):
+    ring = make_ring(slots=1)
+    srv = serve(ring_name)
+    old = ring.put(b"one")
+    with ring.claim(old) as lease:  # leased locally -> BUSY over the network
+        with RawConn("127.0.0.1", srv.ports[0]) as c:
+            r = c.request(Request(Op.GET, 1, old.slot, old.generation, text=ring_name))
+            assert r.status == Status.BUSY
+        assert lease.payload.raw.tobytes() == b"one"
+    new = ring.put(b"two")  # same slot, next generation
+    assert new.slot == old.slot
+    with RawConn("127.0.0.1", srv.ports[0]) as c:
+        r = c.request(Request(Op.GET, 1, old.slot, old.generation, text=ring_name))
+        assert r.status == Status.STALE and r.nbytes == 0
+        resp, data = get(c, new, 2)
+        assert decode(data).raw.tobytes() == b"two"
+
+
+@pytest.mark.parametrize("bad", ["random", "short", "magic", "version", "oversized", "ack_first"])
+def test_malformed_requests_error_or_close_server_survives(make_ring, ring_name, serve, bad):
+    ring = make_ring(slots=2)
+    srv = serve(ring_name)
+    ring.put(b"x")
+    rng = np.random.default_rng(0)
+    if bad == "random":
+        msg = rng.integers(0, 256, REQUEST.size, dtype=np.uint8).tobytes()
+    elif bad == "short":
+        msg = encode_request(Request(Op.PING, 1))[:10]
+    elif bad == "magic":
+        msg = bytearray(encode_request(Request(Op.PING, 1)))
+        msg[:4] = b"EVIL"
+    elif bad == "version":
+        msg = bytearray(encode_request(Request(Op.PING, 1)))
+        struct.pack_into("<H", msg, 4, 77)
+        struct.pack_into("<I", msg, REQUEST.size - 4, zlib.crc32(bytes(msg[:REQUEST.size - 4])))
+    elif bad == "oversized":
+        msg = bytes(4 * REQUEST.size)
+    else:
+        msg = encode_request(Request(Op.ACK, 5))
+    c = RawConn("127.0.0.1", srv.ports[0], timeout=5)
+    try:
+        c.send(msg)
+        if bad != "oversized":  # a truncated receive just closes the endpoint
+            r = c.recv_response()
+            assert r.status == Status.BAD_REQUEST
+            assert r.message
+    except Exception:
+        assert bad == "oversized"
+    finally:
+        c.close()
+    with RawConn("127.0.0.1", srv.ports[0]) as c2:  # server alive, nothing leaked
+        assert c2.request(Request(Op.PING, 1)).status == Status.OK
+        r = c2.request(Request(Op.GET, 2, 7, 1, text=ring_name))  # slot out of range
+        assert r.status == Status.STALE
+        r = c2.request(Request(Op.GET, 3, 0, 1, text="other-ring"))
+        assert r.status == Status.BAD_REQUEST
+    assert srv.proc.poll() is None
+    assert ring.state_counts() == {"FREE": 1, "WRITING": 0, "READY": 1, "READING": 0}
+
+
+def test_huge_take_is_capped(make_ring, ring_name, serve):
+    ring = make_ring(slots=4)
+    srv = serve(ring_name, "--max-take", "2")
+    for i in range(4):
+        ring.put({"i": np.array([i])})
+    with RawConn("127.0.0.1", srv.ports[0]) as c:
+        c.send(Request(Op.TAKE, 1, n=2**31, wait_ms=0))
+        r1 = c.recv_response()
+        c.recv_bytes(r1.nbytes)
+        r2 = c.recv_response()
+        c.recv_bytes(r2.nbytes)
+        assert (r1.count, r2.count) == (2, 2)
+        c.send(Request(Op.ACK, 1))
+        assert c.request(Request(Op.PING, 2)).status == Status.OK
+    assert ring.state_counts()["READY"] == 2
+
+
+def test_token_required(make_ring, ring_name, serve, tmp_path):
+    ring = make_ring(slots=2)
+    tok = tmp_path / "token"
+    tok.write_text("s3cret\n")
+    os.chmod(tok, 0o600)
+    srv = serve(ring_name, "--token-file", str(tok))
+    ref = ring.put(b"secret payload")
+    for hello in (None, "wrong"):
+        c = RawConn("127.0.0.1", srv.ports[0])
+        try:
+            if hello is not None:
+                assert c.request(Request(Op.HELLO, 1, text=hello)).status == Status.DENIED
+            else:
+                r = c.request(Request(Op.GET, 1, ref.slot, ref.generation, text=ring_name))
+                assert r.status == Status.DENIED and r.nbytes == 0
+        finally:
+            c.close()
+    assert ring.state_counts()["READY"] == 1  # nothing was read
+    with RawConn("127.0.0.1", srv.ports[0]) as c:
+        assert c.request(Request(Op.HELLO, 1, text="s3cret")).status == Status.OK
+        resp, data = get(c, ref, 2)
+        assert decode(data).raw.tobytes() == b"secret payload"
+
+
+CLIENT_THAT_DIES = r"""
+import sys, time, numpy as np
+from tests.rawucx import RawConn
+from ucxx_transport.protocol import Op, Request
+c = RawConn("127.0.0.1", int(sys.argv[1]))
+c.send(Request(Op.GET, 1, int(sys.argv[2]), int(sys.argv[3]), text=sys.argv[4]))
+r = c.recv_response()
+c.recv_bytes(r.nbytes)
+print("received", flush=True)
+time.sleep(3600)   # never ACKs; the test kills us with SIGKILL
+"""
+
+
+def test_client_killed_before_ack_payload_ready_again(make_ring, ring_name, serve):
+    ring = make_ring(slots=2)
+    srv = serve(ring_name, "--ack-timeout-s", "1")
+    ref = ring.put({"x": np.arange(10)})
+    p = subprocess.Popen([sys.executable, "-c", CLIENT_THAT_DIES, str(srv.ports[0]), str(ref.slot),
+                          str(ref.generation), ring_name], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    assert p.stdout.readline().strip() == "received"
+    assert ring.state_counts()["READING"] == 1
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(10)
+    t0 = time.monotonic()
+    assert ring.wait_ready(10) or ring.wait_ready(10)
+    assert time.monotonic() - t0 < 5
+    with RawConn("127.0.0.1", srv.ports[1]) as c:  # another client gets it
+        resp, data = get(c, ref, 1)
+        np.testing.assert_array_equal(decode(data)["x"], np.arange(10))
+    assert ring.state_counts()["FREE"] == 2
+
+
+def test_server_sigkilled_mid_send_restart_recovers(make_ring, ring_name, serve):
+    ring = make_ring(slots=4, slot_bytes=32 << 20)
+    srv = serve(ring_name)
+    payloads = [{"x": np.full(8 << 20, i, dtype=np.uint8)} for i in range(3)]
+    refs = [ring.put(p) for p in payloads]
+    c = RawConn("127.0.0.1", srv.ports[0])
+    try:
+        r = c.request(Request(Op.GET, 1, refs[0].slot, refs[0].generation, text=ring_name))
+        assert r.status == Status.OK  # header sent, payload in flight
+        assert ring.state_counts()["READING"] == 1
+        srv.kill()
+    finally:
+        c.close()
+    srv2 = serve(ring_name)  # restart on the same ring: recovery at start
+    assert ring.state_counts() == {"FREE": 1, "WRITING": 0, "READY": 3, "READING": 0}
+    from clients import TransportClient
+
+    with TransportClient(local_fast_path=False) as client:
+        for i, ref in enumerate(refs):
+            ref2 = shm.SlotRef(ref.ring, ref.slot, ref.generation, ref.nbytes, "127.0.0.1", tuple(srv2.ports))
+            assert client.fetch(ref2)["x"][0] == i
+    assert ring.state_counts()["FREE"] == 4
+
+
+def test_port_zero_advertises_bound_ports(make_ring, ring_name, serve):
+    ring = make_ring()
+    srv = serve(ring_name, "--ports", "0,0,0")
+    assert len(srv.ports) == 3 and all(p > 0 for p in srv.ports)
+    ref = ring.put(b"x")
+    assert list(ref.ports) == srv.ports
+    with RawConn("127.0.0.1", srv.ports[2]) as c:
+        assert c.request(Request(Op.PING, 1)).status == Status.OK
+    assert srv.stop() == 0  # SIGTERM -> graceful, exit 0
+    assert ring.put(b"y").host is None  # server gone: no longer advertised
+
+
+def test_stats_and_status_cli(make_ring, ring_name, serve):
+    ring = make_ring()
+    srv = serve(ring_name)
+    ring.put(b"x")
+    out = subprocess.run([sys.executable, "-m", "ucxx_transport", "status", "--address",
+                          f"127.0.0.1:{srv.ports[0]}", "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    info = json.loads(out.stdout)
+    assert info["ring"]["states"]["READY"] == 1
+    assert "loop_lag_s" in info["metrics"] and "handler_latency_s" in info["metrics"]
+    out = subprocess.run([sys.executable, "-m", "ucxx_transport", "status", "--ring", ring_name],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "READY=1" in out.stdout and str(srv.ports[0]) in out.stdout
+
+
+def test_start_stop_twenty_times_in_process(make_ring):
+    from ucxx_transport import TransportServer
+
+    ring = make_ring()
+    for _ in range(20):
+        s = TransportServer(ring, host="127.0.0.1", n_ports=2)
+        ports = s.start()
+        assert len(ports) == 2
+        s.stop(timeout=5)
+    assert ring.server_address() is None
+
+
+def test_cli_help_lists_env_and_bad_value_is_named():
+    out = subprocess.run([sys.executable, "-m", "ucxx_transport", "serve", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert "UCXX_TRANSPORT_PORTS" in out.stdout and "UCXX_TRANSPORT_ACK_TIMEOUT_S" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "ucxx_transport", "serve", "--ring", "nope-x", "--create",
+                          "--slot-bytes", "12 parsecs"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "slot_bytes" in out.stderr and "UCXX_TRANSPORT_SLOT_BYTES" in out.stderr
