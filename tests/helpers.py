@@ -94,3 +94,21 @@ def hold_lease(ring_name: str, ref_dict, held_evt) -> None:
     _ = lease.payload
     held_evt.set()
     time.sleep(3600)
+
+
+def take_consumer(host: str, ports: list, stop_evt, result_q) -> None:
+    """Pull payloads with TAKE until told to stop and the server has none left."""
+    from clients import TransportClient
+
+    seen, bad = [], 0
+    with TransportClient(local_fast_path=False, timeout=10) as c:
+        while True:
+            got = c.take((host, ports), n=4, wait=0.2)
+            for p in got:
+                if checksum(p) != p.meta["crc"]:
+                    bad += 1
+                seen.append((p.meta["producer"], p.meta["i"]))
+                p.release()
+            if not got and stop_evt.is_set():
+                break
+    result_q.put((seen, bad))

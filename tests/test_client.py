@@ -1,0 +1,332 @@
+"""TransportClient against a real server subprocess."""
+
+import queue
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shm
+from clients import (
+    AuthError,
+    CallTimeoutError,
+    FetchStream,
+    StaleSlotError,
+    TransportClient,
+    TransportError,
+    UCXXDataPackerMixin,
+)
+from tests import helpers
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def put_many(ring, n, size=1000):
+    refs = []
+    for i in range(n):
+        p = {"x": np.full(size, i % 251, dtype=np.uint8), "i": np.int64(i)}
+        refs.append(ring.put(p, meta={"crc": helpers.checksum(p), "i": i}))
+    return refs
+
+
+def with_ports(ref, host, ports):
+    return shm.SlotRef(ref.ring, ref.slot, ref.generation, ref.nbytes, host, tuple(ports))
+
+
+def test_rotation_successive_calls_successive_ports(make_ring, ring_name, serve):
+    ring = make_ring(slots=16)
+    srv = serve(ring_name, "--n-ports", "4")
+    refs = put_many(ring, 8)
+    with TransportClient(local_fast_path=False) as c:
+        for r in refs:
+            c.fetch(r)
+        by_port = c.server_stats(srv.address)["metrics"]["requests_by_port"]
+    # 8 GETs spread 2 per port (+1 STATS on the next port in rotation)
+    counts = sorted(by_port.get(str(i), 0) for i in range(4))
+    assert counts[:3] == [2, 2, 2] and counts[3] == 3
+
+
+def test_wedged_port_quarantined_skipped_then_eligible(make_ring, ring_name, serve):
+    ring = make_ring(slots=16)
+    srv = serve(ring_name, "--n-ports", "2", "--fault-silent-port", "0")
+    refs = put_many(ring, 6)
+    with TransportClient(local_fast_path=False, timeout=0.5, quarantine_s=1.5) as c:
+        t0 = time.monotonic()
+        assert c.fetch(refs[0])["i"] == 0  # port 0 times out -> quarantined -> port 1 serves
+        assert time.monotonic() - t0 < 3
+        assert c.stats()["quarantines"] == 1
+        t1 = time.monotonic()
+        for r in refs[1:4]:  # while quarantined, port 0 is skipped: no more timeouts
+            c.fetch(r)
+        assert time.monotonic() - t1 < 1.0 and c.stats()["quarantines"] == 1
+        time.sleep(1.6)  # quarantine expiry is a matter of time, not of an event
+        assert not c._pool.is_quarantined("127.0.0.1", srv.ports[0])
+        c.fetch(refs[4])  # may start on port 0 again -> timeout -> quarantined again -> port 1
+        c.fetch(refs[5])
+        assert c.stats()["quarantines"] == 2
+        # every port quarantined: the call uses them all anyway (never starve)
+        for p in srv.ports:
+            c._pool.quarantine("127.0.0.1", p, "test")
+        ref = ring.put({"x": np.ones(3)})
+        got = 0
+        for _ in range(2):
+            try:
+                c.fetch(ref)
+                got += 1
+                break
+            except CallTimeoutError:
+                continue
+        assert got == 1
+
+
+def test_endpoint_past_max_age_is_replaced(make_ring, ring_name, serve):
+    ring = make_ring(slots=8)
+    serve(ring_name, "--n-ports", "1")
+    refs = put_many(ring, 3)
+    with TransportClient(local_fast_path=False, endpoint_max_age_s=0.3) as c:
+        c.fetch(refs[0])
+        c.fetch(refs[1])
+        assert c.stats()["connects"] == 1 and c.stats()["reused"] == 1
+        time.sleep(0.4)
+        c.fetch(refs[2])
+        assert c.stats()["expired"] == 1 and c.stats()["connects"] == 2
+
+
+def test_stale_tried_exactly_once(make_ring, ring_name, serve):
+    ring = make_ring(slots=4)
+    srv = serve(ring_name)
+    ref = ring.put(b"x")
+    with ring.claim(ref):
+        pass
+    with TransportClient(local_fast_path=False, max_attempts=3) as c:
+        with pytest.raises(StaleSlotError) as ei:
+            c.fetch(ref)
+        assert isinstance(ei.value, shm.StaleSlotError)  # one except serves both paths
+        reqs = c.server_stats(srv.address)["metrics"]["requests"]
+    assert reqs.get("GET:STALE") == 1
+
+
+def test_transient_failure_in_round_1_succeeds_in_round_2(make_ring, ring_name, serve):
+    ring = make_ring(slots=8)
+    serve(ring_name)
+    refs = put_many(ring, 3)
+    lease = ring.claim(refs[1])  # BUSY over the network while we hold it
+    rounds = []
+
+    def release_before_round(rnd, pending):
+        rounds.append((rnd, [r.key for r in pending]))
+        if lease is not None and not lease.finalised:
+            lease.nack()
+
+    with TransportClient(local_fast_path=False, max_attempts=1, max_rounds=3) as c:
+        c._round_hook = release_before_round
+        res = c.fetch_many(refs)
+    assert [r.ok for r in res] == [True, True, True]
+    assert rounds == [(1, [refs[1].key])]
+    assert [int(r.payload["i"]) for r in res] == [0, 1, 2]
+
+
+def test_fetch_many_200_with_stale(make_ring, ring_name, serve):
+    ring = make_ring(slots=210, slot_bytes=1 << 16)
+    serve(ring_name)
+    refs = put_many(ring, 200, size=20000)
+    stale_idx = {3, 50, 199}
+    for i in stale_idx:
+        with ring.claim(refs[i]):
+            pass
+    with TransportClient(local_fast_path=False, max_inflight=16) as c:
+        res = c.fetch_many(refs)
+    assert len(res) == 200
+    for i, r in enumerate(res):
+        assert r.ref == refs[i]
+        if i in stale_idx:
+            assert not r.ok and isinstance(r.error, StaleSlotError)
+        else:
+            assert r.ok, r.error
+            assert helpers.checksum(r.payload) == r.payload.meta["crc"] and r.payload.meta["i"] == i
+    assert ring.state_counts()["FREE"] == 210
+
+
+def test_take_two_consumer_processes_exactly_once(make_ring, ring_name, serve, spawn):
+    ring = make_ring(slots=16, slot_bytes=1 << 17)
+    srv = serve(ring_name)
+    out_q, res_q, stop = spawn.Queue(), spawn.Queue(), spawn.Event()
+    per = 150
+    prods = [spawn.Process(target=helpers.producer, args=(ring_name, per, s, 1 << 15, out_q)) for s in range(2)]
+    cons = [spawn.Process(target=helpers.take_consumer, args=(srv.host, srv.ports, stop, res_q)) for _ in range(2)]
+    for p in cons + prods:
+        p.start()
+    done = 0
+    while done < 2:
+        if out_q.get(timeout=90) is None:
+            done += 1
+    for p in prods:
+        p.join(30)
+    stop.set()
+    results = [res_q.get(timeout=90) for _ in cons]
+    for p in cons:
+        p.join(30)
+        assert p.exitcode == 0
+    seen = [x for r in results for x in r[0]]
+    assert sum(r[1] for r in results) == 0
+    assert all(len(r[0]) > 0 for r in results), "both consumers progress"
+    assert len(seen) == len(set(seen)) == 2 * per
+    assert ring.state_counts()["FREE"] == 16
+
+
+def test_local_fast_path_and_network_same_bytes(make_ring, ring_name, serve):
+    ring = make_ring(slots=8)
+    serve(ring_name)
+    p = {"a": np.random.rand(1000), "b": np.arange(7, dtype=np.int16)}
+    r1, r2 = ring.put(p), ring.put(p)
+    with TransportClient() as c:
+        local = c.fetch(r1)
+        assert c.stats().get("local_fetches") == 1 and c.stats().get("connects", 0) == 0
+        assert ring.state_counts()["READING"] == 1  # held until released
+        a_local = local["a"].copy()
+        local.release()
+        assert ring.state_counts()["READING"] == 0
+    with TransportClient(local_fast_path=False) as c:
+        net = c.fetch(r2)
+        assert c.stats().get("local_fetches") is None and c.stats()["connects"] == 1
+        np.testing.assert_array_equal(net["a"], a_local)
+        np.testing.assert_array_equal(net["b"], p["b"])
+
+
+def test_wrong_token_is_auth_error(make_ring, ring_name, serve, tmp_path):
+    ring = make_ring()
+    tok = tmp_path / "tok"
+    tok.write_text("abc")
+    serve(ring_name, "--token-file", str(tok))
+    ref = ring.put(b"x")
+    with TransportClient(local_fast_path=False, token="nope") as c:
+        with pytest.raises(AuthError):
+            c.fetch(ref)
+    with TransportClient(local_fast_path=False, token="abc") as c:
+        assert c.fetch(ref).raw.tobytes() == b"x"
+
+
+def test_async_twins_from_another_loop(make_ring, ring_name, serve):
+    import asyncio
+
+    ring = make_ring(slots=8)
+    srv = serve(ring_name)
+    refs = put_many(ring, 4)
+
+    async def main(c):
+        p = await c.afetch(refs[0])
+        res = await c.afetch_many(refs[1:3])
+        got = await c.atake(srv.address, n=5, wait=0.1)
+        return p, res, got
+
+    with TransportClient(local_fast_path=False) as c:
+        p, res, got = asyncio.run(main(c))
+    assert p.meta["i"] == 0 and [r.payload.meta["i"] for r in res] == [1, 2]
+    assert [g.meta["i"] for g in got] == [3]
+
+
+# ------------------------------------------------------------ streaming ----
+def test_stream_source_ends_tail_drains(make_ring, ring_name, serve):
+    ring = make_ring(slots=32)
+    serve(ring_name)
+    refs = put_many(ring, 20)
+    with TransportClient(local_fast_path=False) as c:
+        with c.stream(iter(refs), depth=3) as s:
+            got = [p.meta["i"] for p in s]
+        assert got == list(range(20))
+        assert not s.alive
+
+
+def test_stream_consumer_stops_first_fetcher_winds_down(make_ring, ring_name, serve):
+    ring = make_ring(slots=32)
+    srv = serve(ring_name)
+    put_many(ring, 10)
+    before = threading.active_count()
+    with TransportClient(local_fast_path=False) as c:
+        s = c.stream(address=srv.address, depth=2, wait=0.2)  # endless TAKE stream
+        first = [next(s).meta["i"] for _ in range(3)]
+        s.close(timeout=10)
+        assert not s.alive
+    assert first == [0, 1, 2]
+    assert threading.active_count() <= before
+
+
+def test_stream_error_reraises_in_consumer(make_ring, ring_name, serve):
+    ring = make_ring(slots=8)
+    serve(ring_name)
+    refs = put_many(ring, 3)
+    with ring.claim(refs[1]):  # consumed -> refs[1] stale
+        pass
+
+    def source():
+        yield refs[0]
+        yield refs[1]
+        yield refs[2]
+
+    with TransportClient(local_fast_path=False) as c:
+        s = c.stream(source())
+        assert next(s).meta["i"] == 0
+        with pytest.raises(StaleSlotError):
+            next(s)
+        assert not s.alive
+        with pytest.raises(StopIteration):
+            next(s)
+
+    def bad_source():
+        yield refs[2]
+        raise RuntimeError("control plane died")
+
+    with TransportClient(local_fast_path=False) as c:
+        s = FetchStream(c, bad_source())
+        assert next(s).meta["i"] == 2
+        with pytest.raises(RuntimeError, match="control plane died"):
+            next(s)
+        s.close()
+        assert not s.alive
+
+
+def test_stream_from_queue_source(make_ring, ring_name, serve):
+    ring = make_ring(slots=8)
+    serve(ring_name)
+    q = queue.Queue()
+    with TransportClient(local_fast_path=False) as c:
+        s = c.stream(q)
+        for r in put_many(ring, 3):
+            q.put(r)
+        q.put(None)
+        assert [p.meta["i"] for p in s] == [0, 1, 2]
+
+
+# ----------------------------------------------------------------- mixin ---
+class Packer(UCXXDataPackerMixin):
+    def __init__(self, **kw):
+        self.failed = []
+        self.setup_ucxx_transport(**kw)
+
+    def on_rollout_fetch_failed(self, ref, error):
+        self.failed.append((ref, error))
+
+
+def test_mixin_timed_out_batch_never_fills_the_next(make_ring, ring_name, serve):
+    ring = make_ring(slots=16)
+    srv = serve(ring_name, "--n-ports", "2", "--fault-silent-port", "0")
+    refs = put_many(ring, 6)
+    wedged = [with_ports(r, "127.0.0.1", [srv.ports[0]]) for r in refs[:2]]  # only the silent port
+    good = refs[2:5]
+    packer = Packer(local_fast_path=False, timeout=1.0, max_attempts=1, max_rounds=1)
+    try:
+        h1 = packer.prefetch_rollouts(wedged)
+        with pytest.raises(TimeoutError):
+            packer.collect_prefetch(h1, timeout=0.2)
+        h2 = packer.prefetch_rollouts(good)
+        batch2 = packer.collect_prefetch(h2, timeout=30)
+        assert [p.meta["i"] for p in batch2] == [2, 3, 4]
+        late = packer.collect_prefetch(h1, timeout=30)  # its own results, late
+        assert late == []
+        assert [r.key for r, _ in packer.failed] == [w.key for w in wedged]
+        assert all(isinstance(e, TransportError) for _, e in packer.failed)
+        assert packer.fetch_rollouts([refs[5]])[0].meta["i"] == 5
+    finally:
+        packer.shutdown_ucxx_transport()
+    assert ring.state_counts()["READY"] == 2  # the wedged ones were never consumed
