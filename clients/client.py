@@ -47,6 +47,7 @@ from ucxx_transport.protocol import (
     Status,
     decode_response,
     encode_request,
+    ring_identity,
 )
 
 from .buffers import BufferPool
@@ -414,6 +415,7 @@ class TransportClient:
                 self._pool.checkin(pe)
             else:
                 pe.abort()
+            pe = None  # an exception's traceback keeps this frame: do not let it pin the endpoint
 
     async def _call(self, host: str, ports, fn, where: str):
         """Layer 1: try ``fn(host, port)`` on up to PORTS_PER_CALL healthy ports."""
@@ -512,7 +514,8 @@ class TransportClient:
                     raise
                 last = exc
                 continue
-            self._remember(ref.key)
+            if not self._remember(_ring_key(ref)):
+                log.info("GET %s: payload already delivered to this client (redelivery after a crash)", ref.key)
             self._stats["fetches"] += 1
             self._stats["bytes"] += payload.nbytes
             self._latency.add(time.perf_counter() - t0)
@@ -535,10 +538,8 @@ class TransportClient:
                         if self._local_ring(ref) is not None else None
                     results[i].payload = local if local is not None else await self._fetch_ref(ref)
                     results[i].error = None
-                except TransportError as exc:
-                    results[i].error = exc
-                except ValueError as exc:
-                    results[i].error = exc
+                except (TransportError, ValueError) as exc:
+                    results[i].error = exc.with_traceback(None)  # keep no frames (and endpoints) alive
 
         for rnd in range(self.max_rounds):
             if not pending:
@@ -555,7 +556,6 @@ class TransportClient:
 
     async def _take_once(self, host: str, port: int, ports, n: int, wait: float) -> list[shm.Payload]:
         where = f"TAKE {n} from {host}:{port}"
-        server_id = (host, tuple(sorted(ports)))
 
         async def body(pe):
             rid = next(self._ids)
@@ -575,7 +575,7 @@ class TransportClient:
                 base, view = await self._recv_payload(pe, resp.nbytes)
                 try:
                     p = self._make_payload(base, view, resp.nbytes, None, where)
-                    out.append(((server_id, resp.slot, resp.generation), p))
+                    out.append(((resp.message, resp.slot, resp.generation), p))
                 except CorruptPayloadError:
                     corrupt = True
                 if not resp.flags & FLAG_MORE:
@@ -647,6 +647,10 @@ class TransportClient:
             return await self._with_endpoint(h, p, self.timeout, body, f"PING {h}:{p}")
 
         return await self._call(host, ports, once, "PING")
+
+
+def _ring_key(ref: shm.SlotRef) -> tuple:
+    return (ring_identity(ref.ring), ref.slot, ref.generation)
 
 
 def _uncancel() -> None:

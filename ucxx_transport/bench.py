@@ -1,6 +1,683 @@
-"""`ucxx-transport bench` (placeholder until the benchmark lands)."""
+"""`ucxx-transport bench`: our transport vs raw ucxx, pyzmq and memcpy, side by side.
+
+Process layout (spawned, never forked), kept alive across sizes:
+
+* ours    : 1 server process (TransportServer), ``--producers`` processes that
+            keep the ring full, ``--clients`` processes fetching (GET by ref,
+            TAKE, or the same-host local path);
+* raw-ucxx: 1 server process answering a 64-byte request with the payload
+            bytes (same progress mode): the ceiling of our network path;
+* zmq     : REQ/REP over tcp loopback, zero-copy send (skipped if pyzmq is absent);
+* memcpy  : ``np.copyto`` of the same bytes: the ceiling of the local path.
+
+Every system runs the same sizes with the same number of client processes;
+each row reports payloads/s, GB/s, latency p50/p99/p99.9 and CPU%/RSS per
+role, and every "ours" row its ratio to each baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+import uuid
+
+import numpy as np
+
+from .units import format_size, parse_duration, parse_size
+
+log = logging.getLogger("ucxx_transport.bench")
+
+QUICK_SIZES = "4KiB,1MiB"
+DEFAULT_SIZES = "4KiB,64KiB,1MiB,16MiB,64MiB"
+LAT_SAMPLES = 50_000
+FRAME_OVERHEAD = 64 + 192 + 64  # header + one field entry + alignment slack
 
 
-def add_parser(sub):
-    b = sub.add_parser("bench", help="throughput benchmark vs raw ucxx, pyzmq and memcpy")
-    b.set_defaults(func=lambda a: 0)
+# ============================================================ workers =======
+def _proc_stats() -> dict:
+    import psutil
+
+    p = psutil.Process()
+    t = p.cpu_times()
+    return {"cpu_s": t.user + t.system, "rss": p.memory_info().rss}
+
+
+def _payload_for(size: int) -> dict:
+    return {"x": np.full(max(1, size - FRAME_OVERHEAD), 7, dtype=np.uint8)}
+
+
+def _server_worker(ring_name: str, n_ports: int, progress_mode: str, conn) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    from .server import TransportServer
+
+    srv = TransportServer(ring_name, host="127.0.0.1", n_ports=n_ports, progress_mode=progress_mode)
+    conn.send(srv.start())
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "lag":
+            lag = list(srv.metrics.loop_lag._buf)[-cmd[1]:]
+            conn.send(float(np.percentile(lag, 99)) if lag else None)
+        elif cmd[0] == "stats":
+            conn.send(_proc_stats())
+        else:
+            break
+    srv.stop()
+    conn.send("bye")
+
+
+def _producer_worker(ring_name: str, conn, refq) -> None:
+    import shm
+
+    ring = shm.RingBuffer.attach(ring_name)
+    while True:
+        cmd = conn.recv()
+        if cmd[0] != "fill":
+            break
+        payload = _payload_for(cmd[1])
+        with_refs = cmd[2]
+        n = 0
+        t_put = 0.0
+        arr = payload["x"]
+        while not conn.poll():
+            try:
+                w = ring.reserve(timeout=0.05)  # waiting for a FREE slot is not put cost
+            except shm.RingFullError:
+                continue
+            t0 = time.perf_counter()
+            w.set("x", arr)
+            ref = w.publish()
+            t_put += time.perf_counter() - t0
+            n += 1
+            if with_refs:
+                while not conn.poll():
+                    try:
+                        refq.put(ref, timeout=0.05)
+                        break
+                    except Exception:
+                        continue
+        conn.recv()  # the "stop" that ended the phase
+        conn.send({"puts": n, "put_s": t_put, **_proc_stats()})
+    ring.close()
+
+
+def _client_worker(kind: str, conn, args: dict, refq) -> None:
+    """Runs phases: ("run", size, duration, warmup) -> stats."""
+    logging.basicConfig(level=logging.WARNING)
+    device = args.get("device", "cpu")
+    state: dict = {}
+    if kind.startswith("ours"):
+        from clients import TransportClient
+
+        client = TransportClient(local_fast_path=(kind == "ours-local"), device=device,
+                                 progress_mode=args["progress_mode"], timeout=30)
+        state["client"] = client
+    elif kind == "raw-ucxx":
+        from . import engine
+
+        engine.acquire(args["progress_mode"])
+        import ucxx
+
+        state["ep"] = engine.run(ucxx.create_endpoint("127.0.0.1", args["raw_port"]), 30)
+    elif kind == "zmq":
+        import zmq
+
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.REQ)
+        s.connect(f"tcp://127.0.0.1:{args['zmq_port']}")
+        state["sock"] = s
+    conn.send("ready")
+    while True:
+        cmd = conn.recv()
+        if cmd[0] != "run":
+            break
+        _, size, duration, warmup = cmd
+        op = _make_op(kind, size, state, args, refq)
+        end_warm = time.perf_counter() + warmup
+        while time.perf_counter() < end_warm:
+            op()
+        s0 = _proc_stats()
+        lat = np.empty(LAT_SAMPLES, dtype=np.float64)
+        n = 0
+        nbytes = 0
+        t_start = time.perf_counter()
+        t_end = t_start + duration
+        now = t_start
+        while now < t_end:
+            b = op()
+            t1 = time.perf_counter()
+            if n < LAT_SAMPLES:
+                lat[n] = t1 - now
+            n += 1
+            nbytes += b
+            now = t1
+        elapsed = now - t_start
+        s1 = _proc_stats()
+        lat = lat[: min(n, LAT_SAMPLES)]
+        conn.send({"ops": n, "bytes": nbytes, "elapsed": elapsed,
+                   "lat": np.percentile(lat, [50, 99, 99.9]).tolist() if n else [None] * 3,
+                   "cpu_s": s1["cpu_s"] - s0["cpu_s"], "rss": s1["rss"]})
+    if "client" in state:
+        state["client"].close()
+    if "ep" in state:
+        from . import engine
+
+        async def _close(ep):
+            ep.abort()
+
+        engine.run(_close(state["ep"]), 10)
+        engine.release()
+    conn.send("bye")
+
+
+def _make_op(kind: str, size: int, state: dict, args: dict, refq):
+    """A zero-arg callable doing one transfer of ``size`` bytes; returns bytes moved."""
+    if kind == "ours-get":
+        client = state["client"]
+
+        def op():
+            ref = refq.get(timeout=30)
+            p = client.fetch(ref)
+            n = p.nbytes
+            p.release()
+            return n
+        return op
+    if kind == "ours-local":
+        client = state["client"]
+        dst = np.empty(size, np.uint8)
+
+        def op():
+            ref = refq.get(timeout=30)
+            p = client.fetch(ref)
+            x = p["x"]
+            np.copyto(dst[: x.nbytes], x)  # read the bytes, as a trainer would
+            n = p.nbytes
+            p.release()
+            return n
+        return op
+    if kind == "ours-take":
+        client = state["client"]
+        addr = ("127.0.0.1", args["ports"])
+
+        def op():
+            got = client.take(addr, n=1, wait=1.0)
+            n = 0
+            for p in got:
+                n += p.nbytes
+                p.release()
+            return n
+        return op
+    if kind == "raw-ucxx":
+        from . import engine
+
+        ep = state["ep"]
+        req = np.zeros(64, np.uint8)
+        req[:8] = np.frombuffer(np.int64(size).tobytes(), np.uint8)
+        if args.get("device") == "cuda":
+            import cupy
+
+            buf = cupy.empty(size, cupy.uint8)
+        else:
+            buf = np.empty(size, np.uint8)
+
+        async def once():
+            await engine.send(ep, req)
+            await engine.recv(ep, buf)
+
+        def op():
+            engine.run(once(), 30)
+            return size
+        return op
+    if kind == "zmq":
+        sock = state["sock"]
+        req = np.int64(size).tobytes()
+
+        def op():
+            sock.send(req)
+            msg = sock.recv(copy=False)
+            return len(msg.buffer)
+        return op
+    if kind == "memcpy":
+        src = np.full(size, 7, np.uint8)
+        dst = np.empty(size, np.uint8)
+
+        def op():
+            np.copyto(dst, src)
+            return size
+        return op
+    raise ValueError(kind)
+
+
+def _raw_server_worker(progress_mode: str, max_size: int, conn, device: str = "cpu") -> None:
+    import asyncio
+
+    from . import engine
+
+    loop = engine.acquire(progress_mode)
+    import ucxx
+
+    if device == "cuda":
+        import cupy
+
+        payload = cupy.full(max_size, 7, cupy.uint8)
+    else:
+        payload = np.full(max_size, 7, np.uint8)
+
+    eps = []
+
+    async def handler(ep):
+        req = np.empty(64, np.uint8)
+        eps.append(ep)
+        try:
+            while True:
+                await engine.recv(ep, req)
+                n = int(req[:8].view(np.int64)[0])
+                await engine.send(ep, payload[:n])
+        except Exception:
+            pass
+
+    async def start():
+        return ucxx.create_listener(handler, 0)
+
+    lst = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    conn.send(lst.port)
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "stats":
+            conn.send(_proc_stats())
+        else:
+            break
+
+    async def stop():
+        lst.close()
+        for ep in eps:
+            ep.abort()
+        eps.clear()
+
+    engine.run(stop(), 10)
+    engine.release()
+    conn.send("bye")
+
+
+def _zmq_server_worker(max_size: int, conn) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.REP)
+    port = s.bind_to_random_port("tcp://127.0.0.1")
+    payload = np.full(max_size, 7, np.uint8)
+    conn.send(port)
+    poller = zmq.Poller()
+    poller.register(s, zmq.POLLIN)
+    while True:
+        if conn.poll():
+            cmd = conn.recv()
+            if cmd[0] == "stats":
+                conn.send(_proc_stats())
+                continue
+            break
+        if poller.poll(50):
+            n = int(np.frombuffer(s.recv(), np.int64)[0])
+            s.send(payload[:n], copy=False)
+    s.close(0)
+    ctx.term()
+    conn.send("bye")
+
+
+# ========================================================= coordinator ======
+def _spawn(ctx, target, *args):
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=target, args=(*args, child), daemon=True)
+    p.start()
+    return p, parent
+
+
+def _spawn_client(ctx, kind, args, refq):
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_client_worker, args=(kind, child, args, refq), daemon=True)
+    p.start()
+    return p, parent
+
+
+def _recv(conn, timeout: float, what: str):
+    if not conn.poll(timeout):
+        raise TimeoutError(f"benchmark {what} did not answer within {timeout:.0f} s")
+    return conn.recv()
+
+
+def machine_info() -> dict:
+    import psutil
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "processor": platform.processor(),
+            "numpy": np.__version__}
+    try:
+        import ucxx
+
+        info["ucxx"] = getattr(ucxx, "__version__", "?")
+        info["ucx"] = ucxx.__ucx_version__
+    except Exception:
+        pass
+    try:
+        import zmq
+
+        info["pyzmq"] = zmq.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run_bench(a) -> dict:
+    sizes = [parse_size(s) for s in a.sizes.split(",")]
+    duration, warmup = a.duration, a.warmup
+    modes = [m.strip() for m in a.mode.split(",") if m.strip()]
+    for m in modes:
+        if m not in ("get", "take", "local"):
+            raise ValueError(f"--mode: {m!r} is not get, take or local")
+    baselines = [b.strip() for b in a.baselines.split(",") if b.strip()]
+    for b in baselines:
+        if b not in ("raw-ucxx", "zmq", "memcpy"):
+            raise ValueError(f"--baselines: {b!r} is not raw-ucxx, zmq or memcpy")
+    notes = []
+    if "zmq" in baselines:
+        try:
+            import zmq  # noqa: F401
+        except ImportError:
+            baselines.remove("zmq")
+            notes.append("pyzmq not installed: zmq baseline skipped (pip install pyzmq)")
+    if a.device == "cuda":
+        for b in ("zmq", "memcpy"):
+            if b in baselines:
+                baselines.remove(b)
+                notes.append(f"{b} baseline skipped for --device cuda")
+        if "local" in modes:
+            modes.remove("local")
+            notes.append("local mode is host memory only: skipped for --device cuda")
+    ctx = mp.get_context("spawn")
+    max_size = max(sizes)
+    ring_name = f"bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    import shm
+
+    ring = shm.RingBuffer.create(ring_name, slots=a.slots, slot_bytes=max_size + (1 << 16))
+    procs = []
+    rows = []
+    try:
+        progress = _progress(len(sizes) * (len(modes) + len(baselines)), a.quick)
+        # ---------------- ours
+        if modes:
+            sp, sconn = _spawn(ctx, _server_worker, ring_name, a.ports, a.progress_mode)
+            procs.append(sp)
+            ports = _recv(sconn, 60, "server")
+            refq = ctx.Queue(maxsize=max(64, a.slots * 2))
+            prods = []
+            for _ in range(a.producers):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_producer_worker, args=(ring_name, child, refq), daemon=True)
+                p.start()
+                procs.append(p)
+                prods.append((p, parent))
+            for mode in modes:
+                kind = f"ours-{mode}"
+                cargs = {"progress_mode": a.progress_mode, "ports": ports, "device": a.device}
+                clients = [_spawn_client(ctx, kind, cargs, refq) for _ in range(a.clients)]
+                procs += [p for p, _ in clients]
+                for _, c in clients:
+                    _recv(c, 60, kind)
+                for size in sizes:
+                    for _, pc in prods:
+                        pc.send(("fill", size, mode in ("get", "local")))
+                    row = _phase(kind, size, clients, duration, warmup)
+                    for _, pc in prods:
+                        pc.send(("stop",))
+                    pstats = [_recv(pc, 60, "producer") for _, pc in prods]
+                    _drain(refq, ring)
+                    sconn.send(("lag", max(1, int((duration + warmup) * 10))))
+                    row["server_loop_lag_p99_ms"] = (lambda v: None if v is None else v * 1e3)(_recv(sconn, 30, "server"))
+                    puts = sum(s["puts"] for s in pstats)
+                    put_s = sum(s["put_s"] for s in pstats)
+                    row["put_gbps"] = (puts * size / put_s / 1e9) if put_s else None
+                    row["cpu_pct"]["producers"] = sum(s["cpu_s"] for s in pstats)
+                    rows.append(row)
+                    progress.update(1)
+                for _, c in clients:
+                    c.send(("exit",))
+                    _recv(c, 30, kind)
+            for _, pc in prods:
+                pc.send(("exit",))
+            sconn.send(("exit",))
+            _recv(sconn, 30, "server")
+        # ---------------- raw ucxx
+        if "raw-ucxx" in baselines:
+            rp, rconn = _spawn(ctx, _raw_server_worker, a.progress_mode, max_size)
+            if a.device == "cuda":
+                rp.kill()
+                rp, rconn = _spawn(ctx, _raw_server_worker_cuda, a.progress_mode, max_size)
+            procs.append(rp)
+            port = _recv(rconn, 60, "raw-ucxx server")
+            clients = [_spawn_client(ctx, "raw-ucxx", {"progress_mode": a.progress_mode, "raw_port": port,
+                                                       "device": a.device}, None) for _ in range(a.clients)]
+            procs += [p for p, _ in clients]
+            for _, c in clients:
+                _recv(c, 60, "raw-ucxx client")
+            for size in sizes:
+                rows.append(_phase("raw-ucxx", size, clients, duration, warmup))
+                progress.update(1)
+            for _, c in clients:
+                c.send(("exit",))
+                _recv(c, 30, "raw-ucxx client")
+            rconn.send(("exit",))
+            _recv(rconn, 30, "raw-ucxx server")
+        # ---------------- zmq
+        if "zmq" in baselines:
+            zp, zconn = _spawn(ctx, _zmq_server_worker, max_size)
+            procs.append(zp)
+            port = _recv(zconn, 60, "zmq server")
+            clients = [_spawn_client(ctx, "zmq", {"zmq_port": port}, None) for _ in range(a.clients)]
+            procs += [p for p, _ in clients]
+            for _, c in clients:
+                _recv(c, 60, "zmq client")
+            for size in sizes:
+                rows.append(_phase("zmq", size, clients, duration, warmup))
+                progress.update(1)
+            for _, c in clients:
+                c.send(("exit",))
+                _recv(c, 30, "zmq client")
+            zconn.send(("exit",))
+            _recv(zconn, 30, "zmq server")
+        # ---------------- memcpy
+        if "memcpy" in baselines:
+            clients = [_spawn_client(ctx, "memcpy", {}, None) for _ in range(a.clients)]
+            procs += [p for p, _ in clients]
+            for _, c in clients:
+                _recv(c, 60, "memcpy")
+            for size in sizes:
+                rows.append(_phase("memcpy", size, clients, duration, warmup))
+                progress.update(1)
+            for _, c in clients:
+                c.send(("exit",))
+                _recv(c, 30, "memcpy")
+        progress.close()
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        ring.close()
+        ring.unlink()
+    return {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": "ucxx-transport bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+            "config": {"sizes": sizes, "duration_s": duration, "warmup_s": warmup, "producers": a.producers,
+                       "clients": a.clients, "ports": a.ports, "modes": modes, "device": a.device,
+                       "progress_mode": a.progress_mode, "baselines": baselines},
+            "notes": notes, "results": rows, "ratios": _ratios(rows)}
+
+
+def _raw_server_worker_cuda(progress_mode, max_size, conn):
+    _raw_server_worker(progress_mode, max_size, conn, device="cuda")
+
+
+def _drain(refq, ring) -> None:
+    """Between phases: drop queued refs and consume whatever is still READY."""
+    import queue as _q
+
+    import shm
+
+    while True:
+        try:
+            refq.get_nowait()
+        except (_q.Empty, OSError):
+            break
+    while True:
+        try:
+            ring.claim(timeout=0).ack()
+        except shm.RingEmptyError:
+            break
+
+
+def _phase(kind: str, size: int, clients, duration: float, warmup: float) -> dict:
+    for _, c in clients:
+        c.send(("run", size, duration, warmup))
+    res = [_recv(c, duration + warmup + 120, kind) for _, c in clients]
+    ops = sum(r["ops"] for r in res)
+    nbytes = sum(r["bytes"] for r in res)
+    elapsed = max(r["elapsed"] for r in res) or 1e-9
+    lats = [r["lat"] for r in res if r["lat"][0] is not None]
+    lat = np.max(np.array(lats), axis=0).tolist() if lats else [None] * 3
+    cpu = sum(r["cpu_s"] for r in res) / elapsed * 100
+    return {"system": kind, "size": size, "payloads_per_s": ops / elapsed, "gbps": nbytes / elapsed / 1e9,
+            "lat_p50_us": None if lat[0] is None else lat[0] * 1e6,
+            "lat_p99_us": None if lat[1] is None else lat[1] * 1e6,
+            "lat_p999_us": None if lat[2] is None else lat[2] * 1e6,
+            "cpu_pct": {"clients": cpu}, "rss_mb": {"clients": max(r["rss"] for r in res) / 2**20}}
+
+
+def _ratios(rows: list[dict]) -> list[dict]:
+    by = {(r["system"], r["size"]): r for r in rows}
+    out = []
+    for r in rows:
+        if not r["system"].startswith("ours"):
+            continue
+        base = ["memcpy"] if r["system"] == "ours-local" else ["raw-ucxx", "zmq"]
+        for b in base:
+            other = by.get((b, r["size"]))
+            if other and other["payloads_per_s"] > 0:
+                out.append({"size": r["size"], "ours": r["system"], "baseline": b,
+                            "ratio": r["payloads_per_s"] / other["payloads_per_s"]})
+        if r.get("put_gbps") and (m := by.get(("memcpy", r["size"]))) and m["gbps"] > 0:
+            out.append({"size": r["size"], "ours": "put", "baseline": "memcpy", "ratio": r["put_gbps"] / m["gbps"]})
+    return out
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, quick: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, desc="bench phases", unit="phase", file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty() and quick)
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'system':>11} {'size':>7} {'payloads/s':>11} {'GB/s':>7} {'p50 us':>8} {'p99 us':>8} "
+             f"{'p99.9 us':>9} {'cli CPU%':>8} {'loop lag p99 ms':>15}"]
+    for r in report["results"]:
+        lag = r.get("server_loop_lag_p99_ms")
+        lines.append(f"{r['system']:>11} {format_size(r['size']):>7} {r['payloads_per_s']:11.0f} {r['gbps']:7.3f} "
+                     f"{_f(r['lat_p50_us']):>8} {_f(r['lat_p99_us']):>8} {_f(r['lat_p999_us']):>9} "
+                     f"{r['cpu_pct']['clients']:8.0f} {_f(lag, 2):>15}")
+    lines.append("")
+    lines.append("ratios (ours / baseline, payloads per second at the same size):")
+    for q in report["ratios"]:
+        lines.append(f"  {q['ours']:>10} / {q['baseline']:<8} {format_size(q['size']):>7}: {q['ratio']:.2f}x")
+    for n in report.get("notes", []):
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def _f(v, nd=0):
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def plot(report: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'ucxx-transport[bench]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    systems = sorted({r["system"] for r in report["results"]})
+    for s in systems:
+        rs = sorted((r for r in report["results"] if r["system"] == s), key=lambda r: r["size"])
+        ax.plot([r["size"] for r in rs], [r["gbps"] for r in rs], marker="o", label=s)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("payload size (bytes)")
+    ax.set_ylabel("GB/s")
+    m = report["machine"]
+    ax.set_title(f"ucxx-transport bench ({m.get('cpus')} CPUs, UCX {m.get('ucx', '?')}, "
+                 f"{report['config']['progress_mode']})", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ================================================================ CLI ========
+def add_parser(sub) -> None:
+    b = sub.add_parser(
+        "bench", help="throughput benchmark: ours vs raw ucxx, pyzmq and memcpy in one run",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example: ucxx-transport bench --sizes 4KiB,1MiB,64MiB --duration 10s --clients 2 "
+               "--json bench.json --plot bench.png")
+    b.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, 1.5 s each; finishes in < 60 s")
+    b.add_argument("--sizes", default=None, help=f"comma-separated payload sizes (default {DEFAULT_SIZES})")
+    b.add_argument("--duration", default=None, help="measurement time per size and system (default 10s)")
+    b.add_argument("--warmup", default=None, help="warm-up per size and system (default 1s)")
+    b.add_argument("--producers", type=int, default=1, help="producer processes keeping the ring full (default 1)")
+    b.add_argument("--clients", type=int, default=1, help="client processes per system (default 1)")
+    b.add_argument("--ports", type=int, default=2, help="server listener ports (default 2)")
+    b.add_argument("--slots", type=int, default=8, help="ring slots (default 8)")
+    b.add_argument("--mode", default=None, help="our path(s): get, take, local, comma-separated (default get; "
+                                                "--quick: get,local)")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="receive into host or GPU memory")
+    b.add_argument("--progress-mode", default=os.environ.get("UCXX_TRANSPORT_PROGRESS_MODE", "adaptive"),
+                   help="UCX progress mode for ours and raw ucxx [env UCXX_TRANSPORT_PROGRESS_MODE; default adaptive]")
+    b.add_argument("--baselines", default="raw-ucxx,zmq,memcpy", help="comma-separated (default all)")
+    b.add_argument("--json", help="write every figure and the machine description to this file")
+    b.add_argument("--plot", help="write a PNG of GB/s vs payload size (needs matplotlib)")
+    b.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(a) -> int:
+    a.sizes = a.sizes or (QUICK_SIZES if a.quick else DEFAULT_SIZES)
+    a.duration = parse_duration(a.duration or ("1.5s" if a.quick else "10s"), what="--duration")
+    a.warmup = parse_duration(a.warmup or ("0.3s" if a.quick else "1s"), what="--warmup")
+    a.mode = a.mode or ("get,local" if a.quick else "get")
+    for name in ("producers", "clients", "ports", "slots"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name} must be >= 1")
+    t0 = time.time()
+    report = run_bench(a)
+    report["wall_s"] = time.time() - t0
+    print(format_table(report))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if a.plot:
+        plot(report, a.plot)
+    return 0

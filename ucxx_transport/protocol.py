@@ -11,6 +11,7 @@ truncated or stale buffer is detected, never misread. See docs/PROTOCOL.md.
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
 import zlib
 from dataclasses import dataclass
@@ -160,3 +161,12 @@ def decode_response(buf) -> Response:
         raise ProtocolError(f"unknown status {status}") from None
     message = msg[: min(msg_len, MAX_MESSAGE)].decode("utf-8", "replace")
     return Response(status, rid, slot, gen, nbytes, index, count, message, flags)
+
+
+def ring_identity(name: str) -> str:
+    """What OK responses carry in their message field: the ring name (or, past
+    the field's size, a prefix plus a hash), so clients key payloads by
+    (ring, slot, generation) whichever server or port delivered them."""
+    if len(name.encode()) <= MAX_MESSAGE:
+        return name
+    return name[:40] + "#" + hashlib.sha1(name.encode()).hexdigest()[:16]

@@ -51,6 +51,7 @@ from .protocol import (
     Status,
     decode_request,
     encode_response,
+    ring_identity,
 )
 
 log = logging.getLogger("ucxx_transport.server")
@@ -136,6 +137,7 @@ class TransportServer:
         self._max_take = min(resolve("max_take", max_take), MAX_TAKE)
         self._fault = _fault or {}
         self.metrics = ServerMetrics()
+        self._ring_id = ring_identity(self.ring.name)
         self._ports: list[int] = []
         self._future: concurrent.futures.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -493,7 +495,8 @@ class TransportServer:
             count = len(leases)
             for i, lease in enumerate(leases):
                 hdr = encode_response(Response(Status.OK, req.request_id, lease.slot, lease.generation,
-                                               lease.nbytes, i, count, flags=FLAG_MORE if i + 1 < count else 0))
+                                               lease.nbytes, i, count, self._ring_id,
+                                               flags=FLAG_MORE if i + 1 < count else 0))
                 await engine.send(ep, hdr)
                 await engine.send(ep, lease.array())
                 m.bytes_out += lease.nbytes
