@@ -253,7 +253,7 @@ def _make_op(kind: str, size: int, state: dict, args: dict, refq):
     raise ValueError(kind)
 
 
-def _raw_server_worker(progress_mode: str, max_size: int, conn, device: str = "cpu") -> None:
+def _raw_server_worker(progress_mode: str, max_size: int, conn) -> None:
     import asyncio
 
     from . import engine
@@ -261,12 +261,7 @@ def _raw_server_worker(progress_mode: str, max_size: int, conn, device: str = "c
     loop = engine.acquire(progress_mode)
     import ucxx
 
-    if device == "cuda":
-        import cupy
-
-        payload = cupy.full(max_size, 7, cupy.uint8)
-    else:
-        payload = np.full(max_size, 7, np.uint8)
+    payload = np.full(max_size, 7, np.uint8)
 
     eps = []
 
@@ -453,10 +448,8 @@ def run_bench(a) -> dict:
             _recv(sconn, 30, "server")
         # ---------------- raw ucxx
         if "raw-ucxx" in baselines:
+            # the server always sends from host memory, as ours does from the shared-memory ring
             rp, rconn = _spawn(ctx, _raw_server_worker, a.progress_mode, max_size)
-            if a.device == "cuda":
-                rp.kill()
-                rp, rconn = _spawn(ctx, _raw_server_worker_cuda, a.progress_mode, max_size)
             procs.append(rp)
             port = _recv(rconn, 60, "raw-ucxx server")
             clients = [_spawn_client(ctx, "raw-ucxx", {"progress_mode": a.progress_mode, "raw_port": port,
@@ -515,10 +508,6 @@ def run_bench(a) -> dict:
                        "clients": a.clients, "ports": a.ports, "modes": modes, "device": a.device,
                        "progress_mode": a.progress_mode, "baselines": baselines},
             "notes": notes, "results": rows, "ratios": _ratios(rows)}
-
-
-def _raw_server_worker_cuda(progress_mode, max_size, conn):
-    _raw_server_worker(progress_mode, max_size, conn, device="cuda")
 
 
 def _drain(refq, ring) -> None:

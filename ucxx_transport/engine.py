@@ -254,7 +254,8 @@ class AdaptiveProgress:
     called, or ``idle_wakeup_s`` passes (a safety net, never the latency path).
     """
 
-    def __init__(self, worker, loop, spin_s: float = 0.002, idle_wakeup_s: float = 0.25):
+    def __init__(self, worker, loop, spin_s: float = 0.002, idle_wakeup_s: float = 0.25, slice_s: float = 0.0005):
+        self.slice_s = slice_s
         self.worker = worker
         self.event_loop = loop
         self.spin_s = spin_s
@@ -291,7 +292,10 @@ class AdaptiveProgress:
             if w is None:
                 return
             if w.progress_once():
-                while w.progress_once():
+                # keep progressing while there is work, but never hold the loop
+                # longer than slice_s: a 64 MiB transfer must not stall other tasks
+                t_end = time.monotonic() + self.slice_s
+                while w.progress_once() and time.monotonic() < t_end:
                     pass
                 self._last_active = time.monotonic()
                 await sleep0(0)
