@@ -39,6 +39,7 @@ from ucxx_transport.config import resolve
 from ucxx_transport.metrics import Reservoir
 from ucxx_transport.protocol import (
     FLAG_MORE,
+    FLAG_ONE_MESSAGE,
     MAX_TAKE,
     RESPONSE,
     Op,
@@ -56,6 +57,7 @@ from .errors import (
     CallTimeoutError,
     ConnectionLostError,
     CorruptPayloadError,
+    PayloadTooLargeError,
     ServerBusyError,
     StaleSlotError,
     TransientTransportError,
@@ -472,23 +474,46 @@ class TransportClient:
 
     async def _get_once(self, ref: shm.SlotRef, host: str, port: int) -> shm.Payload:
         where = f"GET {ref.ring}[{ref.slot}]@{ref.generation} from {host}:{port}"
+        one = ref.nbytes > 0  # size known: header + payload arrive as one message
 
         async def body(pe):
             rid = next(self._ids)
-            resp = await self._request(pe, Request(Op.GET, rid, ref.slot, ref.generation,
-                                                   max_nbytes=self.max_nbytes, text=ref.ring))
-            if resp.status != Status.OK:
-                raise _Answered(status_error(resp.status, resp.message, where))
-            base, view = await self._recv_payload(pe, resp.nbytes)
+            await engine.send(pe.ep, encode_request(Request(
+                Op.GET, rid, ref.slot, ref.generation, max_nbytes=ref.nbytes if one else self.max_nbytes,
+                text=ref.ring, flags=FLAG_ONE_MESSAGE if one else 0)))
+            if one:
+                total = RESPONSE.size + ref.nbytes
+                base = self._buffers.get(total)
+                msg = base[:total]
+                await engine.recv(pe.ep, msg)
+                head = msg[: RESPONSE.size]
+                resp = decode_response(head.get() if self.device == "cuda" else head)
+                if resp.request_id != rid:
+                    self._buffers.put(base)
+                    raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
+                if resp.status != Status.OK:
+                    self._buffers.put(base)
+                    raise _Answered(status_error(resp.status, resp.message, where))
+                view = msg[RESPONSE.size:]
+            else:
+                hdr = np.empty(RESPONSE.size, np.uint8)
+                await engine.recv(pe.ep, hdr)
+                resp = decode_response(hdr)
+                if resp.request_id != rid:
+                    raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
+                if resp.status != Status.OK:
+                    raise _Answered(status_error(resp.status, resp.message, where))
+                base, view = await self._recv_payload(pe, resp.nbytes)
             try:
                 payload = self._make_payload(base, view, resp.nbytes, ref.nbytes or None, where)
             except CorruptPayloadError:
                 await engine.send(pe.ep, encode_request(Request(Op.NACK, rid)))
                 raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (NACKed)"))
             await engine.send(pe.ep, encode_request(Request(Op.ACK, rid)))
-            engine.kick()
             return payload, True
 
+        if self.max_nbytes and ref.nbytes > self.max_nbytes:
+            raise PayloadTooLargeError(f"{where}: {ref.nbytes} bytes exceeds max_nbytes={self.max_nbytes}")
         try:
             return await self._with_endpoint(host, port, self.timeout, body, where)
         except _Answered as a:  # the server answered: the endpoint is fine, the error is real

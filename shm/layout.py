@@ -4,7 +4,9 @@ A ring is one file in ``/dev/shm`` (POSIX shared memory)::
 
     [0, HEADER_BYTES)                 RING_HEADER   (one page)
     [ctrl_off, ctrl_off + slots*64)   SLOT_RECORD x slots (rounded up to a page)
-    [data_off + i*slot_stride, ...)   slot i's data region (page-aligned)
+    [data_off + i*slot_stride, ...)   slot i's region (page-aligned):
+        SLOT_HEADROOM bytes reserved for a transport header, then the
+        payload frame (64-byte aligned), up to slot_bytes long
 
 All integers are little-endian; records are read and written through numpy
 structured views of the mapping.  Fields written only under the ring's
@@ -22,6 +24,9 @@ RING_VERSION = 1
 PAGE = mmap.PAGESIZE
 HEADER_BYTES = PAGE
 SLOT_RECORD_BYTES = 64
+#: bytes before each slot's frame, owned by whoever holds the slot: a server
+#: writes its response header there and sends header + frame as one message
+SLOT_HEADROOM = 128
 MAX_PORTS = 16
 MAX_HOST_BYTES = 64
 
@@ -92,5 +97,5 @@ def segment_size(slots: int, slot_bytes: int) -> tuple[int, int, int, int]:
     """Return (total_bytes, ctrl_off, data_off, slot_stride)."""
     ctrl_off = HEADER_BYTES
     data_off = ctrl_off + round_up(slots * SLOT_RECORD_BYTES)
-    stride = round_up(slot_bytes)
+    stride = round_up(SLOT_HEADROOM + slot_bytes)
     return data_off + slots * stride, ctrl_off, data_off, stride

@@ -40,6 +40,7 @@ from .layout import (
     RING_HEADER,
     RING_MAGIC,
     RING_VERSION,
+    SLOT_HEADROOM,
     SLOT_RECORD,
     segment_size,
 )
@@ -285,14 +286,16 @@ class RingBuffer:
         return self._fd
 
     def slot_buffer(self, slot: int, nbytes: int | None = None) -> memoryview:
-        """Writable memoryview of slot ``slot``'s data region (first ``nbytes``)."""
-        off = self._data_off + slot * self._stride
+        """Writable memoryview of slot ``slot``'s frame region (first ``nbytes``)."""
+        off = self._data_off + slot * self._stride + SLOT_HEADROOM
         n = self._slot_bytes if nbytes is None else nbytes
         return memoryview(self._mm)[off : off + n]
 
-    def slot_array(self, slot: int, nbytes: int | None = None) -> np.ndarray:
-        off = self._data_off + slot * self._stride
-        n = self._slot_bytes if nbytes is None else nbytes
+    def slot_array(self, slot: int, nbytes: int | None = None, *, headroom: bool = False) -> np.ndarray:
+        """uint8 view of the slot's frame (first ``nbytes``); with ``headroom``,
+        starting SLOT_HEADROOM bytes earlier (the page-aligned slot start)."""
+        off = self._data_off + slot * self._stride + (0 if headroom else SLOT_HEADROOM)
+        n = (self._slot_bytes if nbytes is None else nbytes) + (SLOT_HEADROOM if headroom else 0)
         return self._u8[off : off + n]
 
     # -------------------------------------------------------------- write --
@@ -625,9 +628,11 @@ class SlotLease:
         """The encoded frame, read-only, straight from shared memory."""
         return self._ring.slot_buffer(self.slot, self.nbytes).toreadonly()
 
-    def array(self) -> np.ndarray:
-        """The encoded frame as a uint8 numpy view (for senders)."""
-        return self._ring.slot_array(self.slot, self.nbytes)
+    def array(self, *, headroom: bool = False) -> np.ndarray:
+        """The encoded frame as a uint8 numpy view (for senders); with
+        ``headroom``, preceded by the slot's SLOT_HEADROOM bytes, which the
+        lease holder may fill (e.g. with a response header) before sending."""
+        return self._ring.slot_array(self.slot, self.nbytes, headroom=headroom)
 
     @property
     def payload(self) -> Payload:

@@ -43,7 +43,8 @@ def test_create_errors(make_ring, ring_name):
 def test_slot_data_is_page_aligned(make_ring):
     r = make_ring(slots=3, slot_bytes=5000)
     for i in range(3):
-        assert r.slot_array(i).ctypes.data % 4096 == 0
+        assert r.slot_array(i, headroom=True).ctypes.data % 4096 == 0  # slot region: page-aligned
+        assert r.slot_array(i).ctypes.data % 64 == 0  # frame after the headroom: 64-byte aligned
 
 
 def test_legal_transitions(make_ring):

@@ -289,3 +289,27 @@ def test_cli_help_lists_env_and_bad_value_is_named():
     out = subprocess.run([sys.executable, "-m", "ucxx_transport", "serve", "--ring", "nope-x", "--create",
                           "--slot-bytes", "12 parsecs"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "slot_bytes" in out.stderr and "UCXX_TRANSPORT_SLOT_BYTES" in out.stderr
+
+
+def test_get_one_message_header_in_slot_headroom(make_ring, ring_name, serve):
+    from ucxx_transport.protocol import FLAG_ONE_MESSAGE, RESPONSE, decode_response
+
+    ring = make_ring(slots=2)
+    srv = serve(ring_name)
+    ref = ring.put({"x": np.arange(100, dtype=np.int64)})
+    with RawConn("127.0.0.1", srv.ports[0]) as c:
+        # wrong nbytes in the ref: header-only BAD_REQUEST, payload stays READY
+        c.send(Request(Op.GET, 1, ref.slot, ref.generation, max_nbytes=ref.nbytes + 8, text=ring_name,
+                       flags=FLAG_ONE_MESSAGE))
+        r = c.recv_response()
+        assert r.status == Status.BAD_REQUEST and ring.ready_count() == 1
+    with RawConn("127.0.0.1", srv.ports[0]) as c:
+        c.send(Request(Op.GET, 2, ref.slot, ref.generation, max_nbytes=ref.nbytes, text=ring_name,
+                       flags=FLAG_ONE_MESSAGE))
+        msg = c.recv_bytes(RESPONSE.size + ref.nbytes)
+        r = decode_response(msg[:RESPONSE.size])
+        assert r.status == Status.OK and r.nbytes == ref.nbytes and r.message == ring_name
+        np.testing.assert_array_equal(decode(msg[RESPONSE.size:])["x"], np.arange(100))
+        c.send(Request(Op.ACK, 2))
+        assert c.request(Request(Op.PING, 3)).status == Status.OK
+    assert ring.state_counts()["FREE"] == 2

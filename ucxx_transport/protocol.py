@@ -32,6 +32,10 @@ MAX_MESSAGE = 76
 MAX_TAKE = 256
 #: response flag: another (header, payload) pair of the same TAKE follows
 FLAG_MORE = 0x1
+#: GET request flag: send the response header and the payload as ONE message of
+#: RESPONSE.size + max_nbytes bytes (max_nbytes = the ref's exact nbytes); an
+#: error answer is the header alone
+FLAG_ONE_MESSAGE = 0x1
 
 
 class Op(enum.IntEnum):

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import shm
+import shm.layout
 from shm import RingBuffer
 
 from . import engine
@@ -42,6 +43,8 @@ from .config import resolve
 from .metrics import ServerMetrics
 from .protocol import (
     FLAG_MORE,
+    FLAG_ONE_MESSAGE,
+    RESPONSE,
     MAX_TAKE,
     REQUEST,
     Op,
@@ -55,6 +58,7 @@ from .protocol import (
 )
 
 log = logging.getLogger("ucxx_transport.server")
+assert shm.layout.SLOT_HEADROOM >= RESPONSE.size, "the slot headroom must hold a response header"
 SWEEP_INTERVAL_S = 0.1
 RECOVER_INTERVAL_S = 1.0
 
@@ -450,6 +454,11 @@ class TransportServer:
             self.metrics.count("GET", "BUSY")
             return await self._reply(ep, Response(Status.BUSY, req.request_id, req.slot, req.generation,
                                                   message="leased by another reader"))
+        if req.flags & FLAG_ONE_MESSAGE and lease.nbytes != req.max_nbytes:
+            lease.nack()
+            self.metrics.count("GET", "BAD_REQUEST")
+            return await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id, req.slot, req.generation,
+                                                  lease.nbytes, message="ref nbytes does not match the payload"))
         if req.max_nbytes and lease.nbytes > req.max_nbytes:
             lease.nack()
             self.metrics.count("GET", "TOO_LARGE")
@@ -493,12 +502,17 @@ class TransportServer:
         ok = False
         try:
             count = len(leases)
+            one_message = req.op == Op.GET and req.flags & FLAG_ONE_MESSAGE
             for i, lease in enumerate(leases):
-                hdr = encode_response(Response(Status.OK, req.request_id, lease.slot, lease.generation,
-                                               lease.nbytes, i, count, self._ring_id,
-                                               flags=FLAG_MORE if i + 1 < count else 0))
-                await engine.send(ep, hdr)
-                await engine.send(ep, lease.array())
+                resp = Response(Status.OK, req.request_id, lease.slot, lease.generation, lease.nbytes, i, count,
+                                self._ring_id, flags=FLAG_MORE if i + 1 < count else 0)
+                if one_message:  # header in the slot's headroom: one message straight from shm
+                    msg = lease.array(headroom=True)
+                    encode_response(resp, msg[: RESPONSE.size].data.cast("B"))
+                    await engine.send(ep, msg)
+                else:
+                    await engine.send(ep, encode_response(resp))
+                    await engine.send(ep, lease.array())
                 m.bytes_out += lease.nbytes
                 m.payloads_out += 1
             m.count(req.op.name, "OK")
