@@ -660,6 +660,11 @@ def cmd_bench(a) -> int:
     for name in ("producers", "clients", "ports", "slots"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name} must be >= 1")
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401  (fail before a long run, not after it)
+        except ImportError:
+            raise ImportError("--plot needs matplotlib: pip install 'ucxx-transport[bench]'") from None
     t0 = time.time()
     report = run_bench(a)
     report["wall_s"] = time.time() - t0

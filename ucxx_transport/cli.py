@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     _setup_logging(a.log_level)
     try:
         return int(a.func(a) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ImportError) as exc:
         print(f"ucxx-transport {a.cmd}: error: {exc}", file=sys.stderr)
         return 2
 

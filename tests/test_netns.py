@@ -1,0 +1,107 @@
+"""Two hosts on one machine: server in one network namespace, trainer in another.
+
+Skipped cleanly where namespaces cannot be created (not root, no iproute2,
+no CAP_SYS_ADMIN). Traffic stays on a veth pair between namespaces this test
+creates and deletes.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+
+from tests import helpers
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
+
+SRV_IP, CLI_IP = "10.213.7.1", "10.213.7.2"
+
+
+def _ip(*args, check=True):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+
+
+@pytest.fixture
+def two_hosts():
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 (ip netns)")
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"uxt-srv-{tag}", f"uxt-cli-{tag}"
+    va, vb = f"vs{tag}", f"vc{tag}"
+    try:
+        _ip("netns", "add", a)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"cannot create network namespaces here: {exc.stderr.strip()}")
+    try:
+        _ip("netns", "add", b)
+        _ip("link", "add", va, "type", "veth", "peer", "name", vb)
+        _ip("link", "set", va, "netns", a)
+        _ip("link", "set", vb, "netns", b)
+        for ns, dev, ip in ((a, va, SRV_IP), (b, vb, CLI_IP)):
+            _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        yield a, b
+    finally:
+        _ip("netns", "del", a, check=False)
+        _ip("netns", "del", b, check=False)
+
+
+CLIENT = r"""
+import json, sys
+import shm
+from clients import TransportClient, StaleSlotError
+refs = [shm.SlotRef.from_dict(d) for d in json.loads(sys.argv[1])]
+out = {"ok": [], "stale": 0}
+with TransportClient(timeout=5) as c:   # local fast path on: the ring's host is not this one
+    for r in c.fetch_many(refs):
+        if r.ok:
+            out["ok"].append([r.payload.meta["i"], r.payload.meta["crc"], __import__("tests.helpers").helpers.checksum(r.payload)])
+        elif isinstance(r.error, StaleSlotError):
+            out["stale"] += 1
+    out["local_fetches"] = c.stats().get("local_fetches", 0)
+    out["taken"] = [p.meta["i"] for p in c.take(refs[0], n=10, wait=0.5)]
+print(json.dumps(out))
+"""
+
+
+def test_fetch_across_namespaces(two_hosts, make_ring, ring_name):
+    ns_srv, ns_cli = two_hosts
+    ring = make_ring(slots=16, slot_bytes=1 << 20)
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    srv = subprocess.Popen(["ip", "netns", "exec", ns_srv, sys.executable, "-m", "ucxx_transport", "serve",
+                            "--ring", ring_name, "--host", SRV_IP, "--n-ports", "2"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = srv.stdout.readline()
+        assert line, srv.stderr.read()[-2000:]
+        info = json.loads(line)
+        assert info["host"] == SRV_IP
+        refs = []
+        for i in range(6):
+            p = {"x": np.random.default_rng(i).integers(0, 255, 300_000, dtype=np.uint8)}
+            refs.append(ring.put(p, meta={"i": i, "crc": helpers.checksum(p)}))
+        assert refs[0].host == SRV_IP
+        with ring.claim(refs[5]):  # consumed before the trainer asks: STALE over the wire
+            pass
+        extra = ring.put({"x": np.ones(10, np.uint8)}, meta={"i": 99, "crc": 0})
+        del extra
+        r = subprocess.run(["ip", "netns", "exec", ns_cli, sys.executable, "-c", CLIENT,
+                            json.dumps([x.to_dict() for x in refs])], capture_output=True, text=True,
+                           timeout=120, env=env, cwd=os.getcwd())
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["local_fetches"] == 0  # the ring is on another host: network path
+        assert sorted(i for i, _, _ in out["ok"]) == [0, 1, 2, 3, 4]
+        assert all(crc == got for _, crc, got in out["ok"])
+        assert out["stale"] == 1
+        assert out["taken"] == [99]
+        assert ring.state_counts()["FREE"] == 16
+    finally:
+        srv.terminate()
+        srv.wait(15)
