@@ -152,16 +152,16 @@ def test_on_full_block_times_out_with_clear_error(make_ring):
 def test_on_full_block_wakes_when_slot_freed(make_ring):
     r = make_ring(slots=1)
     r.put(b"a")
-    done = threading.Event()
 
     def consume():
         with r.claim(timeout=5):
             pass
-        done.set()
 
-    threading.Timer(0.1, consume).start()
-    ref = r.put(b"b", timeout=5)
-    assert done.is_set() and ref.generation == 2
+    timer = threading.Timer(0.1, consume)
+    timer.start()
+    ref = r.put(b"b", timeout=5)  # blocks on the futex until the consumer's ack frees the slot
+    assert r.stats()["consumed"] == 1 and ref.generation == 2
+    timer.join()
 
 
 def test_on_full_error(make_ring):
