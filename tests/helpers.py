@@ -112,3 +112,19 @@ def take_consumer(host: str, ports: list, stop_evt, result_q) -> None:
             if not got and stop_evt.is_set():
                 break
     result_q.put((seen, bad))
+
+
+def wait_until(pred, timeout: float = 10.0, interval: float = 0.01) -> bool:
+    """Poll ``pred`` until true or ``timeout``. For state another process changes
+    asynchronously (e.g. a server applying an ACK the client already sent), where
+    no event is exposed to wait on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+def all_free(ring) -> bool:
+    return ring.state_counts()["FREE"] == ring.slots

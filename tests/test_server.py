@@ -313,3 +313,48 @@ def test_get_one_message_header_in_slot_headroom(make_ring, ring_name, serve):
         c.send(Request(Op.ACK, 2))
         assert c.request(Request(Op.PING, 3)).status == Status.OK
     assert ring.state_counts()["FREE"] == 2
+
+
+def test_idle_server_uses_no_cpu(make_ring, ring_name, serve):
+    import psutil
+
+    make_ring()
+    srv = serve(ring_name)
+    with RawConn("127.0.0.1", srv.ports[0]) as c:  # one connected, idle endpoint
+        assert c.request(Request(Op.PING, 1)).status == Status.OK
+        p = psutil.Process(srv.proc.pid)
+        t0 = sum(p.cpu_times()[:2])
+        time.sleep(2.0)  # measuring idle CPU over wall time: the sleep *is* the measurement
+        used = sum(p.cpu_times()[:2]) - t0
+    assert used < 0.2, f"idle server used {used:.2f} CPU-seconds in 2 s (busy-spin?)"
+
+
+def test_prometheus_metrics_endpoint(make_ring, ring_name, serve):
+    pytest.importorskip("prometheus_client")
+    import socket
+    import urllib.request
+
+    ring = make_ring()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        mport = s.getsockname()[1]
+    srv = serve(ring_name, "--metrics-port", str(mport))
+    ref = ring.put(b"x")
+    with RawConn("127.0.0.1", srv.ports[0]) as c:
+        get(c, ref, 1)
+        c.request(Request(Op.PING, 2))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+    assert 'ucxx_transport_requests_total{op="GET",status="OK"} 1.0' in text
+    assert 'ucxx_transport_slots{state="FREE"}' in text
+    assert "ucxx_transport_loop_lag_seconds" in text and "ucxx_transport_bytes_out_total" in text
+
+
+def test_doctor_reports_and_exits_zero():
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "ucxx_transport", "doctor", "--json"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rep = json.loads(out.stdout)
+    assert rep["ucx_version"] and "tcp" in rep["transports"] and rep["dev_shm"]["total"] > 0
+    assert rep["progress_mode"] == "adaptive" and rep["problems"] == []

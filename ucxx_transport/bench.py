@@ -84,10 +84,21 @@ def _producer_worker(ring_name: str, conn, refq) -> None:
         n = 0
         t_put = 0.0
         arr = payload["x"]
+        batch: list = []  # refs travel in small batches: the control plane is not what we measure
+
+        def flush():
+            while batch and not conn.poll():
+                try:
+                    refq.put(list(batch), timeout=0.05)
+                    batch.clear()
+                except Exception:
+                    continue
+
         while not conn.poll():
             try:
-                w = ring.reserve(timeout=0.05)  # waiting for a FREE slot is not put cost
+                w = ring.reserve(timeout=0.002 if batch else 0.05)  # waiting is not put cost
             except shm.RingFullError:
+                flush()
                 continue
             t0 = time.perf_counter()
             w.set("x", arr)
@@ -95,12 +106,9 @@ def _producer_worker(ring_name: str, conn, refq) -> None:
             t_put += time.perf_counter() - t0
             n += 1
             if with_refs:
-                while not conn.poll():
-                    try:
-                        refq.put(ref, timeout=0.05)
-                        break
-                    except Exception:
-                        continue
+                batch.append(ref)
+                if len(batch) >= 4:
+                    flush()
         conn.recv()  # the "stop" that ended the phase
         conn.send({"puts": n, "put_s": t_put, **_proc_stats()})
     ring.close()
@@ -177,11 +185,18 @@ def _client_worker(kind: str, conn, args: dict, refq) -> None:
 
 def _make_op(kind: str, size: int, state: dict, args: dict, refq):
     """A zero-arg callable doing one transfer of ``size`` bytes; returns bytes moved."""
+    pending: list = []
+
+    def next_ref():
+        if not pending:
+            pending.extend(refq.get(timeout=30))
+        return pending.pop(0)
+
     if kind == "ours-get":
         client = state["client"]
 
         def op():
-            ref = refq.get(timeout=30)
+            ref = next_ref()
             p = client.fetch(ref)
             n = p.nbytes
             p.release()
@@ -192,7 +207,7 @@ def _make_op(kind: str, size: int, state: dict, args: dict, refq):
         dst = np.empty(size, np.uint8)
 
         def op():
-            ref = refq.get(timeout=30)
+            ref = next_ref()
             p = client.fetch(ref)
             x = p["x"]
             np.copyto(dst[: x.nbytes], x)  # read the bytes, as a trainer would
@@ -426,7 +441,8 @@ def run_bench(a) -> dict:
                 for size in sizes:
                     for _, pc in prods:
                         pc.send(("fill", size, mode in ("get", "local")))
-                    row = _phase(kind, size, clients, duration, warmup)
+                    row = _phase(kind, size, clients, duration, warmup,
+                                 {"server": [sp.pid], "producers": [p.pid for p, _ in prods]})
                     for _, pc in prods:
                         pc.send(("stop",))
                     pstats = [_recv(pc, 60, "producer") for _, pc in prods]
@@ -436,7 +452,6 @@ def run_bench(a) -> dict:
                     puts = sum(s["puts"] for s in pstats)
                     put_s = sum(s["put_s"] for s in pstats)
                     row["put_gbps"] = (puts * size / put_s / 1e9) if put_s else None
-                    row["cpu_pct"]["producers"] = sum(s["cpu_s"] for s in pstats)
                     rows.append(row)
                     progress.update(1)
                 for _, c in clients:
@@ -458,7 +473,7 @@ def run_bench(a) -> dict:
             for _, c in clients:
                 _recv(c, 60, "raw-ucxx client")
             for size in sizes:
-                rows.append(_phase("raw-ucxx", size, clients, duration, warmup))
+                rows.append(_phase("raw-ucxx", size, clients, duration, warmup, {"server": [rp.pid]}))
                 progress.update(1)
             for _, c in clients:
                 c.send(("exit",))
@@ -475,7 +490,7 @@ def run_bench(a) -> dict:
             for _, c in clients:
                 _recv(c, 60, "zmq client")
             for size in sizes:
-                rows.append(_phase("zmq", size, clients, duration, warmup))
+                rows.append(_phase("zmq", size, clients, duration, warmup, {"server": [zp.pid]}))
                 progress.update(1)
             for _, c in clients:
                 c.send(("exit",))
@@ -528,10 +543,32 @@ def _drain(refq, ring) -> None:
             break
 
 
-def _phase(kind: str, size: int, clients, duration: float, warmup: float) -> dict:
+def _cpu_rss(pids) -> tuple[float, int]:
+    import psutil
+
+    cpu, rss = 0.0, 0
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            t = p.cpu_times()
+            cpu += t.user + t.system
+            rss = max(rss, p.memory_info().rss)
+        except psutil.Error:
+            pass
+    return cpu, rss
+
+
+def _phase(kind: str, size: int, clients, duration: float, warmup: float, others: dict | None = None) -> dict:
+    """One measurement. ``others``: role -> pids (server, producers) whose CPU%
+    and RSS are sampled by this process over the phase."""
+    others = others or {}
+    before = {role: _cpu_rss(pids) for role, pids in others.items()}
+    t0 = time.perf_counter()
     for _, c in clients:
         c.send(("run", size, duration, warmup))
     res = [_recv(c, duration + warmup + 120, kind) for _, c in clients]
+    wall = time.perf_counter() - t0
+    after = {role: _cpu_rss(pids) for role, pids in others.items()}
     ops = sum(r["ops"] for r in res)
     nbytes = sum(r["bytes"] for r in res)
     elapsed = max(r["elapsed"] for r in res) or 1e-9
@@ -542,7 +579,9 @@ def _phase(kind: str, size: int, clients, duration: float, warmup: float) -> dic
             "lat_p50_us": None if lat[0] is None else lat[0] * 1e6,
             "lat_p99_us": None if lat[1] is None else lat[1] * 1e6,
             "lat_p999_us": None if lat[2] is None else lat[2] * 1e6,
-            "cpu_pct": {"clients": cpu}, "rss_mb": {"clients": max(r["rss"] for r in res) / 2**20}}
+            "cpu_pct": {"clients": cpu, **{role: (after[role][0] - before[role][0]) / wall * 100 for role in others}},
+            "rss_mb": {"clients": max(r["rss"] for r in res) / 2**20,
+                       **{role: after[role][1] / 2**20 for role in others}}}
 
 
 def _ratios(rows: list[dict]) -> list[dict]:
@@ -581,12 +620,12 @@ def _progress(total: int, quick: bool):
 
 def format_table(report: dict) -> str:
     lines = [f"{'system':>11} {'size':>7} {'payloads/s':>11} {'GB/s':>7} {'p50 us':>8} {'p99 us':>8} "
-             f"{'p99.9 us':>9} {'cli CPU%':>8} {'loop lag p99 ms':>15}"]
+             f"{'p99.9 us':>9} {'cli CPU%':>8} {'srv CPU%':>8} {'loop lag p99 ms':>15}"]
     for r in report["results"]:
         lag = r.get("server_loop_lag_p99_ms")
         lines.append(f"{r['system']:>11} {format_size(r['size']):>7} {r['payloads_per_s']:11.0f} {r['gbps']:7.3f} "
                      f"{_f(r['lat_p50_us']):>8} {_f(r['lat_p99_us']):>8} {_f(r['lat_p999_us']):>9} "
-                     f"{r['cpu_pct']['clients']:8.0f} {_f(lag, 2):>15}")
+                     f"{r['cpu_pct']['clients']:8.0f} {_f(r['cpu_pct'].get('server')):>8} {_f(lag, 2):>15}")
     lines.append("")
     lines.append("ratios (ours / baseline, payloads per second at the same size):")
     for q in report["ratios"]:

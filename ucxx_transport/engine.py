@@ -23,6 +23,8 @@ import time
 
 log = logging.getLogger("ucxx_transport.engine")
 
+#: how long a receive abandoned by a cancelled task keeps its buffer referenced
+ABANDONED_KEEP_S = 300.0
 PROGRESS_MODES = ("adaptive", "thread", "thread-polling", "polling", "blocking")
 DEFAULT_PROGRESS_MODE = "adaptive"
 
@@ -106,15 +108,55 @@ def kick() -> None:
 
 
 async def send(ep, buf):
-    """``ep.send`` that wakes an idle progress driver first (so the send is progressed now)."""
-    kick()
-    return await ep.send(buf)
+    """Send ``buf`` on a ucxx Endpoint.
+
+    With the adaptive driver the request is completed by the driver after it
+    progressed the worker (no per-request polling: ucxx's own ``wait()`` in the
+    non-thread modes re-checks every pending request on every loop iteration,
+    which keeps a server with idle connections at 100 % CPU).
+    """
+    drv = _state["driver"]
+    if drv is None:
+        return await ep.send(buf)
+    from ucxx._lib.arr import Array
+    from ucxx._lib.libucxx import UCXCloseError
+    from ucxx.types import Tag
+
+    e = ep._ep
+    if e is None:
+        raise UCXCloseError("Endpoint closed")
+    e.raise_on_error()
+    arr = Array(buf)
+    req = e.tag_send(arr, Tag(ep._tags["msg_send"]))
+    await drv.wait(req, (arr, buf))
 
 
 async def recv(ep, buf):
-    """``ep.recv`` that wakes an idle progress driver first."""
-    kick()
-    return await ep.recv(buf)
+    """Receive into ``buf`` on a ucxx Endpoint (see :func:`send`)."""
+    drv = _state["driver"]
+    if drv is None:
+        return await ep.recv(buf)
+    from ucxx._lib.arr import Array
+    from ucxx._lib.libucxx import UCXCloseError
+    from ucxx.types import Tag, TagMaskFull
+
+    tag = Tag(ep._tags["msg_recv"])
+    arr = Array(buf)
+    e = ep._ep
+    try:
+        if e is None:
+            raise UCXCloseError("Endpoint closed")
+        e.raise_on_error()
+        req = e.tag_recv(arr, tag, TagMaskFull)
+    except Exception:
+        # closed or failed, but its last message may already sit on the worker
+        ctx = ep._ctx
+        worker = None if ctx is None else ctx.worker
+        probe = worker.tag_probe(tag, remove=True) if worker is not None else None
+        if probe is None or not probe.matched:
+            raise
+        req = worker.tag_recv_with_handle(arr, probe)
+    await drv.wait(req, (arr, buf))
 
 
 def abort(ep) -> None:
@@ -265,6 +307,10 @@ class AdaptiveProgress:
         self._wake: asyncio.Future | None = None
         self._last_active = time.monotonic()
         self.sleeps = 0
+        self.arm_busy = 0
+        # [request, future, keepalive, abandoned_at]: buffers stay referenced until
+        # UCX is done with them, even if the awaiting task was cancelled
+        self._pending: list[list] = []
         self.task = loop.create_task(self._run(), name="ucx-progress")
 
     def __hash__(self):
@@ -284,6 +330,46 @@ class AdaptiveProgress:
     def _on_fd(self):
         self.kick()
 
+    def wait(self, req, keepalive) -> asyncio.Future:
+        """A future completed (or failed) when UCX request ``req`` completes."""
+        fut = self.event_loop.create_future()
+        if req.completed:
+            self._finish(req, fut)
+        else:
+            self._pending.append([req, fut, keepalive, None])
+            self.kick()
+        return fut
+
+    @staticmethod
+    def _finish(req, fut) -> None:
+        if fut.done():
+            return
+        try:
+            req.check_error()
+        except BaseException as exc:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(None)
+
+    def _complete(self) -> None:
+        """Resolve the futures of completed requests (called after progress)."""
+        if not self._pending:
+            return
+        now = time.monotonic()
+        keep = []
+        for item in self._pending:
+            req, fut = item[0], item[1]
+            if req.completed:
+                self._finish(req, fut)
+                continue
+            if fut.done():  # abandoned by a cancelled task: keep the buffer alive a while
+                if item[3] is None:
+                    item[3] = now
+                elif now - item[3] > ABANDONED_KEEP_S:
+                    continue  # its endpoint is long dead; nothing will ever land there
+            keep.append(item)
+        self._pending = keep
+
     async def _run(self):
         loop = self.event_loop
         sleep0 = asyncio.sleep
@@ -297,13 +383,16 @@ class AdaptiveProgress:
                 t_end = time.monotonic() + self.slice_s
                 while w.progress_once() and time.monotonic() < t_end:
                     pass
+                self._complete()
                 self._last_active = time.monotonic()
                 await sleep0(0)
                 continue
+            self._complete()  # completions made by progress calls elsewhere (e.g. connect)
             if time.monotonic() - self._last_active < self.spin_s:
                 await sleep0(0)
                 continue
             if not w.arm():  # events pending: keep progressing
+                self.arm_busy += 1
                 await sleep0(0)
                 continue
             self._wake = fut = loop.create_future()
