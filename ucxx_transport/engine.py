@@ -100,6 +100,12 @@ def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
         ucxx.core._get_ctx().continuous_ucx_progress(event_loop=loop)
 
 
+def progress_call_max_s() -> float | None:
+    """Longest single UCX progress call seen by the adaptive driver (what bounds loop lag)."""
+    drv = _state["driver"]
+    return None if drv is None else drv.max_call_s
+
+
 def kick() -> None:
     """Tell the progress driver an operation was just posted (no-op unless adaptive)."""
     drv = _state["driver"]
@@ -308,6 +314,7 @@ class AdaptiveProgress:
         self._last_active = time.monotonic()
         self.sleeps = 0
         self.arm_busy = 0
+        self.max_call_s = 0.0  # longest single worker progress call (diagnostics)
         # [request, future, keepalive, abandoned_at]: buffers stay referenced until
         # UCX is done with them, even if the awaiting task was cancelled
         self._pending: list[list] = []
@@ -377,7 +384,9 @@ class AdaptiveProgress:
             w = self.worker
             if w is None:
                 return
+            t_p = time.perf_counter()
             if w.progress_once():
+                self.max_call_s = max(self.max_call_s, time.perf_counter() - t_p)
                 # keep progressing while there is work, but never hold the loop
                 # longer than slice_s: a 64 MiB transfer must not stall other tasks
                 t_end = time.monotonic() + self.slice_s

@@ -558,7 +558,8 @@ class TransportServer:
     def snapshot(self) -> dict:
         return {
             "server": {"ring": self.ring.name, "host": self._host, "ports": self._ports,
-                       "progress_mode": engine.mode(), "auth": self._token is not None},
+                       "progress_mode": engine.mode(), "auth": self._token is not None,
+                       "ucx_progress_call_max_s": engine.progress_call_max_s()},
             "metrics": self.metrics.snapshot(),
             "ring": self.ring.stats(),
         }
