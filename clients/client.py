@@ -71,6 +71,8 @@ log = logging.getLogger("clients.client")
 
 #: ports tried by one call before it gives up (layer 1)
 PORTS_PER_CALL = 2
+#: how long closing an endpoint waits to confirm its last ACK
+RETIRE_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -147,7 +149,8 @@ class TransportClient:
         self.max_inflight = resolve("max_inflight", max_inflight)
         self._pool = EndpointPool(pool_size=resolve("pool_size", pool_size),
                                   endpoint_max_age_s=resolve("endpoint_max_age_s", endpoint_max_age_s),
-                                  quarantine_s=resolve("quarantine_s", quarantine_s))
+                                  quarantine_s=resolve("quarantine_s", quarantine_s), retire=self._retire_soon)
+        self._retiring: set = set()
         self._buffers = BufferPool(device)
         self.device = device
         self.local_fast_path = local_fast_path
@@ -193,7 +196,31 @@ class TransportClient:
         self._buffers.clear()
 
     async def _aclose_pool(self):
-        self._pool.close()
+        for pe in self._pool.drain():
+            self._retire_soon(pe)
+        if self._retiring:
+            await asyncio.wait(list(self._retiring), timeout=RETIRE_TIMEOUT_S + 0.5)
+
+    def _retire_soon(self, pe: PooledEndpoint) -> None:
+        """Close a healthy endpoint; first confirm its last ACK if needed (on the UCX loop)."""
+        if not pe.unconfirmed_ack:
+            pe.abort()
+            return
+        task = asyncio.get_running_loop().create_task(self._retire(pe))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, pe: PooledEndpoint) -> None:
+        t = _Timeout(asyncio.get_running_loop(), RETIRE_TIMEOUT_S, pe)
+        try:
+            await self._request(pe, Request(Op.PING, next(self._ids)))  # answered after the ACK was applied
+        except BaseException as exc:  # noqa: BLE001 - best effort; the server's ack timeout covers the rest
+            if isinstance(exc, asyncio.CancelledError) and not t.fired:
+                raise
+            log.debug("could not confirm the last ACK on %s:%d (%r)", pe.host, pe.port, exc)
+        finally:
+            t.cancel()
+            pe.abort()
 
     def __enter__(self):
         return self
@@ -379,6 +406,7 @@ class TransportClient:
         await engine.send(pe.ep, encode_request(req))
         hdr = np.empty(RESPONSE.size, np.uint8)
         await engine.recv(pe.ep, hdr)
+        pe.unconfirmed_ack = False  # the server answers in order: any earlier ACK was applied
         resp = decode_response(hdr)
         if resp.request_id != req.request_id:
             raise ProtocolError(f"response for request {resp.request_id}, expected {req.request_id}")
@@ -486,6 +514,7 @@ class TransportClient:
                 base = self._buffers.get(total)
                 msg = base[:total]
                 await engine.recv(pe.ep, msg)
+                pe.unconfirmed_ack = False
                 head = msg[: RESPONSE.size]
                 resp = decode_response(head.get() if self.device == "cuda" else head)
                 if resp.request_id != rid:
@@ -498,6 +527,7 @@ class TransportClient:
             else:
                 hdr = np.empty(RESPONSE.size, np.uint8)
                 await engine.recv(pe.ep, hdr)
+                pe.unconfirmed_ack = False
                 resp = decode_response(hdr)
                 if resp.request_id != rid:
                     raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
@@ -510,6 +540,7 @@ class TransportClient:
                 await engine.send(pe.ep, encode_request(Request(Op.NACK, rid)))
                 raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (NACKed)"))
             await engine.send(pe.ep, encode_request(Request(Op.ACK, rid)))
+            pe.unconfirmed_ack = True
             return payload, True
 
         if self.max_nbytes and ref.nbytes > self.max_nbytes:
@@ -590,6 +621,7 @@ class TransportClient:
             hdr = np.empty(RESPONSE.size, np.uint8)
             while True:
                 await engine.recv(pe.ep, hdr)
+                pe.unconfirmed_ack = False
                 resp = decode_response(hdr)
                 if resp.request_id != rid:
                     raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
@@ -611,7 +643,7 @@ class TransportClient:
                     p.release()
                 raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (batch NACKed)"))
             await engine.send(pe.ep, encode_request(Request(Op.ACK, rid)))
-            engine.kick()
+            pe.unconfirmed_ack = True
             kept = []
             for key, p in out:
                 if self._remember(key):

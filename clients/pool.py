@@ -11,6 +11,10 @@ Rules, all of them:
   older than ``endpoint_max_age_s`` is closed on checkout and a new one made
   (keep it below the server's idle eviction, 120 s by default).
 * an endpoint that saw any error is never returned to the pool.
+* a healthy endpoint leaving the pool (overflow, age, close) whose last message
+  was an ACK goes through ``retire``: the ACK is confirmed (a PING answered
+  after it) before the endpoint is closed, so closing never drops an ACK and
+  never makes the server return a delivered payload to READY.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class PooledEndpoint:
     host: str
     port: int
     created: float = field(default_factory=time.monotonic)
+    #: an ACK was sent and no answer received since (the server may not have applied it yet)
+    unconfirmed_ack: bool = False
 
     def abort(self) -> None:
         try:
@@ -39,7 +45,8 @@ class PooledEndpoint:
 
 
 class EndpointPool:
-    def __init__(self, *, pool_size: int, endpoint_max_age_s: float, quarantine_s: float):
+    def __init__(self, *, pool_size: int, endpoint_max_age_s: float, quarantine_s: float, retire=None):
+        self.retire = retire or (lambda pe: pe.abort())
         self.pool_size = pool_size
         self.max_age = endpoint_max_age_s
         self.quarantine_s = quarantine_s
@@ -87,7 +94,7 @@ class EndpointPool:
                 return pe
             self.stats["expired"] += 1
             log.debug("endpoint to %s:%d is %.0f s old: replacing", host, port, now - pe.created)
-            pe.abort()
+            self.retire(pe)
         return None
 
     def checkin(self, pe: PooledEndpoint) -> None:
@@ -95,10 +102,10 @@ class EndpointPool:
         if len(q) < self.pool_size and time.monotonic() - pe.created < self.max_age:
             q.append(pe)
         else:
-            pe.abort()
+            self.retire(pe)
 
-    def close(self) -> None:
-        for q in self._idle.values():
-            for pe in q:
-                pe.abort()
+    def drain(self) -> list[PooledEndpoint]:
+        """Remove and return every idle endpoint (the caller retires them)."""
+        out = [pe for q in self._idle.values() for pe in q]
         self._idle.clear()
+        return out

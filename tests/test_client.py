@@ -362,3 +362,26 @@ def test_sync_calls_from_threads_while_another_thread_runs_a_loop(make_ring, rin
     stop.set()
     lt.join(10)
     assert sorted(out[0] + out[1]) == list(range(8)) and ticks
+
+
+def test_closing_right_after_fetches_loses_no_ack(make_ring, ring_name, serve):
+    """Endpoints leaving the pool (overflow, close) confirm their last ACK first:
+    otherwise the server sees the endpoint die and returns delivered payloads to READY."""
+    ring = make_ring(slots=64, slot_bytes=1 << 16)
+    srv = serve(ring_name)
+    for _ in range(3):
+        refs = put_many(ring, 48)
+        with TransportClient(local_fast_path=False, max_inflight=16, pool_size=1) as c:
+            res = c.fetch_many(refs)
+        assert all(r.ok for r in res)
+        assert helpers.wait_until(lambda: helpers.all_free(ring), timeout=10), ring.state_counts()
+    from tests.rawucx import RawConn
+    from ucxx_transport.protocol import Op, Request
+
+    with RawConn("127.0.0.1", srv.ports[0]) as conn:
+        conn.send(Request(Op.STATS, 1))
+        r = conn.recv_response()
+        import json
+
+        stats = json.loads(conn.recv_bytes(r.nbytes).tobytes())
+    assert stats["metrics"]["nacks"] == 0 and stats["metrics"]["acks"] == 144
