@@ -211,22 +211,33 @@ class SlotTable:
         self._wake_ready()
         return gen, seq
 
-    def abort(self, slot: int, lease: int) -> bool:
-        """WRITING -> FREE (generation unchanged). Logged no-op in any other state."""
+    def _finalise(self, what: str, slot: int, lease: int, expect: int, to: int) -> bool:
+        """The lease holder's exit from ``expect`` (WRITING/READING) to ``to``.
+
+        A logged no-op unless the slot is still in ``expect`` under ``lease``:
+        a finaliser whose slot was recovered and moved on never clobbers it.
+        """
         self._lock()
         try:
-            if self.state[slot] != WRITING or self.lease[slot] != lease:
-                log.warning("abort of slot %d ignored: state %s, lease %d (ours %d)",
+            if self.state[slot] != expect or self.lease[slot] != lease:
+                log.warning("%s of slot %d ignored: state %s, lease %d (ours %d)", what,
                             slot, SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
                 return False
-            self.state[slot] = FREE
-            self.nbytes[slot] = 0
+            self.state[slot] = to
+            if expect == WRITING:
+                self.nbytes[slot] = 0
+            elif to == FREE:
+                self.header["consumed"] += 1
             self._drop_ownership(slot)
-            self._bump(self._free_word)
+            self._bump(self._free_word if to == FREE else self._ready_word)
         finally:
             self._unlock()
-        self._wake_free()
+        self._wake_free() if to == FREE else self._wake_ready()
         return True
+
+    def abort(self, slot: int, lease: int) -> bool:
+        """WRITING -> FREE (generation unchanged). Logged no-op in any other state."""
+        return self._finalise("abort", slot, lease, WRITING, FREE)
 
     def claim_ready(self, slot: int | None = None, generation: int | None = None):
         """READY -> READING. With ``slot`` None: the oldest READY payload, or None.
@@ -258,36 +269,11 @@ class SlotTable:
 
     def ack(self, slot: int, lease: int) -> bool:
         """READING -> FREE (consumed). Logged no-op in any other state."""
-        self._lock()
-        try:
-            if self.state[slot] != READING or self.lease[slot] != lease:
-                log.warning("ack of slot %d ignored: state %s, lease %d (ours %d)",
-                            slot, SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
-                return False
-            self.state[slot] = FREE
-            self.header["consumed"] += 1
-            self._drop_ownership(slot)
-            self._bump(self._free_word)
-        finally:
-            self._unlock()
-        self._wake_free()
-        return True
+        return self._finalise("ack", slot, lease, READING, FREE)
 
     def nack(self, slot: int, lease: int) -> bool:
         """READING -> READY (payload kept, publish order kept). No-op otherwise."""
-        self._lock()
-        try:
-            if self.state[slot] != READING or self.lease[slot] != lease:
-                log.warning("nack of slot %d ignored: state %s, lease %d (ours %d)",
-                            slot, SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
-                return False
-            self.state[slot] = READY
-            self._drop_ownership(slot)
-            self._bump(self._ready_word)
-        finally:
-            self._unlock()
-        self._wake_ready()
-        return True
+        return self._finalise("nack", slot, lease, READING, READY)
 
     # ----------------------------------------------------------- recovery --
     def owner_alive(self, slot: int) -> bool:

@@ -131,13 +131,13 @@ def _client_worker(kind: str, conn, args: dict, refq) -> None:
         engine.acquire(args["progress_mode"])
         import ucxx
 
-        state["ep"] = engine.run(ucxx.create_endpoint("127.0.0.1", args["raw_port"]), 30)
+        state["ep"] = engine.run(ucxx.create_endpoint("127.0.0.1", args["port"]), 30)
     elif kind == "zmq":
         import zmq
 
         ctx = zmq.Context()
         s = ctx.socket(zmq.REQ)
-        s.connect(f"tcp://127.0.0.1:{args['zmq_port']}")
+        s.connect(f"tcp://127.0.0.1:{args['port']}")
         state["sock"] = s
     conn.send("ready")
     while True:
@@ -461,54 +461,16 @@ def run_bench(a) -> dict:
                 pc.send(("exit",))
             sconn.send(("exit",))
             _recv(sconn, 30, "server")
-        # ---------------- raw ucxx
-        if "raw-ucxx" in baselines:
-            # the server always sends from host memory, as ours does from the shared-memory ring
-            rp, rconn = _spawn(ctx, _raw_server_worker, a.progress_mode, max_size)
-            procs.append(rp)
-            port = _recv(rconn, 60, "raw-ucxx server")
-            clients = [_spawn_client(ctx, "raw-ucxx", {"progress_mode": a.progress_mode, "raw_port": port,
-                                                       "device": a.device}, None) for _ in range(a.clients)]
-            procs += [p for p, _ in clients]
-            for _, c in clients:
-                _recv(c, 60, "raw-ucxx client")
-            for size in sizes:
-                rows.append(_phase("raw-ucxx", size, clients, duration, warmup, {"server": [rp.pid]}))
-                progress.update(1)
-            for _, c in clients:
-                c.send(("exit",))
-                _recv(c, 30, "raw-ucxx client")
-            rconn.send(("exit",))
-            _recv(rconn, 30, "raw-ucxx server")
-        # ---------------- zmq
+        # baselines: same sizes, same number of client processes
+        if "raw-ucxx" in baselines:  # the server sends from host memory, as ours does from the ring
+            _run_baseline(ctx, procs, progress, rows, "raw-ucxx", sizes, duration, warmup, a.clients,
+                          (_raw_server_worker, a.progress_mode, max_size),
+                          {"progress_mode": a.progress_mode, "device": a.device})
         if "zmq" in baselines:
-            zp, zconn = _spawn(ctx, _zmq_server_worker, max_size)
-            procs.append(zp)
-            port = _recv(zconn, 60, "zmq server")
-            clients = [_spawn_client(ctx, "zmq", {"zmq_port": port}, None) for _ in range(a.clients)]
-            procs += [p for p, _ in clients]
-            for _, c in clients:
-                _recv(c, 60, "zmq client")
-            for size in sizes:
-                rows.append(_phase("zmq", size, clients, duration, warmup, {"server": [zp.pid]}))
-                progress.update(1)
-            for _, c in clients:
-                c.send(("exit",))
-                _recv(c, 30, "zmq client")
-            zconn.send(("exit",))
-            _recv(zconn, 30, "zmq server")
-        # ---------------- memcpy
+            _run_baseline(ctx, procs, progress, rows, "zmq", sizes, duration, warmup, a.clients,
+                          (_zmq_server_worker, max_size), {})
         if "memcpy" in baselines:
-            clients = [_spawn_client(ctx, "memcpy", {}, None) for _ in range(a.clients)]
-            procs += [p for p, _ in clients]
-            for _, c in clients:
-                _recv(c, 60, "memcpy")
-            for size in sizes:
-                rows.append(_phase("memcpy", size, clients, duration, warmup))
-                progress.update(1)
-            for _, c in clients:
-                c.send(("exit",))
-                _recv(c, 30, "memcpy")
+            _run_baseline(ctx, procs, progress, rows, "memcpy", sizes, duration, warmup, a.clients, None, {})
         progress.close()
     finally:
         for p in procs:
@@ -523,6 +485,29 @@ def run_bench(a) -> dict:
                        "clients": a.clients, "ports": a.ports, "modes": modes, "device": a.device,
                        "progress_mode": a.progress_mode, "baselines": baselines},
             "notes": notes, "results": rows, "ratios": _ratios(rows)}
+
+
+def _run_baseline(ctx, procs, progress, rows, kind, sizes, duration, warmup, n_clients, server, client_args):
+    """Spawn the baseline's server (``(target, *args)`` or None) and clients; measure every size."""
+    sp = sconn = None
+    cargs = dict(client_args)
+    if server is not None:
+        sp, sconn = _spawn(ctx, *server)
+        procs.append(sp)
+        cargs["port"] = _recv(sconn, 60, f"{kind} server")
+    clients = [_spawn_client(ctx, kind, cargs, None) for _ in range(n_clients)]
+    procs += [p for p, _ in clients]
+    for _, c in clients:
+        _recv(c, 60, f"{kind} client")
+    for size in sizes:
+        rows.append(_phase(kind, size, clients, duration, warmup, {"server": [sp.pid]} if sp else None))
+        progress.update(1)
+    for _, c in clients:
+        c.send(("exit",))
+        _recv(c, 30, f"{kind} client")
+    if sconn is not None:
+        sconn.send(("exit",))
+        _recv(sconn, 30, f"{kind} server")
 
 
 def _drain(refq, ring) -> None:
