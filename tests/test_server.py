@@ -358,3 +358,61 @@ def test_doctor_reports_and_exits_zero():
     rep = json.loads(out.stdout)
     assert rep["ucx_version"] and "tcp" in rep["transports"] and rep["dev_shm"]["total"] > 0
     assert rep["progress_mode"] == "adaptive" and rep["problems"] == []
+
+
+CLIENT_THAT_FREEZES = r"""
+import os, signal, sys
+from tests.rawucx import RawConn
+from ucxx_transport.protocol import Op, Request
+c = RawConn("127.0.0.1", int(sys.argv[1]))
+c.send(Request(Op.GET, 1, int(sys.argv[2]), int(sys.argv[3]), text=sys.argv[4]))
+r = c.recv_response()
+c.recv_bytes(r.nbytes)
+print("received", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)   # frozen: UCX never notices; only the ACK deadline does
+"""
+
+
+def test_frozen_client_ack_deadline_returns_payload(make_ring, ring_name, serve):
+    ring = make_ring(slots=2)
+    srv = serve(ring_name, "--ack-timeout-s", "1")
+    ref = ring.put({"x": np.arange(10)})
+    p = subprocess.Popen([sys.executable, "-c", CLIENT_THAT_FREEZES, str(srv.ports[0]), str(ref.slot),
+                          str(ref.generation), ring_name], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        assert p.stdout.readline().strip() == "received"
+        t0 = time.monotonic()
+        assert ring.wait_ready(10) or ring.wait_ready(10)  # woken by the server's NACK after the deadline
+        assert 0.5 < time.monotonic() - t0 < 8
+        with RawConn("127.0.0.1", srv.ports[1]) as c:
+            resp, data = get(c, ref, 1)
+            assert resp.status == Status.OK
+            st = c.request(Request(Op.STATS, 2))
+            import json
+
+            m = json.loads(c.recv_bytes(st.nbytes).tobytes())["metrics"]
+        assert m["ack_timeouts"] == 1
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+def test_idle_endpoint_evicted(make_ring, ring_name, serve):
+    import json
+
+    make_ring()
+    srv = serve(ring_name, "--idle-timeout-s", "0.5")
+    idle = RawConn("127.0.0.1", srv.ports[0])
+    try:
+        assert idle.request(Request(Op.PING, 1)).status == Status.OK
+        evicted = False
+        deadline = time.monotonic() + 10
+        while not evicted and time.monotonic() < deadline:
+            with RawConn("127.0.0.1", srv.ports[1]) as c:
+                st = c.request(Request(Op.STATS, 1))
+                evicted = json.loads(c.recv_bytes(st.nbytes).tobytes())["metrics"]["evictions"] >= 1
+            if not evicted:
+                time.sleep(0.2)
+        assert evicted
+    finally:
+        idle.close()
