@@ -235,6 +235,7 @@ class RingBuffer:
         if self._closed:
             return
         self._closed = True
+        self._table.forget_ownerships()
         self._table = None
         self._hdr = None
         self._u8 = None
@@ -652,6 +653,10 @@ class SlotLease:
         if self._done:
             return False
         self._done = True
+        if self._ring._closed:
+            log.warning("ack of slot %d after its ring handle was closed: the slot is recovered to READY "
+                        "(not consumed) when this process exits", self.slot)
+            return False
         return self._ring._table.ack(self.slot, self._lease)
 
     def nack(self) -> bool:

@@ -54,7 +54,7 @@ FREE, WRITING, READY, READING = (int(s) for s in SlotState)
 # (st_dev, st_ino, slot) -> lease.  Used to judge slots whose recorded owner
 # pid is our own (an OFD lock does not conflict with its own description).
 # Single dict operations are atomic under the GIL.
-_OWNED: dict[tuple[int, int, int], int] = {}
+_OWNED: dict[tuple[int, int, int], tuple[int, int]] = {}  # -> (lease, id of the SlotTable)
 _U64_MAX = np.uint64(2**64 - 1)
 
 
@@ -121,8 +121,15 @@ class SlotTable:
         self.lease[slot] = lease
         self.owner[slot] = self._pid
         self.claimed_ns[slot] = time.time_ns()
-        _OWNED[(*self._ident, slot)] = lease
+        _OWNED[(*self._ident, slot)] = (lease, id(self))
         return lease
+
+    def forget_ownerships(self) -> None:
+        """This handle is closing (its OFD locks die with its file description):
+        slots it still holds become recoverable by this process too."""
+        me = id(self)
+        for key in [k for k, v in _OWNED.items() if v[1] == me]:
+            _OWNED.pop(key, None)
 
     def _drop_ownership(self, slot: int) -> None:
         self.owner[slot] = 0
@@ -279,7 +286,8 @@ class SlotTable:
     def owner_alive(self, slot: int) -> bool:
         """Is the process holding ``slot`` (WRITING/READING) still alive?"""
         if int(self.owner[slot]) == os.getpid():
-            return _OWNED.get((*self._ident, slot)) == int(self.lease[slot])
+            entry = _OWNED.get((*self._ident, slot))
+            return entry is not None and entry[0] == int(self.lease[slot])
         return _sync.lock_held_elsewhere(self._fd, LOCK_OWNER_BASE + slot)
 
     def recover(self) -> int:

@@ -340,3 +340,15 @@ class RingModel(RuleBasedStateMachine):
 
 RingModel.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 test_ring_state_machine = RingModel.TestCase
+
+
+def test_finalise_after_close_is_a_logged_noop(make_ring, ring_name, caplog):
+    r = make_ring(slots=2)
+    ref = r.put(b"x")
+    other = RingBuffer.attach(ring_name)
+    lease = other.claim(ref)
+    other.close()
+    assert lease.ack() is False and "after its ring handle was closed" in caplog.text
+    assert r.state_counts()["READING"] == 1
+    # the closed handle's ownership lock is gone with its file description: recoverable
+    assert r.recover() == 1 and r.ready_count() == 1
