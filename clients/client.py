@@ -23,12 +23,11 @@ import asyncio
 import collections
 import itertools
 import logging
-import os
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -55,12 +54,10 @@ from .buffers import BufferPool
 from .errors import (
     AuthError,
     CallTimeoutError,
-    ConnectionLostError,
     CorruptPayloadError,
     PayloadTooLargeError,
     ServerBusyError,
     StaleSlotError,
-    TransientTransportError,
     TransportError,
     classify,
     status_error,

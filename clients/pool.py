@@ -25,6 +25,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from ucxx_transport import engine
+
 log = logging.getLogger("clients.pool")
 
 
@@ -40,8 +42,8 @@ class PooledEndpoint:
     def abort(self) -> None:
         try:
             engine.abort(self.ep)
-        except Exception as exc:  # pragma: no cover
-            log.debug("abort: %s", exc)
+        except Exception as exc:  # an endpoint that already failed may refuse; never fatal
+            log.debug("abort %s:%d: %r", self.host, self.port, exc)
 
 
 class EndpointPool:

@@ -46,7 +46,7 @@ from .layout import (
 )
 from .payload import Payload
 from .ref import SlotRef
-from .state import READING, READY, WRITING, SlotState, SlotTable
+from .state import READY, SlotState, SlotTable
 
 log = logging.getLogger("shm.ring")
 

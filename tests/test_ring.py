@@ -76,7 +76,7 @@ def test_lease_context_manager_acks_or_nacks(make_ring):
     r = make_ring()
     ref = r.put({"x": np.ones(2)})
     with pytest.raises(KeyError):
-        with r.claim(ref) as lease:
+        with r.claim(ref):
             raise KeyError("trainer bug")
     assert r.ready_count() == 1  # nacked: nothing lost
     with r.claim(ref):
@@ -174,7 +174,7 @@ def test_on_full_error(make_ring):
 def test_on_full_drop_oldest(make_ring):
     r = make_ring(slots=2, on_full="drop_oldest")
     a = r.put(b"a")
-    b = r.put(b"b")
+    r.put(b"b")
     c = r.put(b"c")
     assert r.stats()["drops"] == 1
     with pytest.raises(shm.StaleSlotError):

@@ -1,7 +1,6 @@
 """Real processes (spawn), real shared memory, real SIGKILL."""
 
 import os
-import random
 import signal
 import time
 
@@ -13,20 +12,6 @@ from shm import RingBuffer
 from tests import helpers
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def _drain_and_check(ring):
-    """Claim everything READY; every payload must match its checksum."""
-    n = 0
-    while True:
-        try:
-            lease = ring.claim(timeout=0)
-        except shm.RingEmptyError:
-            return n
-        with lease:
-            p = lease.payload
-            assert helpers.checksum(p) == p.meta["crc"], "corrupt payload"
-            n += 1
 
 
 def test_4_producers_2_consumers_exactly_once(make_ring, ring_name, spawn):
@@ -66,23 +51,7 @@ def test_4_producers_2_consumers_exactly_once(make_ring, ring_name, spawn):
 
 def test_sigkill_writer_at_random_points(make_ring, ring_name, spawn):
     ring = make_ring(slots=8, slot_bytes=1 << 20)
-    rnd = random.Random(1234)
-    for trial in range(12):
-        ready = spawn.Event()
-        p = spawn.Process(target=helpers.slow_writer, args=(ring_name, 1 << 19, ready))
-        p.start()
-        assert ready.wait(30)
-        time.sleep(rnd.uniform(0.0, 0.05))
-        os.kill(p.pid, signal.SIGKILL)
-        p.join(10)
-        before = ring.stats()
-        ring.recover()
-        counts = ring.state_counts()
-        assert counts["WRITING"] == 0 and counts["READING"] == 0, f"trial {trial}: leaked {counts}"
-        # nothing published is lost, nothing half-written is visible
-        assert counts["READY"] == before["published"] - before["consumed"]
-        _drain_and_check(ring)
-        assert ring.state_counts()["FREE"] == ring.slots
+    helpers.sigkill_writer_trials(ring, ring_name, spawn, trials=12, seed=1234)
 
 
 def test_sigkill_writer_recovered_automatically_by_blocked_writer(make_ring, ring_name, spawn):

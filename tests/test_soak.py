@@ -1,14 +1,10 @@
 """Longer fault/soak suites (marker `soak`; .ci/run runs them with a time bound)."""
 
-import os
 import random
-import signal
-import time
 
 import numpy as np
 import pytest
 
-import shm
 from clients import TransportClient
 from tests import helpers
 
@@ -56,22 +52,4 @@ def test_soak_server_killed_repeatedly_nothing_lost(make_ring, ring_name, serve)
 
 def test_soak_writer_kills_many_trials(make_ring, ring_name, spawn):
     ring = make_ring(slots=8, slot_bytes=1 << 20)
-    for trial in range(40):
-        ready = spawn.Event()
-        p = spawn.Process(target=helpers.slow_writer, args=(ring_name, 1 << 19, ready))
-        p.start()
-        assert ready.wait(30)
-        time.sleep(random.uniform(0, 0.03))
-        os.kill(p.pid, signal.SIGKILL)
-        p.join(10)
-        ring.recover()
-        c = ring.state_counts()
-        assert c["WRITING"] == 0 and c["READING"] == 0
-        while True:
-            try:
-                lease = ring.claim(timeout=0)
-            except shm.RingEmptyError:
-                break
-            with lease:
-                assert helpers.checksum(lease.payload) == lease.payload.meta["crc"]
-    assert helpers.wait_until(lambda: helpers.all_free(ring)), ring.state_counts()  # ACKs are fire-and-forget
+    helpers.sigkill_writer_trials(ring, ring_name, spawn, trials=40, seed=99, max_delay=0.03)
