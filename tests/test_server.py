@@ -416,3 +416,12 @@ def test_idle_endpoint_evicted(make_ring, ring_name, serve):
         assert evicted
     finally:
         idle.close()
+
+
+def test_second_server_on_same_ring_is_refused_clearly(make_ring, ring_name, serve):
+    make_ring()
+    serve(ring_name)
+    out = subprocess.run([sys.executable, "-m", "ucxx_transport", "serve", "--ring", ring_name, "--host",
+                          "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "already served by a live process" in out.stderr
+    assert "Traceback" not in out.stderr

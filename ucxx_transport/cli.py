@@ -201,12 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import shm
+
     parser = build_parser()
     a = parser.parse_args(argv)
     _setup_logging(a.log_level)
     try:
         return int(a.func(a) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ImportError) as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ImportError, OSError,
+            shm.RingError) as exc:
         print(f"ucxx-transport {a.cmd}: error: {exc}", file=sys.stderr)
         return 2
 
