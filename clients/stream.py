@@ -7,14 +7,18 @@ Shutdown is symmetric and hang-free:
   queued are released, and ``close()`` returns once the fetcher thread ended;
 * the source ends (an iterable is exhausted, or a ``queue.Queue`` source
   yields ``None``) -> the consumer drains the tail, then ``StopIteration``;
-* the source or a fetch raises -> the stream closes and the error re-raises
-  in the consumer at the point it would have got the next payload.
+* the source or a fetch raises -> no new fetch starts; the payloads already
+  being fetched are delivered (they are consumed on the server, so dropping
+  them would lose them), then the first error re-raises in the consumer.
 
 No thread outlives ``close()`` (bounded by the client's own call deadlines).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -34,7 +38,8 @@ class FetchStream:
     """Payloads from ``refs`` (an iterable of SlotRef, or a ``queue.Queue`` of
     them ending with ``None``) or, with ``address``, from repeated TAKE
     long-polls (``take_n`` per request, ``wait`` seconds each) until closed.
-    At most ``depth`` fetched payloads wait for the consumer."""
+    Up to ``depth`` refs are fetched concurrently and at most ``depth`` fetched
+    payloads wait for the consumer; payloads come out in source order."""
 
     POLL_S = 0.1  # how often a blocked fetcher re-checks for close()
 
@@ -49,6 +54,7 @@ class FetchStream:
         self._address = address
         self._take_n = take_n
         self._wait = wait
+        self._depth = depth
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._done = False
@@ -79,7 +85,21 @@ class FetchStream:
         else:
             yield from src
 
+    def _submit(self, ref):
+        """Start fetching ``ref``: a concurrent.futures.Future of its payload."""
+        c = self._client
+        if c._local_ring(ref) is not None:  # same host: a synchronous shared-memory claim
+            fut = concurrent.futures.Future()
+            try:
+                fut.set_result(c.fetch(ref))
+            except BaseException as exc:
+                fut.set_exception(exc)
+            return fut
+        return asyncio.run_coroutine_threadsafe(c._fetch_ref(ref), c._ucx_loop())
+
     def _run(self):
+        pending: collections.deque = collections.deque()  # in-flight fetches, in source order
+        error: BaseException | None = None
         try:
             if self._address is not None:
                 while not self._stop.is_set():
@@ -87,17 +107,31 @@ class FetchStream:
                         if not self._put(p):
                             p.release()  # consumer left; payload was consumed: release its buffer
             else:
-                for ref in self._source():
-                    if self._stop.is_set():
-                        break
-                    p = self._client.fetch(ref)
-                    if not self._put(p):
-                        p.release()
-                        break
-        except BaseException as exc:  # source or fetch failed: hand it to the consumer
-            self._put(_Failure(exc))
-            return
-        self._put(_END)
+                budget = self._client._ref_budget() + 5.0
+                try:
+                    for ref in self._source():
+                        if self._stop.is_set():
+                            break
+                        pending.append(self._submit(ref))
+                        while len(pending) >= self._depth and not self._stop.is_set():
+                            self._put(pending.popleft().result(budget))
+                except BaseException as exc:  # the source, or the oldest fetch, failed
+                    error = exc
+                # the tail (or, after an error, every fetch already started: they are consumed on the
+                # server, so they are delivered, not dropped), in order; then the first error
+                while pending and not self._stop.is_set():
+                    try:
+                        self._put(pending.popleft().result(budget))
+                    except BaseException as exc:
+                        error = error or exc
+        except BaseException as exc:
+            error = error or exc
+        finally:
+            for fut in pending:  # only when the consumer left: release what it will never see
+                fut.cancel()
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    fut.result().release()
+        self._put(_Failure(error) if error is not None else _END)
 
     # ----------------------------------------------------------- consumer --
     def __iter__(self):
