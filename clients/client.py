@@ -571,7 +571,11 @@ class TransportClient:
                 log.info("GET %s: payload already delivered to this client (redelivery after a crash)", ref.key)
             self._stats["fetches"] += 1
             self._stats["bytes"] += payload.nbytes
-            self._latency.add(time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            self._latency.add(dt)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("fetched %s (%d bytes) in %.0f us, attempt %d", ref.key, payload.nbytes, dt * 1e6,
+                          attempt + 1)
             return payload
         assert last is not None
         raise last
