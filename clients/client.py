@@ -233,18 +233,10 @@ class TransportClient:
 
     # ------------------------------------------------------ sync / async ---
     def _run(self, coro_fn, *args, budget: float):
-        loop = self._ucx_loop()
+        self._ucx_loop()
         try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            raise RuntimeError("sync TransportClient method called on the UCX loop; use the a* twin")
-        fut = asyncio.run_coroutine_threadsafe(coro_fn(*args), loop)
-        try:
-            return fut.result(budget + 5.0)
+            return engine.run(coro_fn(*args), budget + 5.0)
         except TimeoutError:
-            fut.cancel()
             raise CallTimeoutError(f"no answer within {budget + 5.0:.1f} s") from None
 
     async def _arun(self, coro_fn, *args):

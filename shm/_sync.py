@@ -29,15 +29,13 @@ def flock_bytes(ltype: int, start: int, length: int = 1) -> bytes:
     return _FLOCK.pack(ltype, os.SEEK_SET, start, length, 0)
 
 
-_flock = flock_bytes
-
 
 def lock_acquire(fd: int, start: int, *, blocking: bool = True) -> bool:
     """Write-lock byte ``start`` of ``fd``'s open file description."""
     cmd = fcntl.F_OFD_SETLKW if blocking else fcntl.F_OFD_SETLK
     while True:
         try:
-            fcntl.fcntl(fd, cmd, _flock(fcntl.F_WRLCK, start))
+            fcntl.fcntl(fd, cmd, flock_bytes(fcntl.F_WRLCK, start))
             return True
         except InterruptedError:
             continue
@@ -48,12 +46,12 @@ def lock_acquire(fd: int, start: int, *, blocking: bool = True) -> bool:
 
 
 def lock_release(fd: int, start: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, start))
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock_bytes(fcntl.F_UNLCK, start))
 
 
 def lock_held_elsewhere(fd: int, start: int) -> bool:
     """True if another open file description holds a lock on byte ``start``."""
-    res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, start))
+    res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, flock_bytes(fcntl.F_WRLCK, start))
     return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
 
 

@@ -185,8 +185,8 @@ def test_token_required(make_ring, ring_name, serve, tmp_path):
         assert decode(data).raw.tobytes() == b"secret payload"
 
 
-CLIENT_THAT_DIES = r"""
-import sys, time, numpy as np
+CLIENT_NO_ACK = r"""
+import os, signal, sys, time
 from tests.rawucx import RawConn
 from ucxx_transport.protocol import Op, Request
 c = RawConn("127.0.0.1", int(sys.argv[1]))
@@ -194,17 +194,25 @@ c.send(Request(Op.GET, 1, int(sys.argv[2]), int(sys.argv[3]), text=sys.argv[4]))
 r = c.recv_response()
 c.recv_bytes(r.nbytes)
 print("received", flush=True)
-time.sleep(3600)   # never ACKs; the test kills us with SIGKILL
+if sys.argv[5] == "freeze":
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen: UCX never notices; only the ACK deadline does
+time.sleep(3600)  # never ACKs; the test kills us with SIGKILL
 """
+
+
+def start_client_without_ack(port, ref, ring_name, mode):
+    """A real client process that receives ``ref`` and never ACKs ("sleep" or "freeze")."""
+    p = subprocess.Popen([sys.executable, "-c", CLIENT_NO_ACK, str(port), str(ref.slot), str(ref.generation),
+                          ring_name, mode], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    assert p.stdout.readline().strip() == "received"
+    return p
 
 
 def test_client_killed_before_ack_payload_ready_again(make_ring, ring_name, serve):
     ring = make_ring(slots=2)
     srv = serve(ring_name, "--ack-timeout-s", "1")
     ref = ring.put({"x": np.arange(10)})
-    p = subprocess.Popen([sys.executable, "-c", CLIENT_THAT_DIES, str(srv.ports[0]), str(ref.slot),
-                          str(ref.generation), ring_name], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
-    assert p.stdout.readline().strip() == "received"
+    p = start_client_without_ack(srv.ports[0], ref, ring_name, "sleep")
     assert ring.state_counts()["READING"] == 1
     os.kill(p.pid, signal.SIGKILL)
     p.wait(10)
@@ -360,27 +368,12 @@ def test_doctor_reports_and_exits_zero():
     assert rep["progress_mode"] == "adaptive" and rep["problems"] == []
 
 
-CLIENT_THAT_FREEZES = r"""
-import os, signal, sys
-from tests.rawucx import RawConn
-from ucxx_transport.protocol import Op, Request
-c = RawConn("127.0.0.1", int(sys.argv[1]))
-c.send(Request(Op.GET, 1, int(sys.argv[2]), int(sys.argv[3]), text=sys.argv[4]))
-r = c.recv_response()
-c.recv_bytes(r.nbytes)
-print("received", flush=True)
-os.kill(os.getpid(), signal.SIGSTOP)   # frozen: UCX never notices; only the ACK deadline does
-"""
-
-
 def test_frozen_client_ack_deadline_returns_payload(make_ring, ring_name, serve):
     ring = make_ring(slots=2)
     srv = serve(ring_name, "--ack-timeout-s", "1")
     ref = ring.put({"x": np.arange(10)})
-    p = subprocess.Popen([sys.executable, "-c", CLIENT_THAT_FREEZES, str(srv.ports[0]), str(ref.slot),
-                          str(ref.generation), ring_name], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    p = start_client_without_ack(srv.ports[0], ref, ring_name, "freeze")
     try:
-        assert p.stdout.readline().strip() == "received"
         t0 = time.monotonic()
         assert ring.wait_ready(10) or ring.wait_ready(10)  # woken by the server's NACK after the deadline
         assert 0.5 < time.monotonic() - t0 < 8

@@ -280,17 +280,28 @@ def release(timeout: float = 5.0) -> None:
 
 
 def run(coro, timeout: float | None = None):
-    """Run ``coro`` on the UCX loop from a plain thread; returns its result."""
+    """Run ``coro`` on the UCX loop from a plain thread; returns its result.
+
+    On ``timeout`` the coroutine is cancelled (nothing keeps running behind the
+    caller's back) and ``TimeoutError`` is raised.
+    """
     loop = _loop_state["loop"]
     if loop is None:
+        coro.close()
         raise RuntimeError("the UCX loop is not running (engine.acquire() first)")
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
         running = None
     if running is loop:
+        coro.close()
         raise RuntimeError("sync call made from the UCX loop thread itself; use the async method")
-    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+    fut = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return fut.result(timeout)
+    except TimeoutError:
+        fut.cancel()
+        raise
 
 
 class AdaptiveProgress:
@@ -313,7 +324,6 @@ class AdaptiveProgress:
         self._wake: asyncio.Future | None = None
         self._last_active = time.monotonic()
         self.sleeps = 0
-        self.arm_busy = 0
         self.max_call_s = 0.0  # longest single worker progress call (diagnostics)
         # [request, future, keepalive, abandoned_at]: buffers stay referenced until
         # UCX is done with them, even if the awaiting task was cancelled
@@ -401,7 +411,6 @@ class AdaptiveProgress:
                 await sleep0(0)
                 continue
             if not w.arm():  # events pending: keep progressing
-                self.arm_busy += 1
                 await sleep0(0)
                 continue
             self._wake = fut = loop.create_future()

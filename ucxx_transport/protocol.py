@@ -102,6 +102,26 @@ def _crc(buf, n: int) -> int:
     return zlib.crc32(memoryview(buf)[:n])
 
 
+def _seal(out, layout: struct.Struct) -> None:
+    """Write the CRC-32 of everything before the header's last 4 bytes into them."""
+    struct.pack_into("<I", out, layout.size - 4, _crc(out, layout.size - 4))
+
+
+def _unseal(buf, layout: struct.Struct, magic: bytes, what: str) -> tuple:
+    """Check size, magic, version and CRC of a header; return its unpacked fields."""
+    mv = memoryview(buf).cast("B")
+    if len(mv) != layout.size:
+        raise ProtocolError(f"{what} is {len(mv)} bytes, expected {layout.size}")
+    fields = layout.unpack(mv)
+    if fields[0] != magic:
+        raise ProtocolError(f"bad {what} magic {fields[0]!r} (expected {magic!r}: a ucxx-transport peer?)")
+    if fields[1] != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what} has protocol version {fields[1]}; this side speaks {PROTOCOL_VERSION}")
+    if fields[-1] != _crc(mv, layout.size - 4):
+        raise ProtocolError(f"{what} checksum mismatch (truncated or corrupt message)")
+    return fields
+
+
 def encode_request(req: Request) -> bytearray:
     text = req.text.encode("utf-8")
     if len(text) > MAX_TEXT:
@@ -109,22 +129,14 @@ def encode_request(req: Request) -> bytearray:
     out = bytearray(REQUEST.size)
     REQUEST.pack_into(out, 0, REQUEST_MAGIC, PROTOCOL_VERSION, int(req.op), req.flags, req.request_id,
                       req.generation, req.max_nbytes, req.slot, req.n, req.wait_ms, len(text), text, 0)
-    struct.pack_into("<I", out, REQUEST.size - 4, _crc(out, REQUEST.size - 4))
+    _seal(out, REQUEST)
     return out
 
 
 def decode_request(buf) -> Request:
     """Parse a request; raises :class:`ProtocolError` (status BAD_REQUEST)."""
-    mv = memoryview(buf).cast("B")
-    if len(mv) != REQUEST.size:
-        raise ProtocolError(f"request is {len(mv)} bytes, expected {REQUEST.size}")
-    (magic, version, op, flags, rid, gen, max_nbytes, slot, n, wait_ms, text_len, text, crc) = REQUEST.unpack(mv)
-    if magic != REQUEST_MAGIC:
-        raise ProtocolError(f"bad request magic {magic!r}")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version} not supported (server speaks {PROTOCOL_VERSION})")
-    if crc != _crc(mv, REQUEST.size - 4):
-        raise ProtocolError("request checksum mismatch (truncated or corrupt message)")
+    (_, _, op, flags, rid, gen, max_nbytes, slot, n, wait_ms, text_len, text, _) = \
+        _unseal(buf, REQUEST, REQUEST_MAGIC, "request")
     try:
         op = Op(op)
     except ValueError:
@@ -143,22 +155,14 @@ def encode_response(resp: Response, out: bytearray | None = None) -> bytearray:
     out = out if out is not None else bytearray(RESPONSE.size)
     RESPONSE.pack_into(out, 0, RESPONSE_MAGIC, PROTOCOL_VERSION, int(resp.status), resp.flags, resp.request_id,
                        resp.generation, resp.nbytes, resp.slot, resp.index, resp.count, len(msg), msg, 0)
-    struct.pack_into("<I", out, RESPONSE.size - 4, _crc(out, RESPONSE.size - 4))
+    _seal(out, RESPONSE)
     return out
 
 
 def decode_response(buf) -> Response:
     """Parse a response header; raises :class:`ProtocolError` on anything odd."""
-    mv = memoryview(buf).cast("B")
-    if len(mv) != RESPONSE.size:
-        raise ProtocolError(f"response is {len(mv)} bytes, expected {RESPONSE.size}")
-    (magic, version, status, flags, rid, gen, nbytes, slot, index, count, msg_len, msg, crc) = RESPONSE.unpack(mv)
-    if magic != RESPONSE_MAGIC:
-        raise ProtocolError(f"bad response magic {magic!r} (is this a ucxx-transport server?)")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"server speaks protocol version {version}, this client {PROTOCOL_VERSION}")
-    if crc != _crc(mv, RESPONSE.size - 4):
-        raise ProtocolError("response checksum mismatch (truncated or corrupt message)")
+    (_, _, status, flags, rid, gen, nbytes, slot, index, count, msg_len, msg, _) = \
+        _unseal(buf, RESPONSE, RESPONSE_MAGIC, "response")
     try:
         status = Status(status)
     except ValueError:
