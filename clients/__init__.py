@@ -2,11 +2,14 @@
 
 from .client import FetchResult, TransportClient
 from .errors import (
+    AlreadyDeliveredError,
     AuthError,
     BadRequestError,
     CallTimeoutError,
     ConnectionLostError,
     CorruptPayloadError,
+    InvalidRefError,
+    NoAddressError,
     PayloadTooLargeError,
     ServerBusyError,
     StaleSlotError,
@@ -20,5 +23,5 @@ __all__ = [
     "TransportClient", "FetchResult", "FetchStream", "UCXXDataPackerMixin", "PrefetchHandle",
     "TransportError", "StaleSlotError", "AuthError", "BadRequestError", "PayloadTooLargeError",
     "TransientTransportError", "ConnectionLostError", "CallTimeoutError", "ServerBusyError",
-    "CorruptPayloadError",
+    "CorruptPayloadError", "AlreadyDeliveredError", "InvalidRefError", "NoAddressError",
 ]

@@ -14,7 +14,8 @@ sync methods block the calling thread with a deadline; async methods await
 it from any other loop, which therefore never runs UCX work itself.
 
 A payload is acknowledged only after it was received whole and its frame
-validated; a payload seen before (same ring, slot, generation) is dropped.
+validated; a payload seen before (same ring id, slot, generation) is ACKed and
+dropped, never returned twice.
 """
 
 from __future__ import annotations
@@ -45,16 +46,21 @@ from ucxx_transport.protocol import (
     ProtocolError,
     Request,
     Status,
+    FLAG_UNDECODABLE,
     decode_response,
     encode_request,
-    ring_identity,
+    ring_id_bytes,
+    ring_id_hex,
 )
 
 from .buffers import BufferPool
 from .errors import (
+    AlreadyDeliveredError,
     AuthError,
     CallTimeoutError,
     CorruptPayloadError,
+    InvalidRefError,
+    NoAddressError,
     PayloadTooLargeError,
     ServerBusyError,
     StaleSlotError,
@@ -70,6 +76,8 @@ log = logging.getLogger("clients.client")
 PORTS_PER_CALL = 2
 #: how long closing an endpoint waits to confirm its last ACK
 RETIRE_TIMEOUT_S = 2.0
+#: a ring name that did not attach locally is tried again after this long
+RING_RETRY_S = 5.0
 
 
 @dataclass
@@ -107,7 +115,7 @@ class _Timeout:
     (measured with ucxx 0.52), so the await is interrupted by cancellation.
     """
 
-    __slots__ = ("fired", "_h")
+    __slots__ = ("fired", "_h", "_loop", "_when", "_fire")
 
     def __init__(self, loop, seconds: float, pe: PooledEndpoint):
         self.fired = False
@@ -119,7 +127,16 @@ class _Timeout:
             if task is not None:
                 task.cancel()
 
-        self._h = loop.call_later(max(0.0, seconds), fire)
+        self._loop, self._fire = loop, fire
+        self._when = loop.time() + max(0.0, seconds)
+        self._h = loop.call_at(self._when, fire)
+
+    def extend(self, seconds: float) -> None:
+        """Push the deadline back (a TAKE learns each payload's size as it arrives)."""
+        if seconds > 0 and not self.fired:
+            self._h.cancel()
+            self._when += seconds
+            self._h = self._loop.call_at(self._when, self._fire)
 
     def cancel(self):
         self._h.cancel()
@@ -129,18 +146,25 @@ class TransportClient:
     """Trainer-side client. Every argument left as None reads its
     ``UCXX_TRANSPORT_*`` environment variable, else the documented default.
 
-    ``timeout``: deadline (s) of one network call; ``device``: ``"cpu"``
+    ``timeout``: deadline (s) of one network call, plus ``nbytes / min_rate``
+    for a payload transfer (slow links are slow, not impossible); ``device``: ``"cpu"``
     (numpy views) or ``"cuda"`` (cupy views, received straight into device
     memory); ``local_fast_path``: claim refs of rings on this host straight
     from shared memory (no network; the payload's views stay valid until it
-    is released, and releasing it consumes the slot).
+    is released, and releasing it consumes the slot). ``resolver``: optional
+    ``callable(ref) -> (host, ports) | None`` for refs without a usable address
+    (published while no server ran, or before a server restart on new ports);
+    the ring's own header is consulted first when the ring is on this host.
     """
 
     def __init__(self, *, token=None, timeout=None, max_attempts=None, max_rounds=None, quarantine_s=None,
                  endpoint_max_age_s=None, pool_size=None, max_inflight=None, device="cpu",
-                 local_fast_path=True, progress_mode=None, max_nbytes: int = 0, dedup_window: int = 100_000):
+                 local_fast_path=True, progress_mode=None, max_nbytes: int = 0, dedup_window: int = 100_000,
+                 min_rate=None, resolver=None):
         self.token = token.decode() if isinstance(token, bytes) else token
         self.timeout = resolve("timeout", timeout)
+        self.min_rate = resolve("min_rate", min_rate)
+        self._resolver = resolver
         self.max_attempts = resolve("max_attempts", max_attempts)
         self.max_rounds = resolve("max_rounds", max_rounds)
         self.max_inflight = resolve("max_inflight", max_inflight)
@@ -159,7 +183,8 @@ class TransportClient:
         self._ids = itertools.count(1)
         self._delivered: collections.OrderedDict = collections.OrderedDict()
         self._dedup_window = dedup_window
-        self._rings: dict[str, shm.RingBuffer | None] = {}
+        self._rings: dict[str, tuple[shm.RingBuffer | None, float]] = {}  # name -> (handle, attached at)
+        self._rings_lock = threading.Lock()
         self._local_addrs = _local_addresses()
         self._stats = collections.Counter()
         self._latency = Reservoir()
@@ -186,10 +211,7 @@ class TransportClient:
                 log.debug("closing pool: %r", exc)
             engine.release(timeout)
             self._loop = None
-        for ring in self._rings.values():
-            if ring is not None:
-                ring.close()
-        self._rings.clear()
+        self._rings.clear()  # handles close when no payload view uses them
         self._buffers.clear()
 
     async def _aclose_pool(self):
@@ -245,27 +267,56 @@ class TransportClient:
             return await coro_fn(*args)
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro_fn(*args), loop))
 
-    def _ref_budget(self) -> float:
-        return self.timeout * PORTS_PER_CALL * self.max_attempts + 0.5 * self.max_attempts
+    def _transfer_s(self, nbytes: int) -> float:
+        """Extra deadline for moving ``nbytes`` over the slowest expected link."""
+        return nbytes / self.min_rate
+
+    def _ref_budget(self, nbytes: int = 0) -> float:
+        return (self.timeout + self._transfer_s(nbytes)) * PORTS_PER_CALL * self.max_attempts \
+            + 0.5 * self.max_attempts
+
+    @staticmethod
+    def _checked(ref) -> shm.SlotRef:
+        """A valid SlotRef from ``ref`` (a SlotRef or its ``to_dict()``), checked
+        again here: a ref may have been built around its constructor."""
+        try:
+            if isinstance(ref, dict):
+                return shm.SlotRef.from_dict(ref)
+            if not isinstance(ref, shm.SlotRef):
+                raise InvalidRefError(f"expected a shm.SlotRef or its to_dict(), got {type(ref).__name__}: "
+                                      f"{ref!r:.200}")
+            ref.__post_init__()
+            return ref
+        except shm.InvalidRefError as exc:
+            if isinstance(exc, InvalidRefError):
+                raise
+            raise InvalidRefError(str(exc)) from None
 
     def fetch(self, ref: shm.SlotRef) -> shm.Payload:
         """Fetch one payload (local fast path when possible). Raises a
-        :class:`TransportError` subclass when every attempt failed."""
+        :class:`TransportError` subclass when every attempt failed
+        (:class:`InvalidRefError` for a malformed ref, before any I/O)."""
+        ref = self._checked(ref)
         local = self._fetch_local(ref)
         if local is not None:
             return local
-        return self._run(self._fetch_ref, ref, budget=self._ref_budget())
+        return self._run(self._fetch_ref, ref, budget=self._ref_budget(ref.nbytes))
 
     async def afetch(self, ref: shm.SlotRef) -> shm.Payload:
+        ref = self._checked(ref)
         local = self._fetch_local(ref)
         if local is not None:
             return local
         return await self._arun(self._fetch_ref, ref)
 
     def fetch_many(self, refs: Sequence[shm.SlotRef]) -> list[FetchResult]:
-        """Fetch a batch; one result per ref, in order (payload or error)."""
+        """Fetch a batch; one result per ref, in order (payload or error). Never
+        raises for one ref's sake: a malformed ref is its own result
+        (:class:`InvalidRefError`) and the rest of the batch is delivered."""
         refs = list(refs)
-        budget = self._ref_budget() * self.max_rounds * max(1, -(-len(refs) // self.max_inflight))
+        total = sum(getattr(r, "nbytes", 0) if isinstance(getattr(r, "nbytes", 0), int) else 0 for r in refs)
+        waves = max(1, -(-len(refs) // self.max_inflight))
+        budget = (self._ref_budget() * waves + self._transfer_s(min(total, 1 << 50))) * self.max_rounds
         return self._run(self._fetch_many, refs, budget=budget)
 
     async def afetch_many(self, refs: Sequence[shm.SlotRef]) -> list[FetchResult]:
@@ -275,7 +326,7 @@ class TransportClient:
         """The next ``n`` READY payloads of a server (publish order), waiting up
         to ``wait`` seconds for the first (long-poll). ``address``: (host, ports) or a ref."""
         host, ports = self._address(address)
-        return self._run(self._take, host, ports, n, wait, budget=self._ref_budget() + wait)
+        return self._run(self._take, host, ports, n, wait, budget=self._ref_budget() + wait + self._transfer_s(n << 24))
 
     async def atake(self, address, n: int = 1, wait: float = 0.0) -> list[shm.Payload]:
         host, ports = self._address(address)
@@ -308,13 +359,9 @@ class TransportClient:
 
         return FetchStream(self, refs, address=address, depth=depth, take_n=take_n, wait=wait)
 
-    @staticmethod
-    def _address(address) -> tuple[str, list[int]]:
+    def _address(self, address) -> tuple[str, list[int]]:
         if isinstance(address, shm.SlotRef):
-            if not address.host or not address.ports:
-                raise ValueError("this ref carries no server address (no server was running when it was "
-                                 "published); pass (host, ports)")
-            return address.host, list(address.ports)
+            return self._where(address)
         host, ports = address
         if isinstance(ports, int):
             ports = [ports]
@@ -322,16 +369,68 @@ class TransportClient:
 
     # -------------------------------------------------------- local path ---
     def _local_ring(self, ref: shm.SlotRef) -> shm.RingBuffer | None:
+        """The ring of ``ref`` for the local fast path, or None (use the network)."""
         if not self.local_fast_path or self.device != "cpu":
             return None
+        return self._ring_here(ref)
+
+    def _ring_here(self, ref: shm.SlotRef) -> shm.RingBuffer | None:
+        """This host's handle of the very ring ``ref`` names (same ring id), or None.
+
+        A cached handle whose segment was unlinked or replaced (a ring re-created
+        under the same name) is dropped and the name attached again; a name that
+        did not attach is tried again after RING_RETRY_S.
+        """
         if ref.host is not None and ref.host not in self._local_addrs:
             return None
-        if ref.ring not in self._rings:
-            try:
-                self._rings[ref.ring] = shm.RingBuffer.attach(ref.ring)
-            except (FileNotFoundError, shm.RingError, OSError, ValueError):
-                self._rings[ref.ring] = None
-        return self._rings[ref.ring]
+        with self._rings_lock:
+            ring, checked = self._rings.get(ref.ring, (None, -RING_RETRY_S))
+            now = time.monotonic()
+            if ring is not None and not ring.is_current():
+                log.info("ring %r was removed or re-created: dropping the cached handle", ref.ring)
+                ring = None  # closed by GC once no payload view uses it
+                checked = -RING_RETRY_S
+            if ring is None and now - checked >= RING_RETRY_S:
+                try:
+                    ring = shm.RingBuffer.attach(ref.ring)
+                except (FileNotFoundError, PermissionError, shm.RingError, OSError, ValueError) as exc:
+                    log.debug("ring %r not attachable here: %s", ref.ring, exc)
+                    ring = None
+                self._rings[ref.ring] = (ring, now)
+        if ring is None:
+            return None
+        if ref.ring_id is not None and ring.ring_id != ref.ring_id:
+            if ref.host is not None:  # this host's ring of that name is another ring now
+                raise StaleSlotError(f"ref {ref.key}: ring {ref.ring!r} on this host is now ring id "
+                                     f"{ring.ring_id} (removed and re-created): the payload is gone")
+            return None  # perhaps another host's ring of the same name
+        return ring
+
+    def _where(self, ref: shm.SlotRef) -> tuple[str, list[int]]:
+        """(host, ports) to ask for ``ref``: its own address, else the live server
+        recorded in the ring's header (ring on this host), else the resolver."""
+        if ref.host and ref.ports:
+            return ref.host, list(ref.ports)
+        found = self._resolve(ref)
+        if found is None:
+            raise NoAddressError(
+                f"ref {ref.key} carries no server address (published while no server ran) and no server is "
+                f"known for ring {ref.ring!r}: start one (`ucxx-transport serve --ring {ref.ring}`) or give "
+                f"TransportClient a resolver")
+        return found
+
+    def _resolve(self, ref: shm.SlotRef) -> tuple[str, list[int]] | None:
+        """The current server address of ref's ring, or None."""
+        ring = self._ring_here(ref)
+        addr = ring.server_address() if ring is not None else None
+        if addr is not None and addr[1]:
+            return addr[0], list(addr[1])
+        if self._resolver is not None:
+            found = self._resolver(ref)
+            if found:
+                host, ports = found
+                return host, [ports] if isinstance(ports, int) else list(ports)
+        return None
 
     def _fetch_local(self, ref: shm.SlotRef) -> shm.Payload | None:
         ring = self._local_ring(ref)
@@ -351,11 +450,16 @@ class TransportClient:
                 self._stats["retries"] += 1
         else:
             raise ServerBusyError(f"local claim of {ref.key}: {last}")
+        if ref.key in self._delivered:  # served again after a crash between our ACK and its apply
+            lease.ack()
+            self._stats["duplicates_dropped"] += 1
+            raise AlreadyDeliveredError(f"{ref.key} was already delivered to this client (ACKed again, dropped)")
         try:
             payload = decode(lease.buffer, owner=lease, on_release=lease.ack)
         except shm.FrameError as exc:
-            lease.nack()
+            lease.nack(undecodable=True)
             raise CorruptPayloadError(f"local frame of {ref.key}: {exc}") from exc
+        self._remember(ref.key)
         self._stats["local_fetches"] += 1
         self._stats["bytes"] += lease.nbytes
         self._latency.add(time.perf_counter() - t0)
@@ -393,7 +497,7 @@ class TransportClient:
 
     async def _request(self, pe: PooledEndpoint, req: Request):
         await engine.send(pe.ep, encode_request(req))
-        hdr = np.empty(RESPONSE.size, np.uint8)
+        hdr = np.zeros(RESPONSE.size, np.uint8)
         await engine.recv(pe.ep, hdr)
         pe.unconfirmed_ack = False  # the server answers in order: any earlier ACK was applied
         resp = decode_response(hdr)
@@ -413,7 +517,7 @@ class TransportClient:
         """Run ``body(pe)`` on a pooled endpoint under a deadline; recycle or discard it."""
         loop = asyncio.get_running_loop()
         pe = self._pool.checkout(host, port) or await self._connect(host, port, budget)
-        t = _Timeout(loop, budget, pe)
+        t = pe.timer = _Timeout(loop, budget, pe)
         healthy = False
         try:
             result, healthy = await body(pe)
@@ -430,6 +534,7 @@ class TransportClient:
             raise self._map(exc, t, where) from exc
         finally:
             t.cancel()
+            pe.timer = None
             if healthy and not t.fired:
                 self._pool.checkin(pe)
             else:
@@ -495,13 +600,15 @@ class TransportClient:
 
         async def body(pe):
             rid = next(self._ids)
-            await engine.send(pe.ep, encode_request(Request(
-                Op.GET, rid, ref.slot, ref.generation, max_nbytes=ref.nbytes if one else self.max_nbytes,
-                text=ref.ring, flags=FLAG_ONE_MESSAGE if one else 0)))
-            if one:
+            if one:  # allocate before asking: a buffer we cannot get fails this ref alone, nothing in flight
                 total = RESPONSE.size + ref.nbytes
                 base = self._buffers.get(total)
                 msg = base[:total]
+                msg[: RESPONSE.size] = 0  # a short answer must never leave an old header to be parsed
+            await engine.send(pe.ep, encode_request(Request(
+                Op.GET, rid, ref.slot, ref.generation, max_nbytes=ref.nbytes if one else self.max_nbytes,
+                text=ref.ring, flags=FLAG_ONE_MESSAGE if one else 0, ring_id=ring_id_bytes(ref.ring_id))))
+            if one:
                 await engine.recv(pe.ep, msg)
                 pe.unconfirmed_ack = False
                 head = msg[: RESPONSE.size]
@@ -514,7 +621,7 @@ class TransportClient:
                     raise _Answered(status_error(resp.status, resp.message, where))
                 view = msg[RESPONSE.size:]
             else:
-                hdr = np.empty(RESPONSE.size, np.uint8)
+                hdr = np.zeros(RESPONSE.size, np.uint8)
                 await engine.recv(pe.ep, hdr)
                 pe.unconfirmed_ack = False
                 resp = decode_response(hdr)
@@ -526,7 +633,8 @@ class TransportClient:
             try:
                 payload = self._make_payload(base, view, resp.nbytes, ref.nbytes or None, where)
             except CorruptPayloadError:
-                await engine.send(pe.ep, encode_request(Request(Op.NACK, rid)))
+                await engine.send(pe.ep, encode_request(Request(Op.NACK, rid, resp.slot, resp.generation,
+                                                                flags=FLAG_UNDECODABLE)))
                 raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (NACKed)"))
             await engine.send(pe.ep, encode_request(Request(Op.ACK, rid)))
             pe.unconfirmed_ack = True
@@ -535,14 +643,13 @@ class TransportClient:
         if self.max_nbytes and ref.nbytes > self.max_nbytes:
             raise PayloadTooLargeError(f"{where}: {ref.nbytes} bytes exceeds max_nbytes={self.max_nbytes}")
         try:
-            return await self._with_endpoint(host, port, self.timeout, body, where)
+            return await self._with_endpoint(host, port, self.timeout + self._transfer_s(ref.nbytes), body, where)
         except _Answered as a:  # the server answered: the endpoint is fine, the error is real
             raise a.error from None
 
     async def _fetch_ref(self, ref: shm.SlotRef) -> shm.Payload:
         """Layer 2: bounded retries of transient errors for one ref."""
-        if not ref.host or not ref.ports:
-            raise ValueError(f"ref {ref.key} has no server address and its ring is not attachable here")
+        host, ports = self._where(ref)
         t0 = time.perf_counter()
         last: TransportError | None = None
         for attempt in range(self.max_attempts):
@@ -550,17 +657,23 @@ class TransportClient:
                 self._stats["retries"] += 1
                 await asyncio.sleep(min(0.05 * attempt, 0.5))
             try:
-                payload = await self._call(ref.host, ref.ports, lambda h, p: self._get_once(ref, h, p),
-                                           f"GET {ref.key}")
+                payload = await self._call(host, ports, lambda h, p: self._get_once(ref, h, p), f"GET {ref.key}")
             except TransportError as exc:
                 if isinstance(exc, StaleSlotError):
                     self._stats["stale"] += 1
                 if not exc.retryable:
                     raise
                 last = exc
+                if exc.quarantine:  # the address may be stale (server restarted on other ports)
+                    found = self._resolve(ref)
+                    if found is not None and found != (host, ports):
+                        log.info("GET %s: server of ring %r moved to %s:%s", ref.key, ref.ring, *found)
+                        host, ports = found
                 continue
-            if not self._remember(_ring_key(ref)):
-                log.info("GET %s: payload already delivered to this client (redelivery after a crash)", ref.key)
+            if not self._remember(ref.key):
+                payload.release()  # ACKed (consumed) but never returned twice
+                raise AlreadyDeliveredError(f"GET {ref.key}: this client already returned this payload once "
+                                            f"(served again after a server crash); ACKed and dropped")
             self._stats["fetches"] += 1
             self._stats["bytes"] += payload.nbytes
             dt = time.perf_counter() - t0
@@ -581,13 +694,13 @@ class TransportClient:
 
         async def one(i):
             async with sem:
-                ref = refs[i]
                 try:
+                    ref = self._checked(refs[i])
                     local = await loop.run_in_executor(None, self._fetch_local, ref) \
                         if self._local_ring(ref) is not None else None
                     results[i].payload = local if local is not None else await self._fetch_ref(ref)
                     results[i].error = None
-                except (TransportError, ValueError) as exc:
+                except Exception as exc:  # noqa: BLE001 - any failure is this ref's result; siblings go on
                     results[i].error = exc.with_traceback(None)  # keep no frames (and endpoints) alive
 
         for rnd in range(self.max_rounds):
@@ -610,9 +723,10 @@ class TransportClient:
             rid = next(self._ids)
             await engine.send(pe.ep, encode_request(Request(Op.TAKE, rid, n=n, wait_ms=int(wait * 1000),
                                                     max_nbytes=self.max_nbytes)))
-            out, corrupt = [], False
+            out, corrupt = [], None
             hdr = np.empty(RESPONSE.size, np.uint8)
             while True:
+                hdr[:] = 0  # a short message must never leave the previous header to be parsed again
                 await engine.recv(pe.ep, hdr)
                 pe.unconfirmed_ack = False
                 resp = decode_response(hdr)
@@ -622,16 +736,21 @@ class TransportClient:
                     return [], True
                 if resp.status != Status.OK:
                     raise _Answered(status_error(resp.status, resp.message, where))
+                if self.max_nbytes and resp.nbytes > self.max_nbytes:
+                    raise ProtocolError(f"server sent {resp.nbytes} bytes, above max_nbytes={self.max_nbytes}")
+                pe.timer.extend(self._transfer_s(resp.nbytes))
                 base, view = await self._recv_payload(pe, resp.nbytes)
                 try:
                     p = self._make_payload(base, view, resp.nbytes, None, where)
-                    out.append(((resp.message, resp.slot, resp.generation), p))
+                    out.append(((ring_id_hex(resp.ring_id) or resp.message, resp.slot, resp.generation), p))
                 except CorruptPayloadError:
-                    corrupt = True
+                    corrupt = corrupt or resp
                 if not resp.flags & FLAG_MORE:
                     break
-            if corrupt:
-                await engine.send(pe.ep, encode_request(Request(Op.NACK, rid)))
+            if corrupt is not None:
+                # the whole batch goes back; only the undecodable one counts towards dead-lettering
+                await engine.send(pe.ep, encode_request(Request(Op.NACK, rid, corrupt.slot, corrupt.generation,
+                                                                flags=FLAG_UNDECODABLE)))
                 for _, p in out:
                     p.release()
                 raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (batch NACKed)"))
@@ -697,10 +816,6 @@ class TransportClient:
             return await self._with_endpoint(h, p, self.timeout, body, f"PING {h}:{p}")
 
         return await self._call(host, ports, once, "PING")
-
-
-def _ring_key(ref: shm.SlotRef) -> tuple:
-    return (ring_identity(ref.ring), ref.slot, ref.generation)
 
 
 def _uncancel() -> None:

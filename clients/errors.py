@@ -4,6 +4,9 @@
 
     TransportError
     |-- StaleSlotError (also shm.StaleSlotError)   final: the payload is gone
+    |   `-- AlreadyDeliveredError                   final: this client already returned it once
+    |-- InvalidRefError (also shm.InvalidRefError)  final: the ref is malformed
+    |-- NoAddressError                              final: no server address for the ref's ring
     |-- AuthError                                   final: token missing/wrong
     |-- BadRequestError                             final: the server rejected the request
     |-- PayloadTooLargeError                        final: exceeds the client's limit
@@ -34,6 +37,20 @@ class TransportError(Exception):
 
 class StaleSlotError(TransportError, shm.StaleSlotError):
     """The ref's (slot, generation) was consumed or dropped. Never retried."""
+
+
+class AlreadyDeliveredError(StaleSlotError):
+    """This client already returned this payload once (a server that died between
+    our ACK and applying it served it again); the repeat was ACKed and dropped."""
+
+
+class InvalidRefError(TransportError, shm.InvalidRefError):
+    """The ref is malformed (wrong type, field out of range). Never retried."""
+
+
+class NoAddressError(TransportError):
+    """No server address is known for the ref's ring: the ref carries none, the
+    ring is not on this host, and no resolver was configured."""
 
 
 class AuthError(TransportError):

@@ -38,6 +38,8 @@ class PooledEndpoint:
     created: float = field(default_factory=time.monotonic)
     #: an ACK was sent and no answer received since (the server may not have applied it yet)
     unconfirmed_ack: bool = False
+    #: the deadline of the call using this endpoint now (set by the client)
+    timer: object = None
 
     def abort(self) -> None:
         try:

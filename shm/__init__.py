@@ -4,22 +4,26 @@ See ``docs/RING.md`` for the layout and the slot state machine.
 """
 
 from .errors import (
+    DeadLetterError,
     FrameError,
+    InvalidRefError,
     PayloadTooLargeError,
     RingEmptyError,
     RingError,
     RingFullError,
     RingLayoutError,
     SlotBusyError,
+    SlotLockTimeoutError,
     StaleSlotError,
 )
 from .payload import Payload
 from .ref import SlotRef
 from .ring import RingBuffer, SlotLease, SlotWriter
-from .state import SlotState
+from .state import DEAD_LETTER_AFTER, SlotState
 
 __all__ = [
     "RingBuffer", "SlotWriter", "SlotLease", "SlotRef", "SlotState", "Payload",
     "RingError", "RingFullError", "RingEmptyError", "StaleSlotError", "SlotBusyError",
-    "PayloadTooLargeError", "FrameError", "RingLayoutError",
+    "PayloadTooLargeError", "FrameError", "RingLayoutError", "InvalidRefError", "DeadLetterError",
+    "SlotLockTimeoutError", "DEAD_LETTER_AFTER",
 ]

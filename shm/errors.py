@@ -35,11 +35,31 @@ class StaleSlotError(RingError):
     """
 
 
+class InvalidRefError(RingError, ValueError):
+    """A ref (or ref dict) is malformed: a field of the wrong type or out of range.
+
+    Final: the same ref will never become valid. Also a ``ValueError``.
+    """
+
+
+class DeadLetterError(RingError):
+    """The payload was moved to DEAD after repeated decode failures; never served
+    again (inspect it with ``RingBuffer.dead_letters()`` / ``claim_dead``)."""
+
+
 class SlotBusyError(RingError):
     """The ref's payload is leased by another reader right now.
 
     Retryable: if that reader nacks or dies the payload becomes READY again.
     """
+
+    retryable = True
+
+
+class SlotLockTimeoutError(RingError):
+    """A slot's transition lock stayed busy past the deadline: another process
+    froze in the middle of a transition on that slot (SIGSTOP, a debugger).
+    Nothing changed; retryable. Other slots are unaffected."""
 
     retryable = True
 

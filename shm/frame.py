@@ -80,6 +80,12 @@ def _as_array(name: str, value: Any) -> np.ndarray:
 
 
 def _encode_meta(meta: Mapping | None) -> bytes:
+    """JSON of ``meta``; what a reader could not decode (not a mapping, not
+    JSON-able) is refused here, before anything is published."""
+    if meta is None:
+        return b""
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"meta must be a dict (a JSON object), got {type(meta).__name__}: {meta!r:.100}")
     if not meta:
         return b""
     try:
@@ -124,6 +130,11 @@ class FrameBuilder:
         self._last: str | None = None
 
     # -------------------------------------------------------------- writes --
+    def _check_new_field(self, name: str) -> None:
+        if name not in self._fields and len(self._fields) >= MAX_FIELDS:
+            raise ValueError(f"a payload has at most {MAX_FIELDS} fields (readers refuse more); "
+                             f"field {name!r} would be number {len(self._fields) + 1}")
+
     def _alloc(self, nbytes: int, what: str) -> int:
         off = _align(self._cursor)
         if off + nbytes > self._cap:
@@ -140,6 +151,7 @@ class FrameBuilder:
         arr = _as_array(name, value)
         if self._raw_len is not None:
             raise TypeError("a raw-bytes frame has no named fields")
+        self._check_new_field(name)
         off = self._alloc(arr.nbytes, f"field {name!r}")
         np.copyto(self._view(off, arr.dtype, arr.shape), arr, casting="no")
         f = _Field(arr.dtype, arr.shape)
@@ -155,6 +167,7 @@ class FrameBuilder:
             raise TypeError("a raw-bytes frame has no named fields")
         if arr.ndim == 0:
             raise ValueError(f"append to {name!r} needs an array with at least one axis; use set() for scalars")
+        self._check_new_field(name)
         f = self._fields.get(name)
         if f is None:
             f = self._fields[name] = _Field(arr.dtype, arr.shape[1:])

@@ -10,7 +10,9 @@ A ring is one file in ``/dev/shm`` (POSIX shared memory)::
 
 All integers are little-endian; records are read and written through numpy
 structured views of the mapping.  Fields written only under the ring's
-transition lock are marked (L); futex words are 4-byte aligned u32.
+slot's transition lock are marked (L); futex words are 4-byte aligned u32.
+There is no ring-wide lock on any transition: a process frozen (SIGSTOP) in
+the middle of one transition holds one slot's lock, never the ring.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import mmap
 import numpy as np
 
 RING_MAGIC = b"RLRING01"
-RING_VERSION = 1
+RING_VERSION = 2
 PAGE = mmap.PAGESIZE
 HEADER_BYTES = PAGE
-SLOT_RECORD_BYTES = 64
+SLOT_RECORD_BYTES = 128
 #: bytes before each slot's frame, owned by whoever holds the slot: a server
 #: writes its response header there and sends header + frame as one message
 SLOT_HEADROOM = 128
@@ -43,21 +45,21 @@ RING_HEADER = np.dtype(
         ("ctrl_off", "<u8"),
         ("data_off", "<u8"),
         ("created_ns", "<u8"),
-        ("next_seq", "<u8"),  # (L) publish sequence counter
-        ("drops", "<u8"),  # (L) payloads dropped by on_full="drop_oldest"
-        ("recovered", "<u8"),  # (L) slots reclaimed from dead owners
-        ("published", "<u8"),  # (L) total publishes
-        ("consumed", "<u8"),  # (L) total acks
         ("ready_futex", "<u4"),  # bumped (and woken) whenever a slot becomes READY
         ("free_futex", "<u4"),  # bumped (and woken) whenever a slot becomes FREE
-        ("ready_waiters", "<u4"),  # (L) threads sleeping on ready_futex (wake only if > 0)
-        ("free_waiters", "<u4"),  # (L) threads sleeping on free_futex
         # address of the server exposing this ring (written by the server)
         ("server_pid", "<u4"),
         ("server_nports", "<u4"),
         ("server_start", "<u8"),  # server process start time (pid-reuse guard)
         ("server_ports", "<u2", (MAX_PORTS,)),
         ("server_host", f"S{MAX_HOST_BYTES}"),
+        # identity: random at create time, unique across hosts and re-creations of a name
+        ("ring_id", "V16"),
+        ("owner_uid", "<u4"),  # uid of the creator (attach refuses another user's ring)
+        # the ports the last server used: a restarted server reuses them when free,
+        # so refs published before the restart stay fetchable
+        ("last_nports", "<u4"),
+        ("last_ports", "<u2", (MAX_PORTS,)),
     ],
     align=False,
 )
@@ -69,21 +71,28 @@ SLOT_RECORD = np.dtype(
     [
         ("state", "<u4"),  # (L) one of SlotState
         ("owner_pid", "<u4"),  # (L) pid holding the slot in WRITING/READING, else 0
-        ("generation", "<u8"),  # (L) bumped by every publish
+        ("generation", "<u8"),  # (L) bumped by every publish: also this slot's publish count
         ("nbytes", "<u8"),  # (L) frame length of the READY payload
-        ("seq", "<u8"),  # (L) publish sequence number (publish order)
+        ("seq", "<u8"),  # (L) CLOCK_MONOTONIC ns of the publish (publish order, host-wide clock)
         ("lease", "<u8"),  # (L) bumped by every claim: finalisers must present it
         ("claimed_ns", "<u8"),  # (L) CLOCK_REALTIME of the last claim (diagnostics)
-        ("_pad", "V16"),
+        ("failures", "<u4"),  # (L) readers that reported this payload undecodable (reset on publish)
+        ("drops", "<u4"),  # (L) payloads of this slot dropped by on_full="drop_oldest"
+        ("consumed", "<u8"),  # (L) payloads of this slot acked
+        ("recovered", "<u4"),  # (L) times this slot was reclaimed from a dead owner
+        ("dead", "<u4"),  # (L) payloads of this slot moved to DEAD
+        ("_pad", "V56"),
     ]
 )
 assert SLOT_RECORD.itemsize == SLOT_RECORD_BYTES
 
 # ---- lock byte ranges (OFD locks, far beyond the end of the file) ---------
-#: the ring's transition lock
+#: the ring header's lock (server address updates only; never a slot transition)
 LOCK_TRANSITION = 1 << 40
 #: slot i's ownership lock is held by the process that has it WRITING/READING
 LOCK_OWNER_BASE = LOCK_TRANSITION + 4096
+#: slot i's transition lock: held for the few field updates of one transition
+LOCK_SLOT_BASE = LOCK_OWNER_BASE + 65536 + 4096
 
 ON_FULL_CODES = {"block": 0, "error": 1, "drop_oldest": 2}
 ON_FULL_NAMES = {v: k for k, v in ON_FULL_CODES.items()}

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import stat
 import mmap
 import os
-import re
 import time
 from typing import Any, Mapping
 
@@ -21,6 +21,7 @@ import numpy as np
 
 from . import _sync
 from .errors import (
+    FrameError,
     PayloadTooLargeError,
     RingEmptyError,
     RingError,
@@ -29,7 +30,7 @@ from .errors import (
     SlotBusyError,
     StaleSlotError,
 )
-from .frame import FrameBuilder, decode, encode_into, encoded_size
+from .frame import FrameBuilder, decode, encode_into, encoded_size, parse_index
 from .layout import (
     HEADER_BYTES,
     LOCK_TRANSITION,
@@ -45,13 +46,12 @@ from .layout import (
     segment_size,
 )
 from .payload import Payload
-from .ref import SlotRef
-from .state import READY, SlotState, SlotTable
+from .ref import SlotRef, valid_ring_name
+from .state import DEAD, LOCK_TIMEOUT_S, READY, SlotState, SlotTable
 
 log = logging.getLogger("shm.ring")
 
 SHM_DIR = "/dev/shm"
-_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 #: server-liveness lock byte (held by a serving process for as long as it serves)
 LOCK_SERVER = LOCK_TRANSITION + 1
 #: longest single futex sleep; waits re-check (and run recovery) at least this often
@@ -60,7 +60,7 @@ DEFAULT_TIMEOUT_S = 30.0
 
 
 def _segment_path(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+    if not valid_ring_name(name):
         raise ValueError(
             f"ring name {name!r} is invalid: use 1-200 characters from [A-Za-z0-9._-]"
         )
@@ -120,6 +120,8 @@ class RingBuffer:
         self._on_full = ON_FULL_NAMES[code]
         self.default_timeout = float(default_timeout)
         self._serving = False
+        self._ring_id = bytes(h["ring_id"]).hex()
+        self._ident = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
 
     # ------------------------------------------------------------ creation --
     @classmethod
@@ -147,7 +149,8 @@ class RingBuffer:
                     f"ring {name!r} already exists ({path}); attach to it with RingBuffer.attach, "
                     f"or remove it with RingBuffer.unlink_name({name!r}) if no process uses it"
                 ) from None
-            ring = cls.attach(name, on_full=on_full, default_timeout=default_timeout)
+            ring = cls.attach(name, on_full=on_full, default_timeout=default_timeout,
+                              allow_shared=mode & 0o077 != 0)
             if (ring.slots, ring.slot_bytes) != (slots, slot_bytes):
                 ring.close()
                 raise RingLayoutError(
@@ -181,6 +184,8 @@ class RingBuffer:
             hdr["ctrl_off"] = ctrl_off
             hdr["data_off"] = data_off
             hdr["created_ns"] = time.time_ns()
+            hdr["ring_id"] = np.void(os.urandom(16))
+            hdr["owner_uid"] = os.geteuid()
             hdr["magic"] = RING_MAGIC  # last: attachers see a complete header or none
             del u8, hdr
         except BaseException:
@@ -195,18 +200,30 @@ class RingBuffer:
 
     @classmethod
     def attach(cls, name: str, *, on_full: str | None = None,
-               default_timeout: float = DEFAULT_TIMEOUT_S) -> "RingBuffer":
-        """Attach to an existing ring. ``on_full`` overrides the ring's policy for this handle."""
+               default_timeout: float = DEFAULT_TIMEOUT_S, allow_shared: bool = False) -> "RingBuffer":
+        """Attach to an existing ring. ``on_full`` overrides the ring's policy for this handle.
+
+        Refuses (``PermissionError``) a segment owned by another user or readable
+        or writable by group/others (mode wider than 0600): such a segment may have
+        been planted to read every payload. ``allow_shared=True`` accepts one on purpose.
+        """
         path = _segment_path(name)
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"ring {name!r} does not exist ({path}); create it first "
                 f"(RingBuffer.create or `ucxx-transport serve --create`)"
             ) from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not allow_shared and (st.st_uid != os.geteuid() or st.st_mode & 0o077 or not stat.S_ISREG(st.st_mode)):
+                raise PermissionError(
+                    f"refusing to attach {path}: owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o} "
+                    f"(this process is uid {os.geteuid()}; a ring must be yours and mode 0600). If another user "
+                    f"created it, remove it and create your own; pass allow_shared=True only if you share it on purpose"
+                )
+            size = st.st_size
             if size < HEADER_BYTES:
                 raise RingLayoutError(f"{path} is {size} bytes: too small to be a ring")
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
@@ -279,6 +296,20 @@ class RingBuffer:
         return self._slot_bytes
 
     @property
+    def ring_id(self) -> str:
+        """This ring's identity: 32 hex digits, random at create time (unique
+        across hosts and across re-creation under the same name)."""
+        return self._ring_id
+
+    def is_current(self) -> bool:
+        """Does ``/dev/shm/<name>`` still name this segment (not unlinked or replaced)?"""
+        try:
+            st = os.stat(os.path.join(SHM_DIR, self._name))
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self._ident
+
+    @property
     def on_full(self) -> str:
         return self._on_full
 
@@ -329,21 +360,17 @@ class RingBuffer:
         sleeping on the ring's futex ``which`` in between (no polling) and
         running crash recovery before each sleep slice. Returns None on timeout."""
         t = self._table
-        t.add_waiter(which, +1)
-        try:
-            while True:
-                word = word_fn()
-                got = attempt()
-                if got is not None:
-                    return got
-                if t.recover():
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                _sync.futex_wait(addr, word, min(remaining, WAIT_SLICE_S))
-        finally:
-            t.add_waiter(which, -1)
+        while True:
+            word = word_fn()
+            got = attempt()
+            if got is not None:
+                return got
+            if t.recover():
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            _sync.futex_wait(addr, word, min(remaining, WAIT_SLICE_S))
 
     def put(self, payload: Any, *, meta: Mapping | None = None, timeout: float | None = None) -> SlotRef:
         """Write ``payload`` (mapping name -> numpy array, or bytes-like) into a
@@ -377,10 +404,7 @@ class RingBuffer:
         self._check_open()
         t = self._table
         if ref is not None:
-            if ref.ring != self._name:
-                raise ValueError(f"ref is for ring {ref.ring!r}, this is ring {self._name!r}")
-            if not 0 <= ref.slot < self._slots:
-                raise StaleSlotError(f"slot {ref.slot} is out of range for ring {self._name!r} ({self._slots} slots)")
+            self._check_ref(ref)
         deadline = _deadline(timeout if ref is None else (timeout or 0), self.default_timeout)
         slot_, gen_ = (None, None) if ref is None else (ref.slot, ref.generation)
         busy: list[SlotBusyError] = []
@@ -401,13 +425,26 @@ class RingBuffer:
             raise RingEmptyError(f"ring {self._name!r}: no READY payload within the timeout")
         return SlotLease(self, *got)
 
-    def try_claim(self, ref: SlotRef | None = None) -> "SlotLease | None":
-        """Non-blocking claim: a lease, or None when nothing is READY.
-        Stale/busy refs raise as in :meth:`claim`. Does not run recovery."""
-        self._check_open()
-        if ref is not None and not 0 <= ref.slot < self._slots:
+    def _check_ref(self, ref: SlotRef) -> None:
+        if ref.ring != self._name:
+            raise ValueError(f"ref is for ring {ref.ring!r}, this is ring {self._name!r}")
+        if ref.ring_id is not None and ref.ring_id != self._ring_id:
+            raise StaleSlotError(
+                f"ref {ref.key} names ring id {ref.ring_id}, but ring {self._name!r} here is {self._ring_id}: "
+                f"it was published by another host's ring or before this ring was re-created"
+            )
+        if not 0 <= ref.slot < self._slots:
             raise StaleSlotError(f"slot {ref.slot} is out of range for ring {self._name!r} ({self._slots} slots)")
-        got = self._table.claim_ready(None if ref is None else ref.slot, None if ref is None else ref.generation)
+
+    def try_claim(self, ref: SlotRef | None = None, *, max_nbytes: int = 0) -> "SlotLease | None":
+        """Non-blocking claim: a lease, or None when nothing is READY (with
+        ``max_nbytes``: nothing READY of at most that size; larger payloads stay
+        READY). Stale/busy refs raise as in :meth:`claim`. Does not run recovery."""
+        self._check_open()
+        if ref is not None:
+            self._check_ref(ref)
+        got = self._table.claim_ready(None if ref is None else ref.slot, None if ref is None else ref.generation,
+                                      max_nbytes=max_nbytes)
         if got is None:
             return None
         return SlotLease(self, *got)
@@ -417,22 +454,15 @@ class RingBuffer:
         t = self._table
         if self.ready_count():
             return True
-        t.add_waiter("ready", +1)
-        try:
-            word = t.ready_word()
-            if self.ready_count():
-                return True
-            _sync.futex_wait(t.ready_addr, word, timeout)
-        finally:
-            t.add_waiter("ready", -1)
+        word = t.ready_word()
+        if self.ready_count():
+            return True
+        _sync.futex_wait(t.ready_addr, word, timeout)
         return self.ready_count() > 0
 
     def wake_waiters(self) -> None:
         """Wake every thread blocked in :meth:`wait_ready` (used at shutdown)."""
-        t = self._table
-        with t.locked():
-            t._bump(t._ready_word)
-        _sync.futex_wake(t.ready_addr)
+        self._table.signal_ready()
 
     # ---------------------------------------------------------- inspection --
     def ready_count(self) -> int:
@@ -440,7 +470,7 @@ class RingBuffer:
         return int(np.count_nonzero(self._table.state == READY))
 
     def state_counts(self) -> dict[str, int]:
-        counts = np.bincount(self._table.state, minlength=4)
+        counts = np.bincount(self._table.state, minlength=len(SlotState))
         return {s.name: int(counts[s]) for s in SlotState}
 
     def recover(self) -> int:
@@ -450,18 +480,51 @@ class RingBuffer:
         return self._table.recover()
 
     def stats(self) -> dict:
-        h = self._hdr
+        c = self._table.ctrl
         return {
             "ring": self._name,
+            "ring_id": self._ring_id,
             "slots": self._slots,
             "slot_bytes": self._slot_bytes,
             "on_full": self._on_full,
             "states": self.state_counts(),
-            "published": int(h["published"]),
-            "consumed": int(h["consumed"]),
-            "drops": int(h["drops"]),
-            "recovered": int(h["recovered"]),
+            "published": int(c["generation"].sum()),
+            "consumed": int(c["consumed"].sum()),
+            "drops": int(c["drops"].sum()),
+            "recovered": int(c["recovered"].sum()),
+            "dead_letters": int(c["dead"].sum()),
+            "dead": self.dead_letters(),
         }
+
+    def dead_letters(self) -> list[dict]:
+        """Payloads in DEAD (readers failed to decode them DEAD_LETTER_AFTER times):
+        ``[{slot, generation, nbytes, failures}]``. Read one with :meth:`read_dead`,
+        free its slot with :meth:`discard_dead`."""
+        t = self._table
+        return [{"slot": int(i), "generation": int(t.gen[i]), "nbytes": int(t.nbytes[i]),
+                 "failures": int(t.failures[i])} for i in np.flatnonzero(t.state == DEAD)]
+
+    def read_dead(self, slot: int) -> bytes:
+        """A copy of a DEAD payload's frame bytes, for inspection."""
+        t = self._table
+        if t.state[slot] != DEAD:
+            raise RingError(f"slot {slot} is not DEAD (it is {SlotState(int(t.state[slot])).name})")
+        return bytes(self.slot_buffer(slot, int(t.nbytes[slot])))
+
+    def discard_dead(self, slot: int, generation: int) -> bool:
+        """Free a DEAD slot (its payload is gone for good). False if it is not DEAD at ``generation``."""
+        self._check_open()
+        return self._table.discard_dead(slot, generation)
+
+    def stuck_slots(self, probe_s: float = 0.05) -> list[int]:
+        """Slots whose transition lock is held by another process now and still
+        ``probe_s`` later: a process frozen mid-transition (only that slot stalls)."""
+        t = self._table
+        held = [i for i in range(self._slots) if t.lock_held_elsewhere(i)]
+        if held:
+            time.sleep(probe_s)
+            held = [i for i in held if t.lock_held_elsewhere(i)]
+        return held
 
     def slot_info(self) -> list[dict]:
         t = self._table
@@ -480,15 +543,24 @@ class RingBuffer:
         if len(hb) > MAX_HOST_BYTES or len(ports) > MAX_PORTS:
             raise ValueError(f"host must be <= {MAX_HOST_BYTES} bytes and at most {MAX_PORTS} ports")
         _sync.lock_acquire(self._fd, LOCK_SERVER, blocking=False) or self._server_busy()
-        with self._table.locked():
-            h = self._hdr
-            h["server_host"] = hb
-            p = np.zeros(MAX_PORTS, dtype=np.uint16)
-            p[: len(ports)] = ports
-            h["server_ports"] = p
-            h["server_nports"] = len(ports)
-            h["server_pid"] = os.getpid()
+        # only the holder of LOCK_SERVER writes these; readers look at server_pid first
+        h = self._hdr
+        h["server_pid"] = 0
+        h["server_host"] = hb
+        p = np.zeros(MAX_PORTS, dtype=np.uint16)
+        p[: len(ports)] = ports
+        h["server_ports"] = p
+        h["server_nports"] = len(ports)
+        h["last_ports"] = p
+        h["last_nports"] = len(ports)
+        h["server_pid"] = os.getpid()
         self._serving = True
+
+    def last_server_ports(self) -> list[int]:
+        """The ports the most recent server of this ring listened on (kept after it
+        stopped or died), so a restarted server can take them again."""
+        h = self._hdr
+        return [int(p) for p in h["last_ports"][: int(h["last_nports"])]]
 
     def _server_busy(self):
         raise RingError(
@@ -499,9 +571,8 @@ class RingBuffer:
     def clear_server_address(self) -> None:
         if not self._serving or self._closed:
             return
-        with self._table.locked():
-            self._hdr["server_pid"] = 0
-            self._hdr["server_nports"] = 0
+        self._hdr["server_pid"] = 0
+        self._hdr["server_nports"] = 0
         _sync.lock_release(self._fd, LOCK_SERVER)
         self._serving = False
 
@@ -519,8 +590,8 @@ class RingBuffer:
     def _make_ref(self, slot: int, gen: int, nbytes: int) -> SlotRef:
         addr = self.server_address()
         if addr is None:
-            return SlotRef(self._name, slot, gen, nbytes)
-        return SlotRef(self._name, slot, gen, nbytes, host=addr[0], ports=addr[1])
+            return SlotRef(self._name, slot, gen, nbytes, ring_id=self._ring_id)
+        return SlotRef(self._name, slot, gen, nbytes, host=addr[0], ports=addr[1], ring_id=self._ring_id)
 
 
 class SlotWriter:
@@ -572,9 +643,14 @@ class SlotWriter:
     def _publish_frame(self, nbytes: int) -> SlotRef:
         if self._done:
             raise RingError("this SlotWriter was already published or aborted")
+        try:  # what a reader cannot decode is never published
+            parse_index(self._ring.slot_buffer(self.slot, nbytes))
+        except FrameError as exc:
+            self.abort()
+            raise ValueError(f"the encoded payload would not decode ({exc}); nothing was published") from None
+        gen = self._ring._table.publish(self.slot, self._lease, nbytes)  # may raise SlotLockTimeoutError
         self._done = True
         self.buffer = None
-        gen, _ = self._ring._table.publish(self.slot, self._lease, nbytes)
         log.debug("published slot %d generation %d (%d bytes)", self.slot, gen, nbytes)
         return self._ring._make_ref(self.slot, gen, nbytes)
 
@@ -619,6 +695,8 @@ class SlotLease:
         self.nbytes = nbytes
         self._done = False
         self._payload: Payload | None = None
+        #: set by ``nack(undecodable=True)`` when that moved the payload to DEAD
+        self.dead_lettered = False
 
     @property
     def ref(self) -> SlotRef:
@@ -647,26 +725,35 @@ class SlotLease:
     def finalised(self) -> bool:
         return self._done
 
-    def ack(self) -> bool:
+    def ack(self, *, lock_timeout: float = LOCK_TIMEOUT_S) -> bool:
         """Consume the payload (READING -> FREE). Returns False (and logs) if the
-        lease was already finalised or reclaimed."""
+        lease was already finalised or reclaimed. Raises :class:`SlotLockTimeoutError`
+        (lease kept: try again) if the slot's lock stays busy for ``lock_timeout`` s."""
         if self._done:
             return False
-        self._done = True
         if self._ring._closed:
+            self._done = True
             log.warning("ack of slot %d after its ring handle was closed: the slot is recovered to READY "
                         "(not consumed) when this process exits", self.slot)
             return False
-        return self._ring._table.ack(self.slot, self._lease)
+        done = self._ring._table.ack(self.slot, self._lease, lock_timeout)
+        self._done = True
+        return done
 
-    def nack(self) -> bool:
-        """Give the payload back unread (READING -> READY)."""
+    def nack(self, *, undecodable: bool = False, lock_timeout: float = LOCK_TIMEOUT_S) -> bool:
+        """Give the payload back (READING -> READY). ``undecodable``: the reader
+        could not decode it; after DEAD_LETTER_AFTER such NACKs it goes to DEAD
+        (:attr:`dead_lettered`) so it never blocks other payloads."""
         if self._done:
             return False
-        self._done = True
         if self._ring._closed:
+            self._done = True
             return False
-        return self._ring._table.nack(self.slot, self._lease)
+        done = self._ring._table.nack(self.slot, self._lease, lock_timeout, undecodable)
+        self._done = True
+        if done and undecodable:
+            self.dead_lettered = self._ring._table.state[self.slot] == DEAD
+        return done
 
     def __enter__(self):
         return self

@@ -6,15 +6,20 @@
     READY --claim_ready--> READING --ack--> FREE
     WRITING --abort / owner died--> FREE
     READING --nack / owner died--> READY
+    READING --nack(undecodable) x DEAD_LETTER_AFTER--> DEAD --discard_dead--> FREE
 
-Every transition runs under the ring's *transition lock*: a per-instance
-``threading.Lock`` plus an OFD write lock on one byte of the segment, so it is
-atomic across threads and processes.  The lock is held for a few field
-updates, never during a payload copy.
+Every transition of slot *i* runs under slot *i*'s *transition lock*: an OFD
+write lock on one byte of the segment (atomic across processes) taken while
+holding this handle's ``threading.Lock`` (atomic across threads; OFD locks do
+not conflict within one open file description). There is no ring-wide lock:
+a process frozen in the middle of a transition (SIGSTOP, a debugger) holds one
+slot's lock and every other slot keeps working. No lock wait is unbounded:
+a lock is polled with ``F_OFD_SETLK`` until a deadline, never waited for with
+``F_OFD_SETLKW``, and the thread lock is never held while polling.
 
 A process that moves a slot to WRITING or READING also takes the slot's
 *ownership lock* (another OFD byte lock) and keeps it until it finalises the
-slot.  The kernel drops it if the process dies, which is how :meth:`recover`
+slot. The kernel drops it if the process dies, which is how :meth:`recover`
 tells a dead owner from a live one without trusting pids.
 
 Finalisers present the *lease* number they got from the claim; a finaliser
@@ -30,13 +35,12 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
 
 import numpy as np
 
 from . import _sync
-from .errors import SlotBusyError, StaleSlotError
-from .layout import LOCK_OWNER_BASE, LOCK_TRANSITION
+from .errors import SlotBusyError, SlotLockTimeoutError, StaleSlotError
+from .layout import LOCK_OWNER_BASE, LOCK_SLOT_BASE
 
 log = logging.getLogger("shm.state")
 
@@ -46,15 +50,20 @@ class SlotState(enum.IntEnum):
     WRITING = 1
     READY = 2
     READING = 3
+    DEAD = 4  # failed to decode DEAD_LETTER_AFTER times: kept for inspection, never served
 
 
-FREE, WRITING, READY, READING = (int(s) for s in SlotState)
+FREE, WRITING, READY, READING, DEAD = (int(s) for s in SlotState)
+#: undecodable NACKs of one payload before it is moved to DEAD (so it never blocks others)
+DEAD_LETTER_AFTER = 3
+#: default bound of a finaliser's wait for its own slot's transition lock (seconds)
+LOCK_TIMEOUT_S = 5.0
 
 # Ownerships held by this process, across every RingBuffer instance:
-# (st_dev, st_ino, slot) -> lease.  Used to judge slots whose recorded owner
-# pid is our own (an OFD lock does not conflict with its own description).
+# (st_dev, st_ino, slot) -> (lease, id of the SlotTable).  Used to judge slots whose
+# recorded owner pid is our own (an OFD lock does not conflict with its own description).
 # Single dict operations are atomic under the GIL.
-_OWNED: dict[tuple[int, int, int], tuple[int, int]] = {}  # -> (lease, id of the SlotTable)
+_OWNED: dict[tuple[int, int, int], tuple[int, int]] = {}
 _U64_MAX = np.uint64(2**64 - 1)
 
 
@@ -77,45 +86,62 @@ class SlotTable:
         self.seq = ctrl["seq"]
         self.lease = ctrl["lease"]
         self.claimed_ns = ctrl["claimed_ns"]
+        self.failures = ctrl["failures"]
         self.ready_addr = futex_base + ready_futex_off
         self.free_addr = futex_base + free_futex_off
         self._ready_word = header["ready_futex"]
         self._free_word = header["free_futex"]
-        self._ready_waiters = header["ready_waiters"]
-        self._free_waiters = header["free_waiters"]
         self._pid = os.getpid()
-        self._LOCK = _sync.flock_bytes(fcntl.F_WRLCK, LOCK_TRANSITION)
-        self._UNLOCK = _sync.flock_bytes(fcntl.F_UNLCK, LOCK_TRANSITION)
 
     # ------------------------------------------------------------ locking --
-    # Hot path: explicit acquire/release (a generator context manager costs
-    # more than the two fcntl calls it wraps).
-    def _lock(self) -> None:
+    def _try_lock(self, slot: int) -> bool:
+        """Take slot's transition lock without waiting. On True the caller holds
+        the thread lock and the slot lock and must call :meth:`_unlock`."""
         self._tlock.acquire()
         try:
-            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW, self._LOCK)  # retried on EINTR (PEP 475)
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _sync.flock_bytes(fcntl.F_WRLCK, LOCK_SLOT_BASE + slot))
+            return True
+        except OSError:  # EAGAIN/EACCES: held by another open file description
+            self._tlock.release()
+            return False
         except BaseException:
             self._tlock.release()
             raise
 
-    def _unlock(self) -> None:
+    def _lock(self, slot: int, timeout: float) -> bool:
+        """Take slot's transition lock, polling until ``timeout`` s pass; False on timeout."""
+        if self._try_lock(slot):
+            return True
+        deadline = time.monotonic() + timeout
+        pause = 20e-6
+        while time.monotonic() < deadline:
+            time.sleep(pause)
+            if self._try_lock(slot):
+                return True
+            pause = min(pause * 2, 0.002)
+        return False
+
+    def _lock_or_raise(self, slot: int, timeout: float, what: str) -> None:
+        if not self._lock(slot, timeout):
+            raise SlotLockTimeoutError(
+                f"{what} of slot {slot}: its transition lock was held for more than {timeout:.3g} s by another "
+                f"process (frozen mid-transition: SIGSTOP or a debugger?); the slot keeps its state, retry later"
+            )
+
+    def _unlock(self, slot: int) -> None:
         try:
-            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, self._UNLOCK)
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _sync.flock_bytes(fcntl.F_UNLCK, LOCK_SLOT_BASE + slot))
         finally:
             self._tlock.release()
 
-    @contextmanager
-    def locked(self):
-        self._lock()
-        try:
-            yield
-        finally:
-            self._unlock()
+    def lock_held_elsewhere(self, slot: int) -> bool:
+        """Is slot's transition lock held by another open file description right now?"""
+        return _sync.lock_held_elsewhere(self._fd, LOCK_SLOT_BASE + slot)
 
     def _take_ownership(self, slot: int) -> int:
         if not _sync.lock_acquire(self._fd, LOCK_OWNER_BASE + slot, blocking=False):
             # Only possible if a live process finalised a slot without holding
-            # the transition lock, which the state machine never does.
+            # its transition lock, which the state machine never does.
             raise RuntimeError(f"slot {slot}: ownership lock held elsewhere in state FREE/READY")
         lease = int(self.lease[slot]) + 1
         self.lease[slot] = lease
@@ -136,8 +162,11 @@ class SlotTable:
         _OWNED.pop((*self._ident, slot), None)
         _sync.lock_release(self._fd, LOCK_OWNER_BASE + slot)
 
+    # ------------------------------------------------------------- wakes ---
     @staticmethod
     def _bump(word: np.ndarray) -> None:
+        # not atomic across processes, and need not be: a waiter only needs the
+        # word to differ from what it saw, and every sleep is bounded anyway
         word[()] = (int(word[()]) + 1) & 0xFFFFFFFF
 
     def ready_word(self) -> int:
@@ -146,57 +175,66 @@ class SlotTable:
     def free_word(self) -> int:
         return int(self._free_word[()])
 
-    def add_waiter(self, which: str, delta: int) -> None:
-        """Register (+1) / unregister (-1) a sleeper on the READY or FREE futex."""
-        w = self.header["ready_waiters" if which == "ready" else "free_waiters"]
-        self._lock()
-        try:
-            w[()] = max(0, int(w[()]) + delta)
-        finally:
-            self._unlock()
+    def signal_ready(self) -> None:
+        self._bump(self._ready_word)
+        _sync.futex_wake(self.ready_addr)
 
-    def _wake_ready(self):
-        if self._ready_waiters[()]:
-            _sync.futex_wake(self.ready_addr)
+    def signal_free(self) -> None:
+        self._bump(self._free_word)
+        _sync.futex_wake(self.free_addr)
 
-    def _wake_free(self):
-        if self._free_waiters[()]:
-            _sync.futex_wake(self.free_addr)
-
-    def _oldest_ready(self) -> int | None:
-        slot = int(np.where(self.state == READY, self.seq, _U64_MAX).argmin())
-        return slot if self.state[slot] == READY else None
+    # -------------------------------------------------------- candidates ---
+    def _oldest_ready(self, max_nbytes: int = 0, skip: set | None = None) -> int | None:
+        """Unlocked peek: the READY slot published first (with ``nbytes <= max_nbytes``
+        when given, not in ``skip``), or None. Re-checked under the slot's lock."""
+        ok = self.state == READY
+        if max_nbytes:
+            ok &= self.nbytes <= max_nbytes
+        if skip:
+            ok[list(skip)] = False
+        slot = int(np.where(ok, self.seq, _U64_MAX).argmin())
+        return slot if ok[slot] else None
 
     # ------------------------------------------------------- transitions ---
     def claim_free(self, drop_oldest: bool = False):
         """FREE -> WRITING on any free slot (or, with ``drop_oldest``, the oldest
         READY one). Returns ``(slot, lease, dropped)`` or None; ``dropped`` is
-        the (slot, generation) whose payload was dropped, else None."""
-        self._lock()
-        try:
-            slot = int(self.state.argmin())  # FREE == 0 is the smallest state
-            dropped = None
-            if self.state[slot] == FREE:
-                pass
-            elif drop_oldest:
-                slot = self._oldest_ready()
-                if slot is None:
-                    return None
+        the (slot, generation) whose payload was dropped, else None.
+        Never waits for a lock: a slot whose lock is busy is skipped."""
+        for slot in map(int, np.flatnonzero(self.state == FREE)):
+            if not self._try_lock(slot):
+                continue
+            try:
+                if self.state[slot] != FREE:
+                    continue
+                lease = self._take_ownership(slot)
+                self.state[slot] = WRITING
+                return slot, lease, None
+            finally:
+                self._unlock(slot)
+        if not drop_oldest:
+            return None
+        skip: set[int] = set()
+        while (slot := self._oldest_ready(skip=skip)) is not None:
+            skip.add(slot)
+            if not self._try_lock(slot):
+                continue
+            try:
+                if self.state[slot] != READY:
+                    continue
                 dropped = (slot, int(self.gen[slot]))
-                self.header["drops"] += 1
-            else:
-                return None
-            lease = self._take_ownership(slot)
-            self.state[slot] = WRITING
-        finally:
-            self._unlock()
-        if dropped:
+                self.ctrl["drops"][slot] += 1
+                lease = self._take_ownership(slot)
+                self.state[slot] = WRITING
+            finally:
+                self._unlock(slot)
             log.warning("ring full: dropped the oldest READY payload (slot %d, generation %d)", *dropped)
-        return slot, lease, dropped
+            return slot, lease, dropped
+        return None
 
-    def publish(self, slot: int, lease: int, nbytes: int) -> tuple[int, int]:
-        """WRITING -> READY; returns (generation, seq)."""
-        self._lock()
+    def publish(self, slot: int, lease: int, nbytes: int, timeout: float = LOCK_TIMEOUT_S) -> int:
+        """WRITING -> READY; returns the new generation."""
+        self._lock_or_raise(slot, timeout, "publish")
         try:
             if self.state[slot] != WRITING or self.lease[slot] != lease:
                 raise StaleSlotError(
@@ -204,103 +242,147 @@ class SlotTable:
                     f"(state {SlotState(int(self.state[slot])).name}); was it reclaimed?"
                 )
             gen = int(self.gen[slot]) + 1
-            seq = int(self.header["next_seq"]) + 1
-            self.header["next_seq"] = seq
-            self.header["published"] += 1
             self.gen[slot] = gen
-            self.seq[slot] = seq
+            self.seq[slot] = time.monotonic_ns()
             self.nbytes[slot] = nbytes
+            self.failures[slot] = 0
             self.state[slot] = READY
             self._drop_ownership(slot)
-            self._bump(self._ready_word)
         finally:
-            self._unlock()
-        self._wake_ready()
-        return gen, seq
+            self._unlock(slot)
+        self.signal_ready()
+        return gen
 
-    def _finalise(self, what: str, slot: int, lease: int, expect: int, to: int) -> bool:
+    def _finalise(self, what: str, slot: int, lease: int, expect: int, to: int, timeout: float,
+                  undecodable: bool = False) -> bool:
         """The lease holder's exit from ``expect`` (WRITING/READING) to ``to``.
 
         A logged no-op unless the slot is still in ``expect`` under ``lease``:
         a finaliser whose slot was recovered and moved on never clobbers it.
+        Raises :class:`SlotLockTimeoutError` (state unchanged, lease still held)
+        if the slot's lock stays busy for ``timeout`` seconds.
         """
-        self._lock()
+        self._lock_or_raise(slot, timeout, what)
         try:
             if self.state[slot] != expect or self.lease[slot] != lease:
                 log.warning("%s of slot %d ignored: state %s, lease %d (ours %d)", what,
                             slot, SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
                 return False
+            if undecodable:
+                self.failures[slot] += 1
+                if self.failures[slot] >= DEAD_LETTER_AFTER:
+                    to = DEAD
+                    self.ctrl["dead"][slot] += 1
             self.state[slot] = to
             if expect == WRITING:
                 self.nbytes[slot] = 0
             elif to == FREE:
-                self.header["consumed"] += 1
+                self.ctrl["consumed"][slot] += 1
             self._drop_ownership(slot)
-            self._bump(self._free_word if to == FREE else self._ready_word)
         finally:
-            self._unlock()
-        self._wake_free() if to == FREE else self._wake_ready()
+            self._unlock(slot)
+        if to == FREE:
+            self.signal_free()
+        elif to == READY:
+            self.signal_ready()
+        else:
+            log.warning("slot %d generation %d could not be decoded by %d readers: moved to DEAD (never served "
+                        "again; inspect with RingBuffer.dead_letters())", slot, int(self.gen[slot]),
+                        DEAD_LETTER_AFTER)
         return True
 
-    def abort(self, slot: int, lease: int) -> bool:
+    def abort(self, slot: int, lease: int, timeout: float = LOCK_TIMEOUT_S) -> bool:
         """WRITING -> FREE (generation unchanged). Logged no-op in any other state."""
-        return self._finalise("abort", slot, lease, WRITING, FREE)
+        return self._finalise("abort", slot, lease, WRITING, FREE, timeout)
 
-    def claim_ready(self, slot: int | None = None, generation: int | None = None):
-        """READY -> READING. With ``slot`` None: the oldest READY payload, or None.
+    def claim_ready(self, slot: int | None = None, generation: int | None = None, *, max_nbytes: int = 0,
+                    timeout: float = 0.0):
+        """READY -> READING. With ``slot`` None: the oldest READY payload (of at
+        most ``max_nbytes`` bytes when given), or None; never waits for a lock.
 
         With a slot: the generation must match, else :class:`StaleSlotError`;
-        a READING slot raises :class:`SlotBusyError`.
-        Returns ``(slot, lease, generation, nbytes)``.
+        a READING slot, or one whose lock stays busy for ``timeout`` s, raises
+        :class:`SlotBusyError`. Returns ``(slot, lease, generation, nbytes)``.
         """
-        self._lock()
+        if slot is None:
+            skip: set[int] = set()
+            while (cand := self._oldest_ready(max_nbytes, skip)) is not None:
+                skip.add(cand)
+                if not self._try_lock(cand):
+                    continue
+                try:
+                    if self.state[cand] != READY:
+                        continue
+                    return self._lease_for_reading(cand)
+                finally:
+                    self._unlock(cand)
+            return None
+        if not self._lock(slot, timeout):
+            raise SlotBusyError(f"slot {slot}: its transition lock is held by another process "
+                                f"(frozen mid-transition?); retry later")
         try:
-            if slot is None:
-                slot = self._oldest_ready()
-                if slot is None:
-                    return None
-            else:
-                st, gen = int(self.state[slot]), int(self.gen[slot])
-                if gen != generation or st not in (READY, READING):
-                    raise StaleSlotError(
-                        f"slot {slot} generation {generation} is gone (slot is at generation {gen}, "
-                        f"{SlotState(st).name}): the payload was consumed or dropped"
-                    )
-                if st == READING:
-                    raise SlotBusyError(f"slot {slot} generation {generation} is leased by another reader")
-            lease = self._take_ownership(slot)
-            self.state[slot] = READING
-            return slot, lease, int(self.gen[slot]), int(self.nbytes[slot])
+            st, gen = int(self.state[slot]), int(self.gen[slot])
+            if gen != generation or st not in (READY, READING):
+                raise StaleSlotError(
+                    f"slot {slot} generation {generation} is gone (slot is at generation {gen}, "
+                    f"{SlotState(st).name}): the payload was consumed, dropped or dead-lettered"
+                )
+            if st == READING:
+                raise SlotBusyError(f"slot {slot} generation {generation} is leased by another reader")
+            return self._lease_for_reading(slot)
         finally:
-            self._unlock()
+            self._unlock(slot)
 
-    def ack(self, slot: int, lease: int) -> bool:
+    def _lease_for_reading(self, slot: int):
+        lease = self._take_ownership(slot)
+        self.state[slot] = READING
+        return slot, lease, int(self.gen[slot]), int(self.nbytes[slot])
+
+    def ack(self, slot: int, lease: int, timeout: float = LOCK_TIMEOUT_S) -> bool:
         """READING -> FREE (consumed). Logged no-op in any other state."""
-        return self._finalise("ack", slot, lease, READING, FREE)
+        return self._finalise("ack", slot, lease, READING, FREE, timeout)
 
-    def nack(self, slot: int, lease: int) -> bool:
-        """READING -> READY (payload kept, publish order kept). No-op otherwise."""
-        return self._finalise("nack", slot, lease, READING, READY)
+    def nack(self, slot: int, lease: int, timeout: float = LOCK_TIMEOUT_S, undecodable: bool = False) -> bool:
+        """READING -> READY (payload kept, publish order kept). No-op otherwise.
+        ``undecodable``: the reader could not decode it; the DEAD_LETTER_AFTER-th
+        such NACK moves the payload to DEAD instead."""
+        return self._finalise("nack", slot, lease, READING, READY, timeout, undecodable)
+
+    def discard_dead(self, slot: int, generation: int, timeout: float = LOCK_TIMEOUT_S) -> bool:
+        """DEAD -> FREE (the dead payload is gone). False if the slot is not DEAD at ``generation``."""
+        self._lock_or_raise(slot, timeout, "discard_dead")
+        try:
+            if self.state[slot] != DEAD or int(self.gen[slot]) != generation:
+                return False
+            self.state[slot] = FREE
+            self.nbytes[slot] = 0
+        finally:
+            self._unlock(slot)
+        self.signal_free()
+        return True
 
     # ----------------------------------------------------------- recovery --
     def owner_alive(self, slot: int) -> bool:
         """Is the process holding ``slot`` (WRITING/READING) still alive?"""
-        if int(self.owner[slot]) == os.getpid():
+        if int(self.owner[slot]) == self._pid:
             entry = _OWNED.get((*self._ident, slot))
             return entry is not None and entry[0] == int(self.lease[slot])
         return _sync.lock_held_elsewhere(self._fd, LOCK_OWNER_BASE + slot)
 
     def recover(self) -> int:
-        """Reclaim slots whose owner died: WRITING -> FREE, READING -> READY."""
+        """Reclaim slots whose owner died: WRITING -> FREE, READING -> READY.
+        Never waits: a slot whose lock is busy is looked at next time."""
         freed = readied = 0
-        self._lock()
-        try:
-            busy = np.flatnonzero((self.state == WRITING) | (self.state == READING))
-            for slot in map(int, busy):
-                if self.owner_alive(slot):
+        busy = np.flatnonzero((self.state == WRITING) | (self.state == READING))
+        for slot in map(int, busy):
+            if not self._try_lock(slot):
+                continue
+            try:
+                st = int(self.state[slot])
+                if st not in (WRITING, READING) or self.owner_alive(slot):
                     continue
                 pid = int(self.owner[slot])
-                if self.state[slot] == WRITING:
+                if st == WRITING:
                     self.state[slot] = FREE
                     self.nbytes[slot] = 0
                     freed += 1
@@ -312,16 +394,11 @@ class SlotTable:
                                 "(generation %d kept)", slot, pid, int(self.gen[slot]))
                 self.owner[slot] = 0
                 self.lease[slot] += 1  # any late finaliser of the dead owner is now a no-op
-            if freed or readied:
-                self.header["recovered"] += freed + readied
-                if freed:
-                    self._bump(self._free_word)
-                if readied:
-                    self._bump(self._ready_word)
-        finally:
-            self._unlock()
+                self.ctrl["recovered"][slot] += 1
+            finally:
+                self._unlock(slot)
         if freed:
-            self._wake_free()
+            self.signal_free()
         if readied:
-            self._wake_ready()
+            self.signal_ready()
         return freed + readied

@@ -141,7 +141,7 @@ def test_malformed_requests_error_or_close_server_survives(make_ring, ring_name,
         r = c2.request(Request(Op.GET, 3, 0, 1, text="other-ring"))
         assert r.status == Status.BAD_REQUEST
     assert srv.proc.poll() is None
-    assert ring.state_counts() == {"FREE": 1, "WRITING": 0, "READY": 1, "READING": 0}
+    assert ring.state_counts() == {"FREE": 1, "WRITING": 0, "READY": 1, "READING": 0, "DEAD": 0}
 
 
 def test_huge_take_is_capped(make_ring, ring_name, serve):
@@ -239,7 +239,7 @@ def test_server_sigkilled_mid_send_restart_recovers(make_ring, ring_name, serve)
     finally:
         c.close()
     srv2 = serve(ring_name)  # restart on the same ring: recovery at start
-    assert ring.state_counts() == {"FREE": 1, "WRITING": 0, "READY": 3, "READING": 0}
+    assert ring.state_counts() == {"FREE": 1, "WRITING": 0, "READY": 3, "READING": 0, "DEAD": 0}
     from clients import TransportClient
 
     with TransportClient(local_fast_path=False) as client:
@@ -316,7 +316,7 @@ def test_get_one_message_header_in_slot_headroom(make_ring, ring_name, serve):
                        flags=FLAG_ONE_MESSAGE))
         msg = c.recv_bytes(RESPONSE.size + ref.nbytes)
         r = decode_response(msg[:RESPONSE.size])
-        assert r.status == Status.OK and r.nbytes == ref.nbytes and r.message == ring_name
+        assert r.status == Status.OK and r.nbytes == ref.nbytes and r.ring_id.hex() == ref.ring_id
         np.testing.assert_array_equal(decode(msg[RESPONSE.size:])["x"], np.arange(100))
         c.send(Request(Op.ACK, 2))
         assert c.request(Request(Op.PING, 3)).status == Status.OK

@@ -36,7 +36,7 @@ def _setup_logging(level: str):
 def cmd_serve(a) -> int:
     import shm
 
-    from .server import TransportServer
+    from . import engine
 
     token = None
     tf = resolve("token_file", a.token_file)
@@ -47,14 +47,38 @@ def cmd_serve(a) -> int:
             raise ConfigError(f"cannot read --token-file {tf!r}: {exc}") from None
         if not token:
             raise ConfigError(f"--token-file {tf!r} is empty")
+    # every flag and variable is validated before anything is created
+    knobs = {name: resolve(name, getattr(a, name)) for name in (
+        "slots", "slot_bytes", "on_full", "ports", "n_ports", "ack_timeout_s", "idle_timeout_s", "max_take",
+        "min_rate", "metrics_port")}
+    engine.resolve_mode(resolve("progress_mode", a.progress_mode))
+    if a.create and a.attach_existing:
+        raise ConfigError("--create and --attach-existing exclude each other")
     if a.create:
-        ring = shm.RingBuffer.create(a.ring, slots=resolve("slots", a.slots), slot_bytes=resolve("slot_bytes", a.slot_bytes),
-                                     on_full=resolve("on_full", a.on_full), exist_ok=True)
+        try:
+            ring = shm.RingBuffer.create(a.ring, slots=knobs["slots"], slot_bytes=knobs["slot_bytes"],
+                                         on_full=knobs["on_full"])
+        except FileExistsError:
+            raise FileExistsError(
+                f"ring {a.ring!r} already exists (/dev/shm/{a.ring}): --create only makes a new ring. Serve the "
+                f"existing one with --attach-existing (it must be yours, mode 0600), or remove it first "
+                f"if no process uses it") from None
     else:
         ring = shm.RingBuffer.attach(a.ring)
-    srv = TransportServer(ring, host=a.host, ports=a.ports, n_ports=a.n_ports, token=token,
-                          ack_timeout_s=a.ack_timeout_s, idle_timeout_s=a.idle_timeout_s,
-                          progress_mode=a.progress_mode, max_take=a.max_take,
+    try:
+        return _serve(a, ring, token, knobs)
+    finally:
+        ring.close()
+        if a.unlink_on_exit:
+            shm.RingBuffer.unlink_name(a.ring)
+
+
+def _serve(a, ring, token, knobs) -> int:
+    from .server import TransportServer, is_loopback
+
+    srv = TransportServer(ring, host=a.host, ports=knobs["ports"], n_ports=a.n_ports, token=token,
+                          ack_timeout_s=knobs["ack_timeout_s"], idle_timeout_s=knobs["idle_timeout_s"],
+                          progress_mode=a.progress_mode, max_take=knobs["max_take"], min_rate=knobs["min_rate"],
                           _fault={"silent_port_index": a.fault_silent_port} if a.fault_silent_port is not None else None)
     stop = threading.Event()
 
@@ -65,20 +89,24 @@ def cmd_serve(a) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     ports = srv.start()
-    mport = resolve("metrics_port", a.metrics_port)
-    if mport is not None:
-        _start_metrics(srv, mport)
     host, _ = srv.address
-    sys.stdout.write(json.dumps({"ring": ring.name, "host": host, "ports": ports, "pid": os.getpid()}) + "\n")
-    sys.stdout.flush()
-    while not stop.wait(0.5):
-        if not srv.running:
-            log.error("server thread exited unexpectedly")
-            return 1
-    srv.stop()
-    ring.close()
-    if a.unlink_on_exit:
-        shm.RingBuffer.unlink_name(a.ring)
+    if token is None:
+        # ucxx's Python API binds listeners on every interface whatever --host says
+        log.warning("no --token-file: any host that can reach ports %s may read every payload of ring %r "
+                    "(listeners accept on all interfaces%s); set a token or firewall these ports",
+                    ports, ring.name, "" if not is_loopback(host) else ", even with a loopback --host")
+    try:
+        if knobs["metrics_port"] is not None:
+            _start_metrics(srv, knobs["metrics_port"])
+        sys.stdout.write(json.dumps({"ring": ring.name, "ring_id": ring.ring_id, "host": host, "ports": ports,
+                                     "pid": os.getpid()}) + "\n")
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            if not srv.running:
+                log.error("server thread exited unexpectedly")
+                return 1
+    finally:
+        srv.stop()
     return 0
 
 
@@ -175,10 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "gracefully (leases return to READY) and exit 0.",
                        epilog=EPILOG_ENV)
     s.add_argument("--ring", required=True, help="ring name (a file in /dev/shm)")
-    s.add_argument("--create", action="store_true", help="create the ring if it does not exist")
+    s.add_argument("--create", action="store_true",
+                   help="create a new ring (an error if /dev/shm/RING exists: see --attach-existing)")
+    s.add_argument("--attach-existing", action="store_true",
+                   help="serve an existing ring (the default without --create; it must be owned by you, mode 0600)")
     s.add_argument("--unlink-on-exit", action="store_true", help="remove the ring segment when the server exits")
     for name in ("slots", "slot_bytes", "on_full", "host", "ports", "n_ports", "token_file", "progress_mode",
-                 "metrics_port", "ack_timeout_s", "idle_timeout_s", "max_take"):
+                 "metrics_port", "ack_timeout_s", "idle_timeout_s", "max_take", "min_rate"):
         _add(s, name)
     s.add_argument("--fault-silent-port", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     s.set_defaults(func=cmd_serve)
@@ -208,7 +239,7 @@ def main(argv=None) -> int:
     _setup_logging(a.log_level)
     try:
         return int(a.func(a) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ImportError, OSError,
+    except (ConfigError, FileNotFoundError, FileExistsError, PermissionError, ValueError, ImportError, OSError,
             shm.RingError) as exc:
         print(f"ucxx-transport {a.cmd}: error: {exc}", file=sys.stderr)
         return 2

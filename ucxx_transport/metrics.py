@@ -48,6 +48,7 @@ class ServerMetrics:
         self.nacks = 0
         self.acks = 0
         self.evictions = 0
+        self.dead_letters = 0  # payloads this server moved to DEAD (undecodable by DEAD_LETTER_AFTER readers)
         self.handler_latency = Reservoir()  # seconds, claim -> ack
         self.loop_lag = Reservoir(1200)  # seconds, sampled at 10 Hz
         self.started = time.time()
@@ -76,6 +77,7 @@ class ServerMetrics:
             "nacks": self.nacks,
             "ack_timeouts": self.ack_timeouts,
             "evictions": self.evictions,
+            "dead_letters": self.dead_letters,
             "handler_latency_s": self.handler_latency.percentiles(),
             "loop_lag_s": self.loop_lag.percentiles(),
         }
@@ -96,7 +98,8 @@ def prometheus_collector(snapshot_fn):
             yield req
             for name, help_ in [("bytes_out", "payload bytes sent"), ("payloads_out", "payloads sent"),
                                 ("acks", "payloads acked"), ("nacks", "payloads returned"),
-                                ("ack_timeouts", "ACKs that never came"), ("evictions", "idle endpoints evicted")]:
+                                ("ack_timeouts", "ACKs that never came"), ("evictions", "idle endpoints evicted"),
+                                ("dead_letters", "payloads moved to DEAD after repeated decode failures")]:
                 yield CounterMetricFamily(f"ucxx_transport_{name}", help_, value=m[name])
             yield GaugeMetricFamily("ucxx_transport_inflight", "requests in flight", value=m["inflight"])
             yield GaugeMetricFamily("ucxx_transport_endpoints", "connected endpoints", value=m["endpoints"])

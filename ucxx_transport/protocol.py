@@ -1,7 +1,7 @@
 """Wire protocol: the only module that knows the byte layout of messages.
 
 Every message on an endpoint is one UCX tag message. A request is exactly
-``REQUEST.size`` (256) bytes, a response header exactly ``RESPONSE.size``
+``REQUEST.size`` (272) bytes, a response header exactly ``RESPONSE.size``
 (128) bytes; a payload (or STATS JSON) follows its response header as one
 message of exactly ``nbytes`` bytes. All integers are little-endian. The last
 4 bytes of each header are a CRC-32 of the bytes before it, so a short,
@@ -11,23 +11,24 @@ truncated or stale buffer is detected, never misread. See docs/PROTOCOL.md.
 from __future__ import annotations
 
 import enum
-import hashlib
 import struct
 import zlib
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 REQUEST_MAGIC = b"UXRQ"
 RESPONSE_MAGIC = b"UXRS"
 
-#: magic, version, op, flags, request_id, generation, max_nbytes, slot, n, wait_ms, text_len
-REQUEST = struct.Struct("<4sHBBQQQIIIH2x204sI")
-#: magic, version, status, flags, request_id, generation, nbytes, slot, index, count, msg_len, message
-RESPONSE = struct.Struct("<4sHBBQQQIIIH2x76sI")
-assert REQUEST.size == 256 and RESPONSE.size == 128
+#: magic, version, op, flags, request_id, generation, max_nbytes, slot, n, wait_ms, text_len, ring_id, text
+REQUEST = struct.Struct("<4sHBBQQQIIIH2x16s204sI")
+#: magic, version, status, flags, request_id, generation, nbytes, slot, index, count, msg_len, ring_id, message
+RESPONSE = struct.Struct("<4sHBBQQQIIIH2x16s60sI")
+assert REQUEST.size == 272 and RESPONSE.size == 128
 
 MAX_TEXT = 204  # ring name (GET), token (HELLO)
-MAX_MESSAGE = 76
+MAX_MESSAGE = 60
+RING_ID_BYTES = 16
+NO_RING_ID = bytes(RING_ID_BYTES)
 #: TAKE never hands out more than this many payloads per request
 MAX_TAKE = 256
 #: response flag: another (header, payload) pair of the same TAKE follows
@@ -36,6 +37,8 @@ FLAG_MORE = 0x1
 #: RESPONSE.size + max_nbytes bytes (max_nbytes = the ref's exact nbytes); an
 #: error answer is the header alone
 FLAG_ONE_MESSAGE = 0x1
+#: NACK request flag: the payloads could not be decoded (counted towards dead-lettering)
+FLAG_UNDECODABLE = 0x2
 
 
 class Op(enum.IntEnum):
@@ -83,6 +86,7 @@ class Request:
     max_nbytes: int = 0
     text: str = ""
     flags: int = 0
+    ring_id: bytes = NO_RING_ID  # GET: the ref's ring id (all zero: not known)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class Response:
     count: int = 0
     message: str = ""
     flags: int = 0
+    ring_id: bytes = NO_RING_ID  # OK: the id of the ring the payload came from
 
 
 def _crc(buf, n: int) -> int:
@@ -128,14 +133,15 @@ def encode_request(req: Request) -> bytearray:
         raise ValueError(f"request text is {len(text)} bytes; at most {MAX_TEXT}")
     out = bytearray(REQUEST.size)
     REQUEST.pack_into(out, 0, REQUEST_MAGIC, PROTOCOL_VERSION, int(req.op), req.flags, req.request_id,
-                      req.generation, req.max_nbytes, req.slot, req.n, req.wait_ms, len(text), text, 0)
+                      req.generation, req.max_nbytes, req.slot, req.n, req.wait_ms, len(text), req.ring_id,
+                      text, 0)
     _seal(out, REQUEST)
     return out
 
 
 def decode_request(buf) -> Request:
     """Parse a request; raises :class:`ProtocolError` (status BAD_REQUEST)."""
-    (_, _, op, flags, rid, gen, max_nbytes, slot, n, wait_ms, text_len, text, _) = \
+    (_, _, op, flags, rid, gen, max_nbytes, slot, n, wait_ms, text_len, ring_id, text, _) = \
         _unseal(buf, REQUEST, REQUEST_MAGIC, "request")
     try:
         op = Op(op)
@@ -147,34 +153,36 @@ def decode_request(buf) -> Request:
         text_s = text[:text_len].decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("request text is not UTF-8") from None
-    return Request(op, rid, slot, gen, n, wait_ms, max_nbytes, text_s, flags)
+    return Request(op, rid, slot, gen, n, wait_ms, max_nbytes, text_s, flags, ring_id)
 
 
 def encode_response(resp: Response, out: bytearray | None = None) -> bytearray:
     msg = resp.message.encode("utf-8")[:MAX_MESSAGE]
     out = out if out is not None else bytearray(RESPONSE.size)
     RESPONSE.pack_into(out, 0, RESPONSE_MAGIC, PROTOCOL_VERSION, int(resp.status), resp.flags, resp.request_id,
-                       resp.generation, resp.nbytes, resp.slot, resp.index, resp.count, len(msg), msg, 0)
+                       resp.generation, resp.nbytes, resp.slot, resp.index, resp.count, len(msg), resp.ring_id,
+                       msg, 0)
     _seal(out, RESPONSE)
     return out
 
 
 def decode_response(buf) -> Response:
     """Parse a response header; raises :class:`ProtocolError` on anything odd."""
-    (_, _, status, flags, rid, gen, nbytes, slot, index, count, msg_len, msg, _) = \
+    (_, _, status, flags, rid, gen, nbytes, slot, index, count, msg_len, ring_id, msg, _) = \
         _unseal(buf, RESPONSE, RESPONSE_MAGIC, "response")
     try:
         status = Status(status)
     except ValueError:
         raise ProtocolError(f"unknown status {status}") from None
     message = msg[: min(msg_len, MAX_MESSAGE)].decode("utf-8", "replace")
-    return Response(status, rid, slot, gen, nbytes, index, count, message, flags)
+    return Response(status, rid, slot, gen, nbytes, index, count, message, flags, ring_id)
 
 
-def ring_identity(name: str) -> str:
-    """What OK responses carry in their message field: the ring name (or, past
-    the field's size, a prefix plus a hash), so clients key payloads by
-    (ring, slot, generation) whichever server or port delivered them."""
-    if len(name.encode()) <= MAX_MESSAGE:
-        return name
-    return name[:40] + "#" + hashlib.sha1(name.encode()).hexdigest()[:16]
+def ring_id_bytes(ring_id: str | None) -> bytes:
+    """A ref's ring id (32 hex digits, or None) as the wire's 16 bytes."""
+    return NO_RING_ID if ring_id is None else bytes.fromhex(ring_id)
+
+
+def ring_id_hex(raw: bytes) -> str | None:
+    """The wire's 16 ring-id bytes as a ref's ring id (None when all zero)."""
+    return None if raw == NO_RING_ID else raw.hex()

@@ -24,9 +24,11 @@ import collections
 import concurrent.futures
 import functools
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -52,15 +54,25 @@ from .protocol import (
     Request,
     Response,
     Status,
+    FLAG_UNDECODABLE,
+    NO_RING_ID,
     decode_request,
     encode_response,
-    ring_identity,
 )
 
 log = logging.getLogger("ucxx_transport.server")
 assert shm.layout.SLOT_HEADROOM >= RESPONSE.size, "the slot headroom must hold a response header"
 SWEEP_INTERVAL_S = 0.1
-RECOVER_INTERVAL_S = 1.0
+RECOVER_INTERVAL_S = 0.25
+#: longest the event loop polls a slot's lock before deferring a finaliser
+LOOP_LOCK_TIMEOUT_S = 0.001
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def default_host() -> str:
@@ -129,11 +141,20 @@ class TransportServer:
     """
 
     def __init__(self, ring, *, host=None, ports=None, n_ports=None, token=None, ack_timeout_s=None,
-                 idle_timeout_s=None, progress_mode=None, max_take=None, _fault=None):
+                 idle_timeout_s=None, progress_mode=None, max_take=None, min_rate=None, _fault=None):
         self._own_ring = isinstance(ring, str)
         self.ring: RingBuffer = RingBuffer.attach(ring) if isinstance(ring, str) else ring
         self._host = resolve("host", host) or default_host()
-        self._req_ports = resolve("ports", ports) or [0] * resolve("n_ports", n_ports)
+        explicit = resolve("ports", ports)
+        # a restarted server takes the ports its predecessor used (when free), so refs
+        # published before the restart stay fetchable; --ports / --n-ports override
+        self._prefer = [] if explicit else self.ring.last_server_ports()
+        if explicit:
+            self._req_ports = explicit
+        elif n_ports is None and not os.environ.get("UCXX_TRANSPORT_N_PORTS") and self._prefer:
+            self._req_ports = [0] * len(self._prefer)
+        else:
+            self._req_ports = [0] * resolve("n_ports", n_ports)
         self._token = token.encode() if isinstance(token, str) else token
         self._ack_timeout = resolve("ack_timeout_s", ack_timeout_s)
         self._idle_timeout = resolve("idle_timeout_s", idle_timeout_s)
@@ -141,7 +162,8 @@ class TransportServer:
         self._max_take = min(resolve("max_take", max_take), MAX_TAKE)
         self._fault = _fault or {}
         self.metrics = ServerMetrics()
-        self._ring_id = ring_identity(self.ring.name)
+        self._ring_id = bytes.fromhex(self.ring.ring_id)
+        self._min_rate = resolve("min_rate", min_rate)
         self._ports: list[int] = []
         self._future: concurrent.futures.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,6 +175,7 @@ class TransportServer:
         self._waiters = _ReadyWaiters()
         self._watch_ack = threading.Event()
         self._req_ids = itertools.count(1)
+        self._deferred: list = []  # (lease, "ack"|"nack", undecodable): finalisers waiting for a slot lock
 
     # ---------------------------------------------------------- lifetime --
     @property
@@ -228,6 +251,14 @@ class TransportServer:
         try:
             for i, port in enumerate(self._req_ports):
                 cb = functools.partial(self._serve_endpoint, port_index=i)
+                if port == 0 and i < len(self._prefer):
+                    try:
+                        listeners.append(ucxx.create_listener(cb, self._prefer[i]))
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - ucxx raises plain exceptions for a busy port
+                        log.warning("previous port %d of ring %r is taken (%s): using a new port; refs that "
+                                    "name it resolve through the ring's header", self._prefer[i],
+                                    self.ring.name, str(exc).splitlines()[0][:120])
                 try:
                     listeners.append(ucxx.create_listener(cb, port))
                 except Exception as exc:
@@ -291,6 +322,8 @@ class TransportServer:
     async def _recoverer(self):
         while True:
             await asyncio.sleep(RECOVER_INTERVAL_S)
+            if self._deferred:
+                self._retry_deferred()
             if self.ring.recover():
                 self._waiters.notify_all()
 
@@ -361,6 +394,7 @@ class TransportServer:
                 await asyncio.sleep(3600)  # fault injection: accept, never answer
             while True:
                 conn.phase, conn.deadline = "idle", time.monotonic() + self._idle_timeout
+                buf[:] = 0  # a short message must never leave the previous request to be parsed again
                 try:
                     await engine.recv(ep, buf)
                 except Exception as exc:
@@ -440,6 +474,10 @@ class TransportServer:
             await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id,
                                            message=f"this server serves ring {ring.name!r}"))
             return False
+        if req.ring_id != NO_RING_ID and req.ring_id != self._ring_id:
+            self.metrics.count("GET", "STALE")
+            return await self._reply(ep, Response(Status.STALE, req.request_id, req.slot, req.generation,
+                                                  message="ring re-created or another host's ring"))
         if req.slot >= ring.slots:
             self.metrics.count("GET", "STALE")
             return await self._reply(ep, Response(Status.STALE, req.request_id, req.slot, req.generation,
@@ -468,7 +506,7 @@ class TransportServer:
 
     async def _take(self, ep, conn, req: Request, buf) -> bool:
         n = max(1, min(req.n or 1, self._max_take))
-        leases = self._claim_ready(n)
+        leases = self._claim_ready(n, req.max_nbytes)
         if not leases and req.wait_ms:
             deadline = time.monotonic() + req.wait_ms / 1000.0
             conn.phase, conn.deadline = "wait", None
@@ -477,17 +515,19 @@ class TransportServer:
                 if remaining <= 0:
                     break
                 await self._waiters.wait(remaining)
-                leases = self._claim_ready(n)
+                leases = self._claim_ready(n, req.max_nbytes)
         if not leases:
             self.metrics.count("TAKE", "EMPTY")
             status = Status.SHUTTING_DOWN if self._stopping else Status.EMPTY
             return await self._reply(ep, Response(status, req.request_id))
         return await self._deliver(ep, conn, req, leases, buf)
 
-    def _claim_ready(self, n: int) -> list:
+    def _claim_ready(self, n: int, max_nbytes: int) -> list:
+        """Up to ``n`` READY payloads, oldest first, skipping (leaving READY) any
+        larger than the client's ``max_nbytes`` (0 = no limit)."""
         out = []
         while len(out) < n:
-            lease = self.ring.try_claim()
+            lease = self.ring.try_claim(max_nbytes=max_nbytes)
             if lease is None:
                 break
             out.append(lease)
@@ -498,14 +538,16 @@ class TransportServer:
         m = self.metrics
         t0 = time.monotonic()
         m.inflight += 1
-        conn.phase, conn.deadline = "ack", time.monotonic() + self._ack_timeout
+        # the ACK comes after the client received everything: slow links are slow, not impossible
+        conn.phase, conn.deadline = "ack", (time.monotonic() + self._ack_timeout
+                                            + sum(lease.nbytes for lease in leases) / self._min_rate)
         ok = False
         try:
             count = len(leases)
             one_message = req.op == Op.GET and req.flags & FLAG_ONE_MESSAGE
             for i, lease in enumerate(leases):
                 resp = Response(Status.OK, req.request_id, lease.slot, lease.generation, lease.nbytes, i, count,
-                                self._ring_id, flags=FLAG_MORE if i + 1 < count else 0)
+                                flags=FLAG_MORE if i + 1 < count else 0, ring_id=self._ring_id)
                 if one_message:  # header in the slot's headroom: one message straight from shm
                     msg = lease.array(headroom=True)
                     encode_response(resp, msg[: RESPONSE.size].data.cast("B"))
@@ -517,18 +559,18 @@ class TransportServer:
                 m.payloads_out += 1
             m.count(req.op.name, "OK")
             log.debug("sent %d payload(s) for request %d; awaiting ACK", count, req.request_id)
+            buf[:] = 0
             await engine.recv(ep, buf)
             ack = decode_request(buf)
             if ack.op not in (Op.ACK, Op.NACK) or ack.request_id != req.request_id:
                 raise ProtocolError(f"expected ACK/NACK for request {req.request_id}, got {ack.op.name} "
                                     f"for {ack.request_id}")
             if ack.op == Op.ACK:
-                for lease in leases:
-                    lease.ack()
+                self._finalise(leases, "ack")
                 m.acks += count
             else:
-                for lease in leases:
-                    lease.nack()
+                bad = (ack.slot, ack.generation) if ack.flags & FLAG_UNDECODABLE else None
+                self._finalise(leases, "nack", bad)
                 m.nacks += count
                 self._waiters.notify(count)
             ok = True
@@ -548,11 +590,35 @@ class TransportServer:
             m.inflight -= 1
             if not ok:
                 returned = [lease for lease in leases if not lease.finalised]
-                for lease in returned:
-                    lease.nack()
+                self._finalise(returned, "nack")
                 if returned:
                     m.nacks += len(returned)
                     self._waiters.notify(len(returned))
+
+    def _finalise(self, leases: list, how: str, undecodable: tuple[int, int] | None = None) -> None:
+        """ACK or NACK ``leases`` without ever blocking the loop on a cross-process
+        lock: a slot whose lock is held by a frozen process is finalised later
+        (its lease stays ours, so nothing is lost and no one else serves it)."""
+        for lease in leases:
+            bad = undecodable == (lease.slot, lease.generation)
+            try:
+                if how == "ack":
+                    lease.ack(lock_timeout=LOOP_LOCK_TIMEOUT_S)
+                else:
+                    lease.nack(undecodable=bad, lock_timeout=LOOP_LOCK_TIMEOUT_S)
+                    if lease.dead_lettered:
+                        self.metrics.dead_letters += 1
+            except shm.SlotLockTimeoutError:
+                log.warning("slot %d: lock held by a frozen process; %s deferred", lease.slot, how)
+                self._deferred.append((lease, how, bad))
+
+    def _retry_deferred(self) -> None:
+        todo, self._deferred = self._deferred, []
+        for lease, how, bad in todo:
+            try:
+                lease.ack(lock_timeout=0) if how == "ack" else lease.nack(undecodable=bad, lock_timeout=0)
+            except shm.SlotLockTimeoutError:
+                self._deferred.append((lease, how, bad))
 
     # --------------------------------------------------------- inspection --
     def snapshot(self) -> dict:
@@ -561,5 +627,6 @@ class TransportServer:
                        "progress_mode": engine.mode(), "auth": self._token is not None,
                        "ucx_progress_call_max_s": engine.progress_call_max_s()},
             "metrics": self.metrics.snapshot(),
-            "ring": self.ring.stats(),
+            "ring": dict(self.ring.stats(), stuck_slots=self.ring.stuck_slots(probe_s=0),
+                         deferred_finalisers=len(self._deferred)),
         }
