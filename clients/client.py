@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import socket
@@ -46,7 +47,9 @@ from ucxx_transport.protocol import (
     ProtocolError,
     Request,
     Status,
+    FLAG_HOLD,
     FLAG_UNDECODABLE,
+    MAX_HOLD_S,
     decode_response,
     encode_request,
     ring_id_bytes,
@@ -54,6 +57,7 @@ from ucxx_transport.protocol import (
 )
 
 from .buffers import BufferPool
+from .held import HeldDelivery, LocalDelivery
 from .errors import (
     AlreadyDeliveredError,
     AuthError,
@@ -353,11 +357,14 @@ class TransportClient:
         d["buffer_reuses"] = self._buffers.reuses
         return d
 
-    def stream(self, refs=None, *, address=None, depth: int = 4, take_n: int = 1, wait: float = 1.0):
-        """A :class:`~clients.stream.FetchStream` over ``refs`` or over TAKE from ``address``."""
-        from .stream import FetchStream
+    def stream(self, refs=None, *, address=None, depth: int = 4, take_n: int = 1, wait: float = 1.0,
+               hold_s: float | None = None):
+        """A :class:`~clients.stream.FetchStream` over ``refs`` or over TAKE from ``address``
+        (only what it hands out is consumed; see its docs)."""
+        from .stream import DEFAULT_HOLD_S, FetchStream
 
-        return FetchStream(self, refs, address=address, depth=depth, take_n=take_n, wait=wait)
+        return FetchStream(self, refs, address=address, depth=depth, take_n=take_n, wait=wait,
+                           hold_s=hold_s or DEFAULT_HOLD_S)
 
     def _address(self, address) -> tuple[str, list[int]]:
         if isinstance(address, shm.SlotRef):
@@ -432,7 +439,38 @@ class TransportClient:
                 return host, [ports] if isinstance(ports, int) else list(ports)
         return None
 
+    def submit(self, ref, *, hold_s: float = 0) -> concurrent.futures.Future:
+        """Start fetching ``ref`` now; a future of its payload. With ``hold_s`` the
+        future's result is a delivery (``.payloads``, ``.settle_sync(k, timeout)``)
+        that is not consumed until settled: ``settle_sync(1, ...)`` consumes it,
+        ``settle_sync(0, ...)`` gives it back to READY; the server holds it up to
+        ``hold_s`` seconds. Same-host refs are claimed synchronously."""
+        ref = self._checked(ref)
+        if self._local_ring(ref) is not None:
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            try:
+                got = self._claim_local(ref)
+            except BaseException as exc:  # noqa: BLE001 - delivered through the future
+                fut.set_exception(exc)
+                return fut
+            if got is not None:
+                payload, lease = got
+                fut.set_result(LocalDelivery(self, ref.key, payload, lease) if hold_s else payload)
+                return fut
+        return asyncio.run_coroutine_threadsafe(self._fetch_ref(ref, hold_s), self._ucx_loop())
+
+    def submit_take(self, address, n: int = 1, wait: float = 0.0, *, hold_s: float) -> concurrent.futures.Future:
+        """Start a TAKE now; a future of a held delivery (see :meth:`submit`) of up to
+        ``n`` payloads, consumed only as far as it is settled."""
+        host, ports = self._address(address)
+        return asyncio.run_coroutine_threadsafe(self._take(host, ports, n, wait, hold_s), self._ucx_loop())
+
     def _fetch_local(self, ref: shm.SlotRef) -> shm.Payload | None:
+        got = self._claim_local(ref)
+        return None if got is None else got[0]
+
+    def _claim_local(self, ref: shm.SlotRef):
+        """(payload, lease) claimed from this host's shared memory, or None."""
         ring = self._local_ring(ref)
         if ring is None:
             return None
@@ -463,7 +501,7 @@ class TransportClient:
         self._stats["local_fetches"] += 1
         self._stats["bytes"] += lease.nbytes
         self._latency.add(time.perf_counter() - t0)
-        return payload
+        return payload, lease
 
     # ------------------------------------------------------ network core ---
     async def _connect(self, host: str, port: int, budget: float) -> PooledEndpoint:
@@ -495,6 +533,21 @@ class TransportClient:
                 raise AuthError(f"{host}:{port} refused the token: {resp.message}")
         return pe
 
+    async def _confirm(self, pe: PooledEndpoint) -> None:
+        """PING on ``pe`` under the call deadline: the server answers after applying
+        everything sent before it on this endpoint (used to confirm an ACK)."""
+        t = _Timeout(asyncio.get_running_loop(), self.timeout, pe)
+        try:
+            await self._request(pe, Request(Op.PING, next(self._ids)))
+        except asyncio.CancelledError:
+            if not t.fired:
+                raise
+            _uncancel()
+            raise CallTimeoutError("PING after ACK: no answer within the deadline") from None
+        finally:
+            t.cancel()
+        pe.unconfirmed_ack = False
+
     async def _request(self, pe: PooledEndpoint, req: Request):
         await engine.send(pe.ep, encode_request(req))
         hdr = np.zeros(RESPONSE.size, np.uint8)
@@ -521,6 +574,9 @@ class TransportClient:
         healthy = False
         try:
             result, healthy = await body(pe)
+            if healthy is _HELD:  # the endpoint now belongs to the HeldDelivery until it is settled
+                pe.timer, pe = None, None
+                t.cancel()
             return result
         except _Answered:
             healthy = True  # the server answered with an error status: the endpoint is fine
@@ -534,10 +590,13 @@ class TransportClient:
             raise self._map(exc, t, where) from exc
         finally:
             t.cancel()
-            pe.timer = None
-            if healthy and not t.fired:
+            if pe is None:
+                pass
+            elif healthy and not t.fired:
+                pe.timer = None
                 self._pool.checkin(pe)
             else:
+                pe.timer = None
                 pe.abort()
             pe = None  # an exception's traceback keeps this frame: do not let it pin the endpoint
 
@@ -594,7 +653,8 @@ class TransportClient:
             pool.put(base)
             raise CorruptPayloadError(f"{where}: {exc}") from exc
 
-    async def _get_once(self, ref: shm.SlotRef, host: str, port: int) -> shm.Payload:
+    async def _get_once(self, ref: shm.SlotRef, host: str, port: int, hold: float = 0):
+        """GET ``ref`` from one port: its payload, or with ``hold`` a :class:`HeldDelivery`."""
         where = f"GET {ref.ring}[{ref.slot}]@{ref.generation} from {host}:{port}"
         one = ref.nbytes > 0  # size known: header + payload arrive as one message
 
@@ -607,7 +667,8 @@ class TransportClient:
                 msg[: RESPONSE.size] = 0  # a short answer must never leave an old header to be parsed
             await engine.send(pe.ep, encode_request(Request(
                 Op.GET, rid, ref.slot, ref.generation, max_nbytes=ref.nbytes if one else self.max_nbytes,
-                text=ref.ring, flags=FLAG_ONE_MESSAGE if one else 0, ring_id=ring_id_bytes(ref.ring_id))))
+                text=ref.ring, flags=(FLAG_ONE_MESSAGE if one else 0) | (FLAG_HOLD if hold else 0),
+                ring_id=ring_id_bytes(ref.ring_id), hold_s=_hold_s(hold))))
             if one:
                 await engine.recv(pe.ep, msg)
                 pe.unconfirmed_ack = False
@@ -636,6 +697,8 @@ class TransportClient:
                 await engine.send(pe.ep, encode_request(Request(Op.NACK, rid, resp.slot, resp.generation,
                                                                 flags=FLAG_UNDECODABLE)))
                 raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (NACKed)"))
+            if hold:
+                return HeldDelivery(self, pe, rid, [(ref.key, payload)], hold), _HELD
             await engine.send(pe.ep, encode_request(Request(Op.ACK, rid)))
             pe.unconfirmed_ack = True
             return payload, True
@@ -647,8 +710,9 @@ class TransportClient:
         except _Answered as a:  # the server answered: the endpoint is fine, the error is real
             raise a.error from None
 
-    async def _fetch_ref(self, ref: shm.SlotRef) -> shm.Payload:
-        """Layer 2: bounded retries of transient errors for one ref."""
+    async def _fetch_ref(self, ref: shm.SlotRef, hold: float = 0):
+        """Layer 2: bounded retries of transient errors for one ref. With ``hold``,
+        a :class:`HeldDelivery` whose ACK waits for :meth:`HeldDelivery.settle`."""
         host, ports = self._where(ref)
         t0 = time.perf_counter()
         last: TransportError | None = None
@@ -657,7 +721,8 @@ class TransportClient:
                 self._stats["retries"] += 1
                 await asyncio.sleep(min(0.05 * attempt, 0.5))
             try:
-                payload = await self._call(host, ports, lambda h, p: self._get_once(ref, h, p), f"GET {ref.key}")
+                payload = await self._call(host, ports, lambda h, p: self._get_once(ref, h, p, hold),
+                                           f"GET {ref.key}")
             except TransportError as exc:
                 if isinstance(exc, StaleSlotError):
                     self._stats["stale"] += 1
@@ -670,7 +735,13 @@ class TransportClient:
                         log.info("GET %s: server of ring %r moved to %s:%s", ref.key, ref.ring, *found)
                         host, ports = found
                 continue
-            if not self._remember(ref.key):
+            if hold:
+                held, payload = payload, payload.payloads[0]
+                if ref.key in self._delivered:
+                    await held.settle(1)
+                    raise AlreadyDeliveredError(f"GET {ref.key}: this client already returned this payload once "
+                                                f"(served again after a server crash); ACKed and dropped")
+            elif not self._remember(ref.key):
                 payload.release()  # ACKed (consumed) but never returned twice
                 raise AlreadyDeliveredError(f"GET {ref.key}: this client already returned this payload once "
                                             f"(served again after a server crash); ACKed and dropped")
@@ -681,7 +752,7 @@ class TransportClient:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("fetched %s (%d bytes) in %.0f us, attempt %d", ref.key, payload.nbytes, dt * 1e6,
                           attempt + 1)
-            return payload
+            return held if hold else payload
         assert last is not None
         raise last
 
@@ -716,13 +787,14 @@ class TransportClient:
                        and getattr(results[i].error, "retryable", False)]
         return results
 
-    async def _take_once(self, host: str, port: int, ports, n: int, wait: float) -> list[shm.Payload]:
+    async def _take_once(self, host: str, port: int, ports, n: int, wait: float, hold: float = 0):
         where = f"TAKE {n} from {host}:{port}"
 
         async def body(pe):
             rid = next(self._ids)
             await engine.send(pe.ep, encode_request(Request(Op.TAKE, rid, n=n, wait_ms=int(wait * 1000),
-                                                    max_nbytes=self.max_nbytes)))
+                                                    max_nbytes=self.max_nbytes, flags=FLAG_HOLD if hold else 0,
+                                                    hold_s=_hold_s(hold))))
             out, corrupt = [], None
             hdr = np.empty(RESPONSE.size, np.uint8)
             while True:
@@ -733,7 +805,7 @@ class TransportClient:
                 if resp.request_id != rid:
                     raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
                 if resp.status == Status.EMPTY:
-                    return [], True
+                    return (HeldDelivery(self, None, rid, [], 0) if hold else []), True
                 if resp.status != Status.OK:
                     raise _Answered(status_error(resp.status, resp.message, where))
                 if self.max_nbytes and resp.nbytes > self.max_nbytes:
@@ -754,6 +826,8 @@ class TransportClient:
                 for _, p in out:
                     p.release()
                 raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (batch NACKed)"))
+            if hold:
+                return HeldDelivery(self, pe, rid, out, hold), _HELD
             await engine.send(pe.ep, encode_request(Request(Op.ACK, rid)))
             pe.unconfirmed_ack = True
             kept = []
@@ -769,7 +843,7 @@ class TransportClient:
         except _Answered as a:
             raise a.error from None
 
-    async def _take(self, host: str, ports, n: int, wait: float) -> list[shm.Payload]:
+    async def _take(self, host: str, ports, n: int, wait: float, hold: float = 0):
         if not 1 <= n <= MAX_TAKE:
             raise ValueError(f"n must be in [1, {MAX_TAKE}], got {n}")
         if wait < 0:
@@ -779,9 +853,10 @@ class TransportClient:
             if attempt:
                 self._stats["retries"] += 1
             try:
-                got = await self._call(host, ports, lambda h, p: self._take_once(h, p, ports, n, wait), f"TAKE {n}")
+                got = await self._call(host, ports, lambda h, p: self._take_once(h, p, ports, n, wait, hold),
+                                       f"TAKE {n}")
                 self._stats["takes"] += 1
-                self._stats["bytes"] += sum(p.nbytes for p in got)
+                self._stats["bytes"] += sum(p.nbytes for p in (got.payloads if hold else got))
                 return got
             except TransportError as exc:
                 if not exc.retryable:
@@ -816,6 +891,14 @@ class TransportClient:
             return await self._with_endpoint(h, p, self.timeout, body, f"PING {h}:{p}")
 
         return await self._call(host, ports, once, "PING")
+
+
+#: ``body`` result flag: the endpoint stays with a HeldDelivery (no checkin, no abort)
+_HELD = object()
+
+
+def _hold_s(hold: float) -> int:
+    return max(1, min(int(hold + 0.999), MAX_HOLD_S)) if hold else 0
 
 
 def _uncancel() -> None:

@@ -315,3 +315,27 @@ def test_short_message_is_never_reparsed_as_the_previous_request(make_ring, ring
         assert c.request(Request(Op.TAKE, 1, n=1, wait_ms=10)).status == Status.EMPTY
         c.send(b"U")  # one byte: the rest of the server's receive buffer is the old TAKE
         assert c.recv_response().status == Status.BAD_REQUEST
+
+
+# ------------------------------------- 4. a closed stream consumes what it handed out only --
+@pytest.mark.parametrize("mode", ["refs", "take", "local"])
+def test_stream_close_gives_back_what_was_not_handed_out(make_ring, ring_name, serve, mode):
+    ring = make_ring(slots=16)
+    srv = serve(ring_name)
+    refs = put_many(ring, 12)
+    with TransportClient(local_fast_path=mode == "local", timeout=3.0) as c:
+        if mode == "take":
+            s = c.stream(address=srv.address, depth=4, take_n=2, wait=0.2)
+        else:
+            s = c.stream(iter(refs), depth=4)
+        first = next(s)
+        assert helpers.checksum(first) == first.meta["crc"]
+        # let the fetcher run ahead (it fills its queue) before the consumer leaves
+        helpers.wait_until(lambda: ring.state_counts()["READY"] <= 12 - 1 - 4, timeout=5)
+        s.close()
+        first.release()
+        assert helpers.wait_until(lambda: ring.state_counts()["READY"] == 11, timeout=10), ring.state_counts()
+        # what came back is fetchable again, by anyone
+        rest = c.take(srv.address, n=11, wait=1.0) if mode == "take" else \
+            [r.payload for r in c.fetch_many([r for r in refs if r.key != refs[int(first["i"])].key])]
+        assert len(rest) == 11 and all(helpers.checksum(p) == p.meta["crc"] for p in rest if p is not None)

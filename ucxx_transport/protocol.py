@@ -19,8 +19,9 @@ PROTOCOL_VERSION = 2
 REQUEST_MAGIC = b"UXRQ"
 RESPONSE_MAGIC = b"UXRS"
 
-#: magic, version, op, flags, request_id, generation, max_nbytes, slot, n, wait_ms, text_len, ring_id, text
-REQUEST = struct.Struct("<4sHBBQQQIIIH2x16s204sI")
+#: magic, version, op, flags, request_id, generation, max_nbytes, slot, n, wait_ms, text_len, hold_s, ring_id,
+#: text
+REQUEST = struct.Struct("<4sHBBQQQIIIHH16s204sI")
 #: magic, version, status, flags, request_id, generation, nbytes, slot, index, count, msg_len, ring_id, message
 RESPONSE = struct.Struct("<4sHBBQQQIIIH2x16s60sI")
 assert REQUEST.size == 272 and RESPONSE.size == 128
@@ -39,13 +40,19 @@ FLAG_MORE = 0x1
 FLAG_ONE_MESSAGE = 0x1
 #: NACK request flag: the payloads could not be decoded (counted towards dead-lettering)
 FLAG_UNDECODABLE = 0x2
+#: GET/TAKE request flag: the client will hold the payloads up to ``hold_s`` seconds
+#: before its ACK (a stream hands them to its consumer first); capped by the server
+FLAG_HOLD = 0x4
+#: the longest hold a server grants
+MAX_HOLD_S = 3600
 
 
 class Op(enum.IntEnum):
     HELLO = 1  # text = token
     GET = 2  # text = ring name; slot, generation
     TAKE = 3  # n, wait_ms: the next READY payloads, publish order, long-poll
-    ACK = 4  # request_id of the GET/TAKE whose payloads were received intact
+    ACK = 4  # request_id of the GET/TAKE whose payloads were received intact; n > 0: only the first n
+    #          (the rest go back to READY)
     NACK = 5  # ... or not: give them back
     STATS = 6  # server metrics as JSON
     PING = 7
@@ -87,6 +94,7 @@ class Request:
     text: str = ""
     flags: int = 0
     ring_id: bytes = NO_RING_ID  # GET: the ref's ring id (all zero: not known)
+    hold_s: int = 0  # with FLAG_HOLD: seconds the client may take before its ACK
 
 
 @dataclass(frozen=True)
@@ -133,15 +141,15 @@ def encode_request(req: Request) -> bytearray:
         raise ValueError(f"request text is {len(text)} bytes; at most {MAX_TEXT}")
     out = bytearray(REQUEST.size)
     REQUEST.pack_into(out, 0, REQUEST_MAGIC, PROTOCOL_VERSION, int(req.op), req.flags, req.request_id,
-                      req.generation, req.max_nbytes, req.slot, req.n, req.wait_ms, len(text), req.ring_id,
-                      text, 0)
+                      req.generation, req.max_nbytes, req.slot, req.n, req.wait_ms, len(text), req.hold_s,
+                      req.ring_id, text, 0)
     _seal(out, REQUEST)
     return out
 
 
 def decode_request(buf) -> Request:
     """Parse a request; raises :class:`ProtocolError` (status BAD_REQUEST)."""
-    (_, _, op, flags, rid, gen, max_nbytes, slot, n, wait_ms, text_len, ring_id, text, _) = \
+    (_, _, op, flags, rid, gen, max_nbytes, slot, n, wait_ms, text_len, hold_s, ring_id, text, _) = \
         _unseal(buf, REQUEST, REQUEST_MAGIC, "request")
     try:
         op = Op(op)
@@ -153,7 +161,7 @@ def decode_request(buf) -> Request:
         text_s = text[:text_len].decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("request text is not UTF-8") from None
-    return Request(op, rid, slot, gen, n, wait_ms, max_nbytes, text_s, flags, ring_id)
+    return Request(op, rid, slot, gen, n, wait_ms, max_nbytes, text_s, flags, ring_id, hold_s)
 
 
 def encode_response(resp: Response, out: bytearray | None = None) -> bytearray:

@@ -54,7 +54,9 @@ from .protocol import (
     Request,
     Response,
     Status,
+    FLAG_HOLD,
     FLAG_UNDECODABLE,
+    MAX_HOLD_S,
     NO_RING_ID,
     decode_request,
     encode_response,
@@ -539,7 +541,8 @@ class TransportServer:
         t0 = time.monotonic()
         m.inflight += 1
         # the ACK comes after the client received everything: slow links are slow, not impossible
-        conn.phase, conn.deadline = "ack", (time.monotonic() + self._ack_timeout
+        hold = min(req.hold_s, MAX_HOLD_S) if req.flags & FLAG_HOLD else 0
+        conn.phase, conn.deadline = "ack", (time.monotonic() + self._ack_timeout + hold
                                             + sum(lease.nbytes for lease in leases) / self._min_rate)
         ok = False
         try:
@@ -566,8 +569,13 @@ class TransportServer:
                 raise ProtocolError(f"expected ACK/NACK for request {req.request_id}, got {ack.op.name} "
                                     f"for {ack.request_id}")
             if ack.op == Op.ACK:
-                self._finalise(leases, "ack")
-                m.acks += count
+                k = count if not 0 < ack.n < count else ack.n  # ACK n: the first n consumed, the rest back
+                self._finalise(leases[:k], "ack")
+                self._finalise(leases[k:], "nack")
+                m.acks += k
+                m.nacks += count - k
+                if k < count:
+                    self._waiters.notify(count - k)
             else:
                 bad = (ack.slot, ack.generation) if ack.flags & FLAG_UNDECODABLE else None
                 self._finalise(leases, "nack", bad)
