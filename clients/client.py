@@ -505,11 +505,9 @@ class TransportClient:
 
     # ------------------------------------------------------ network core ---
     async def _connect(self, host: str, port: int, budget: float) -> PooledEndpoint:
-        import ucxx
-
         self._stats["connects"] += 1
         try:
-            ep = await asyncio.wait_for(ucxx.create_endpoint(host, port, connect_timeout=budget), budget)
+            ep = await engine.connect(host, port, budget)
         except Exception as exc:
             raise classify(exc, f"connect {host}:{port}") from exc
         pe = PooledEndpoint(ep, host, port)

@@ -10,12 +10,11 @@ from ucxx_transport.protocol import RESPONSE, Request, decode_response, encode_r
 
 class RawConn:
     def __init__(self, host: str, port: int, timeout: float = 10.0):
-        import ucxx
 
         self.timeout = timeout
         engine.acquire()
         self._released = False
-        self.ep = engine.run(ucxx.create_endpoint(host, port), timeout)
+        self.ep = engine.run(engine.connect(host, port, timeout), timeout + 5)
 
     def send(self, data) -> None:
         if isinstance(data, Request):

@@ -4,7 +4,6 @@ processes. Each test failed on the code before its fix."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time

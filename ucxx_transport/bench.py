@@ -129,9 +129,8 @@ def _client_worker(kind: str, conn, args: dict, refq) -> None:
         from . import engine
 
         engine.acquire(args["progress_mode"])
-        import ucxx
 
-        state["ep"] = engine.run(ucxx.create_endpoint("127.0.0.1", args["port"]), 30)
+        state["ep"] = engine.run(engine.connect("127.0.0.1", args["port"], 30), 35)
     elif kind == "zmq":
         import zmq
 

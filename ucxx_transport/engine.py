@@ -23,7 +23,8 @@ import time
 
 log = logging.getLogger("ucxx_transport.engine")
 
-#: how long a receive abandoned by a cancelled task keeps its buffer referenced
+#: how long the driver polls a receive abandoned by a cancelled task; after that its
+#: buffer moves to ``_orphaned`` (referenced for the life of the process, never freed)
 ABANDONED_KEEP_S = 300.0
 PROGRESS_MODES = ("adaptive", "thread", "thread-polling", "polling", "blocking")
 DEFAULT_PROGRESS_MODE = "adaptive"
@@ -31,6 +32,10 @@ DEFAULT_PROGRESS_MODE = "adaptive"
 _state = {"mode": None, "pid": None, "driver": None}
 _lock = threading.RLock()
 _loop_state = {"loop": None, "thread": None, "refs": 0}
+#: (request, keepalive) of requests abandoned outside the adaptive driver, kept until UCX is done
+_abandoned: list = []
+#: keepalives of requests still pending when ucxx could not be reset (never freed: UCX may write there)
+_orphaned: list = []
 
 
 def _import_ucxx():
@@ -165,6 +170,82 @@ async def recv(ep, buf):
     await drv.wait(req, (arr, buf))
 
 
+async def _await_request(req, keepalive) -> None:
+    """Await UCX request ``req``; ``keepalive`` (the buffers UCX reads or writes)
+    stays referenced until UCX is done with it, even if the awaiting task is
+    cancelled (a late completion must never land in freed memory)."""
+    drv = _state["driver"]
+    if drv is not None:
+        await drv.wait(req, keepalive)
+        return
+    try:
+        await req.wait()
+    except BaseException:
+        if not req.completed:
+            _abandoned.append((req, keepalive))
+        raise
+
+
+def _prune_abandoned() -> None:
+    _abandoned[:] = [x for x in _abandoned if not x[0].completed]
+
+
+async def connect(host: str, port: int, timeout: float):
+    """``ucxx.create_endpoint`` without its hazard.
+
+    ucxx's own ``create_endpoint`` receives the peer's info into a local
+    ``bytearray``; when the exchange times out or is cancelled (server
+    SIGSTOPped, overloaded), that receive stays posted on the endpoint, nobody
+    closes the endpoint, and when the peer answers later UCX writes 16 bytes
+    into freed memory: heap corruption and a SIGSEGV somewhere else soon after.
+    Here the buffers stay referenced until UCX completed or cancelled the
+    request, and the endpoint is closed (cancelling it) on any failure.
+    """
+    import struct
+
+    ucxx = _import_ucxx()
+    from ucxx._lib import libucxx as ucx_api
+    from ucxx._lib.arr import Array
+    from ucxx._lib_async.endpoint import Endpoint
+    from ucxx._lib_async.utils import hash64bits
+
+    _prune_abandoned()
+    ctx = ucxx.core._get_ctx()
+    ucx_ep = ucx_api.UCXEndpoint.create(ctx.worker, host, port, True)
+    kick()
+    fmt = "QQ"
+    msg_tag = hash64bits("msg_tag", os.urandom(16), ucx_ep.handle)
+    mine = struct.pack(fmt, msg_tag, hash64bits(msg_tag))
+    peer = bytearray(len(mine))
+    mine_arr, peer_arr = Array(mine), Array(peer)
+
+    async def exchange():
+        req = ucx_ep.stream_recv(peer_arr)
+        kick()
+        await _await_request(req, (peer_arr, peer, ucx_ep))
+        req = ucx_ep.stream_send(mine_arr)
+        kick()
+        await _await_request(req, (mine_arr, mine, ucx_ep))
+
+    try:
+        await asyncio.wait_for(exchange(), timeout)
+        peer_tag, checksum = struct.unpack(fmt, peer)
+        if hash64bits(peer_tag) != checksum:
+            raise RuntimeError(f"peer info checksum invalid: {hash64bits(peer_tag):#x} != {checksum:#x}")
+    except BaseException as exc:
+        try:
+            ucx_ep.close_blocking(period=10**10, max_attempts=1)  # cancels the exchange's requests
+            ucx_ep.remove_close_callback()
+        except Exception as close_exc:  # pragma: no cover - an endpoint that failed may refuse
+            log.debug("closing a failed endpoint: %r", close_exc)
+        finally:
+            kick()
+        if isinstance(exc, ucx_api.UCXMessageTruncatedError):
+            ucx_ep.raise_on_error()
+        raise
+    return Endpoint(endpoint=ucx_ep, ctx=ctx, tags={"msg_send": peer_tag, "msg_recv": msg_tag})
+
+
 def abort(ep) -> None:
     """Abort an endpoint and make the driver progress the cancellations at once,
     so pending receives on it raise now rather than at the next wake-up."""
@@ -197,10 +278,15 @@ def _reset_locked() -> None:
         from ucxx._lib_async.application_context import clear_progress_tasks
 
         clear_progress_tasks()
+        # buffers of requests UCX may still complete: referenced until the worker is gone
+        pending = [item[2] for item in (drv._pending if drv is not None else ())]
+        pending += [keep for _, keep in _abandoned]
+        _abandoned.clear()
         gc.collect()
         try:
             ucxx.reset()
         except Exception as exc:
+            _orphaned.extend(pending)  # the worker outlives us: so must they
             # ucxx has already dropped its context; an object still referencing it
             # (e.g. an endpoint inside a caller-held exception traceback) frees it later.
             log.info("ucxx.reset(): context still referenced, freed when that reference goes (%s)",
@@ -383,7 +469,10 @@ class AdaptiveProgress:
                 if item[3] is None:
                     item[3] = now
                 elif now - item[3] > ABANDONED_KEEP_S:
-                    continue  # its endpoint is long dead; nothing will ever land there
+                    # never completed nor cancelled: stop polling it, but never free its buffer
+                    # (a late completion into freed memory is a SIGSEGV somewhere else)
+                    _orphaned.append(item[2])
+                    continue
             keep.append(item)
         self._pending = keep
 
