@@ -27,6 +27,17 @@ def _add(p: argparse.ArgumentParser, name: str, **kw):
     p.add_argument(k.flag, dest=name, default=None, help=help_text(name), **kw)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVEL_HELP = "one of DEBUG (logs every request), INFO, WARNING, ERROR, CRITICAL; before or after the " \
+                 "command [env UCXX_TRANSPORT_LOG_LEVEL; default INFO]"
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"invalid log level {text!r}: use one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
 def _setup_logging(level: str):
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -193,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                "             ucxx-transport bench --quick\n" + EPILOG_ENV,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--log-level", default=os.environ.get("UCXX_TRANSPORT_LOG_LEVEL", "INFO"),
-                   help="DEBUG logs every request [env UCXX_TRANSPORT_LOG_LEVEL; default INFO]")
+    p.add_argument("--log-level", type=_log_level, default=os.environ.get("UCXX_TRANSPORT_LOG_LEVEL", "INFO"),
+                   help=LOG_LEVEL_HELP)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="serve a ring over UCX until SIGTERM/SIGINT",
@@ -213,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add(s, name)
     s.add_argument("--fault-silent-port", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     s.set_defaults(func=cmd_serve)
+    s.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP)
 
     st = sub.add_parser("status", help="show a ring's slots (--ring) or a running server's metrics (--address)")
     st.add_argument("--ring", help="local ring name: slot states, generations, drops, owner pids")
@@ -220,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--token-file", help="token for a server that requires one")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
+    st.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP)
 
     d = sub.add_parser("doctor", help="check UCX, transports, progress mode, /dev/shm and limits; say what to fix")
     d.add_argument("--json", action="store_true")
@@ -236,7 +249,11 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     a = parser.parse_args(argv)
-    _setup_logging(a.log_level)
+    try:
+        level = _log_level(a.log_level)
+    except argparse.ArgumentTypeError as exc:  # from the environment variable
+        parser.error(f"UCXX_TRANSPORT_LOG_LEVEL: {exc}")
+    _setup_logging(level)
     try:
         return int(a.func(a) or 0)
     except (ConfigError, FileNotFoundError, FileExistsError, PermissionError, ValueError, ImportError, OSError,

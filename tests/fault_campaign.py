@@ -1,0 +1,369 @@
+"""The standing fault campaign: producers, a server and trainer clients as separate
+processes, SIGKILL / SIGSTOP+SIGCONT injected at random, every payload accounted for.
+
+    python -m tests.fault_campaign --duration 60 --seed 1      # prints faults, payloads, violations
+
+Invariants checked at the end (each a violation count that must be 0):
+
+* lost: a payload a producer published (logged after ``put`` returned) was never
+  delivered to any client nor left in the ring;
+* wrong_bytes: a delivered payload's content checksum differs from the producer's;
+* duplicates_one_client: one client process handed the same payload out twice;
+* leaked_slots: after the run and one recovery pass, a slot is not FREE;
+* leaked_shm: a /dev/shm file (``ucx_shm_posix_*`` included) appeared and stayed;
+* unprovoked_deaths: a process the campaign did not kill exited non-zero.
+
+Clients log a payload *before* it is consumed (held deliveries / local leases,
+settled after logging), so a client killed at any point never makes a consumed
+payload look lost; what it held is delivered again (counted as
+``redelivered_after_client_kill``, allowed: at-least-once across clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import multiprocessing as mp
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _crc(payload) -> int:
+    return zlib.crc32(np.ascontiguousarray(payload["data"]).view(np.uint8))
+
+
+def _stopping(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, "STOP"))
+
+
+# ------------------------------------------------------------------ roles ---
+def producer(ring_name: str, workdir: str, tag: str, seed: int) -> None:
+    import shm
+
+    ring = shm.RingBuffer.attach(ring_name)
+    rng = np.random.default_rng(seed)
+    log = open(os.path.join(workdir, f"pub-{tag}.log"), "a", buffering=1)
+    seq = 0
+    while not _stopping(workdir):
+        data = rng.integers(0, 256, int(rng.integers(1, 48 << 10)), dtype=np.uint8)
+        try:
+            with ring.reserve(timeout=0.5) as w:
+                for chunk in np.array_split(data, 4):  # several appends: a kill can land mid-write
+                    w.append("data", chunk)
+                ref = w.publish({"tag": tag, "seq": seq, "crc": zlib.crc32(data)})
+        except shm.RingFullError:
+            continue
+        log.write(json.dumps({"tag": tag, "seq": seq, "crc": zlib.crc32(data), "ref": ref.to_dict()}) + "\n")
+        seq += 1
+    ring.close()
+
+
+def _record(log, client: str, payload) -> None:
+    m = payload.meta
+    log.write(json.dumps({"client": client, "tag": m["tag"], "seq": m["seq"],
+                          "ok": _crc(payload) == m["crc"]}) + "\n")
+
+
+def consumer(ring_name: str, workdir: str, client: str, mode: str) -> None:
+    """Consume until STOP and nothing is left, logging each payload before consuming it."""
+    import shm
+    from clients import TransportClient, TransportError
+
+    ring = shm.RingBuffer.attach(ring_name)
+    log = open(os.path.join(workdir, f"got-{client}.log"), "a", buffering=1)
+    idle_since = None
+    with TransportClient(local_fast_path=False, timeout=2.0, quarantine_s=0.5, max_attempts=2) as c:
+        offsets: dict = {}
+        while True:
+            got = 0
+            try:
+                if mode == "local":
+                    try:
+                        lease = ring.claim(timeout=0.2)
+                    except shm.RingEmptyError:
+                        lease = None
+                    if lease is not None:
+                        _record(log, client, lease.payload)
+                        lease.ack()
+                        got = 1
+                else:
+                    addr = ring.server_address()
+                    if addr is None:
+                        time.sleep(0.05)
+                        continue
+                    if mode == "take":
+                        deliveries = [c.submit_take(addr, n=4, wait=0.2, hold_s=30).result(30)]
+                    else:  # fetch: GET the refs producers logged (others may have taken them: STALE)
+                        deliveries = []
+                        for ref in _new_refs(workdir, offsets)[:16]:
+                            try:
+                                deliveries.append(c.submit(ref, hold_s=30).result(30))
+                            except (TransportError, shm.RingError):
+                                pass
+                        if not deliveries:
+                            time.sleep(0.05)
+                    for d in deliveries:
+                        for key, p in d.items:
+                            if key not in c._delivered:
+                                _record(log, client, p)
+                                got += 1
+                        d.settle_sync(len(d.items), 10)
+            except (TransportError, shm.RingError, TimeoutError) as exc:
+                log.write(json.dumps({"client": client, "error": type(exc).__name__}) + "\n")
+                time.sleep(0.05)
+            if got:
+                idle_since = None
+            elif _stopping(workdir):
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > 2.0:
+                    break
+    ring.close()
+
+
+def _new_refs(workdir: str, offsets: dict) -> list:
+    import shm
+
+    out = []
+    for path in glob.glob(os.path.join(workdir, "pub-*.log")):
+        with open(path) as f:
+            f.seek(offsets.get(path, 0))
+            for line in f:
+                if line.endswith("\n"):
+                    out.append(shm.SlotRef.from_dict(json.loads(line)["ref"]))
+            offsets[path] = f.tell()
+    return out
+
+
+# ---------------------------------------------------------------- driver ---
+class Campaign:
+    def __init__(self, workdir: str, seed: int, producers: int, consumers: list[str], slots: int):
+        self.workdir = workdir
+        self.rnd = random.Random(seed)
+        self.ctx = mp.get_context("spawn")
+        self.ring_name = f"faults-{os.getpid()}-{seed}"
+        self.n_producers = producers
+        self.consumer_modes = consumers
+        self.slots = slots
+        self.procs: dict[str, object] = {}  # role name -> Process
+        self.killed: set = set()  # pids we SIGKILLed
+        self.faults = collections.Counter()
+        self.deaths: list = []
+        self.server = None
+        self.gen = 0
+
+    # -- processes --
+    def _start(self, name: str, target, *args) -> None:
+        p = self.ctx.Process(target=target, args=args, name=name, daemon=True)
+        p.start()
+        self.procs[name] = p
+
+    def start_server(self) -> None:
+        cmd = [sys.executable, "-m", "ucxx_transport", "serve", "--ring", self.ring_name, "--host", "127.0.0.1",
+               "--n-ports", "2", "--ack-timeout-s", "3", "--log-level", "ERROR"]
+        self.server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+        line = self.server.stdout.readline()
+        if not line:
+            raise RuntimeError(f"server did not start (exit {self.server.wait(10)})")
+
+    def _new_name(self, role: str) -> str:
+        self.gen += 1
+        return f"{role}{self.gen}"
+
+    def start_producer(self) -> None:
+        name = self._new_name("p")
+        self._start(name, producer, self.ring_name, self.workdir, name, self.rnd.randrange(1 << 30))
+
+    def start_consumer(self, mode: str) -> None:
+        name = self._new_name(f"c-{mode}-")
+        self._start(name, consumer, self.ring_name, self.workdir, name, mode)
+
+    def _reap(self) -> None:
+        """Replace processes that ended; an end we did not cause is a death."""
+        for name, p in list(self.procs.items()):
+            if p.is_alive():
+                continue
+            del self.procs[name]
+            if p.pid not in self.killed and p.exitcode != 0:
+                self.deaths.append((name, p.exitcode))
+            if name.startswith("p"):
+                self.start_producer()
+            else:
+                self.start_consumer(name.split("-")[1])
+        if self.server.poll() is not None:
+            if self.server.pid not in self.killed:
+                self.deaths.append(("server", self.server.returncode))
+            self.start_server()
+
+    # -- faults --
+    def inject(self) -> None:
+        r = self.rnd.random()
+        if r < 0.25:
+            victim = self.server
+            kind = "server"
+        else:
+            names = [n for n in self.procs if self.procs[n].is_alive()]
+            if not names:
+                return
+            name = self.rnd.choice(names)
+            victim = self.procs[name]
+            kind = "producer" if name.startswith("p") else "client"
+        pid = victim.pid
+        if self.rnd.random() < 0.5:
+            self.killed.add(pid)
+            os.kill(pid, signal.SIGKILL)
+            self.faults[f"SIGKILL {kind}"] += 1
+        else:
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(self.rnd.uniform(0.01, 0.5 if kind != "server" else 1.5))
+            os.kill(pid, signal.SIGCONT)
+            self.faults[f"SIGSTOP+CONT {kind}"] += 1
+
+    # -- run --
+    def run(self, duration: float, fault_every: tuple[float, float], progress) -> dict:
+        import shm
+
+        shm_before = set(os.listdir("/dev/shm"))
+        ring = shm.RingBuffer.create(self.ring_name, slots=self.slots, slot_bytes=64 << 10)
+        try:
+            self.start_server()
+            for _ in range(self.n_producers):
+                self.start_producer()
+            for mode in self.consumer_modes:
+                self.start_consumer(mode)
+            t_end = time.monotonic() + duration
+            while time.monotonic() < t_end:
+                time.sleep(self.rnd.uniform(*fault_every))
+                self.inject()
+                self._reap()
+                if progress:
+                    progress(sum(self.faults.values()))
+            # ---- wind down: producers stop, clients drain, everyone exits on their own ----
+            open(os.path.join(self.workdir, "STOP"), "w").close()
+            deadline = time.monotonic() + 90
+            while self.procs and time.monotonic() < deadline:
+                for name, p in list(self.procs.items()):
+                    if not p.is_alive():
+                        del self.procs[name]
+                        if p.pid not in self.killed and p.exitcode != 0:
+                            self.deaths.append((name, p.exitcode))
+                if self.server.poll() is not None and self.server.pid not in self.killed:
+                    self.deaths.append(("server", self.server.returncode))
+                    self.killed.add(self.server.pid)
+                time.sleep(0.1)
+            for name, p in self.procs.items():  # still running: hung
+                self.deaths.append((name, "hung"))
+                p.kill()
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                rc = self.server.wait(20)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                rc = "hung"
+            if rc not in (0,) and self.server.pid not in self.killed:
+                self.deaths.append(("server", rc))
+            return self.check(ring, shm_before)
+        finally:
+            ring.close()
+            shm.RingBuffer.unlink_name(self.ring_name)
+
+    def check(self, ring, shm_before: set) -> dict:
+        import shm
+
+        published: dict = {}
+        for path in glob.glob(os.path.join(self.workdir, "pub-*.log")):
+            for line in open(path):
+                if line.endswith("\n"):
+                    d = json.loads(line)
+                    published[(d["tag"], d["seq"])] = d["crc"]
+        delivered = collections.Counter()
+        per_client = collections.Counter()
+        wrong = 0
+        for path in glob.glob(os.path.join(self.workdir, "got-*.log")):
+            for line in open(path):
+                if not line.endswith("\n"):
+                    continue
+                d = json.loads(line)
+                if "tag" not in d:
+                    continue
+                delivered[(d["tag"], d["seq"])] += 1
+                per_client[(d["client"], d["tag"], d["seq"])] += 1
+                wrong += not d["ok"]
+        ring.recover()
+        left = 0
+        while True:  # anything still READY is not lost: it is in the ring; the checker takes it
+            try:
+                lease = ring.claim(timeout=0)
+            except shm.RingEmptyError:
+                break
+            with lease:
+                p = lease.payload
+                delivered[(p.meta["tag"], p.meta["seq"])] += 1
+                wrong += _crc(p) != p.meta["crc"]
+                left += 1
+        counts = ring.state_counts()
+        time.sleep(0.5)  # UCX unlinks its shm files as the last processes exit
+        leaked_shm = sorted(f for f in set(os.listdir("/dev/shm")) - shm_before - {self.ring_name}
+                            if f.startswith(("ucx", "faults-")))  # ours, not other programs' files
+        return {
+            "faults": dict(self.faults), "faults_total": sum(self.faults.values()),
+            "published": len(published), "delivered": sum(delivered.values()), "left_in_ring": left,
+            "redelivered_after_client_kill": sum(n - 1 for n in delivered.values() if n > 1),
+            "violations": {
+                "lost": len(set(published) - set(delivered)),
+                "wrong_bytes": wrong,
+                "duplicates_one_client": sum(n - 1 for n in per_client.values() if n > 1),
+                "leaked_slots": ring.slots - counts["FREE"],
+                "leaked_shm": leaked_shm,
+                "unprovoked_deaths": self.deaths,
+            },
+        }
+
+
+def violations(report: dict) -> int:
+    return sum(len(v) if isinstance(v, list) else v for v in report["violations"].values())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of fault injection (default 60)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--producers", type=int, default=2)
+    ap.add_argument("--clients", default="take,fetch,local", help="client modes, comma-separated")
+    ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--fault-every", type=float, nargs=2, default=(0.05, 0.3), metavar=("MIN_S", "MAX_S"))
+    a = ap.parse_args(argv)
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    try:
+        from tqdm import tqdm
+        bar = tqdm(desc="faults", unit="fault", disable=not sys.stderr.isatty())
+        last = [0]
+
+        def progress(n):
+            bar.update(n - last[0])
+            last[0] = n
+    except ImportError:  # pragma: no cover
+        progress = None
+    with tempfile.TemporaryDirectory(prefix="faults-") as wd:
+        report = Campaign(wd, a.seed, a.producers, a.clients.split(","), a.slots).run(
+            a.duration, tuple(a.fault_every), progress)
+    print(json.dumps(report, indent=1))
+    print(f"faults injected: {report['faults_total']}, payloads checked: {report['delivered']} "
+          f"(published {report['published']}), violations: {violations(report)}")
+    return 1 if violations(report) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
