@@ -105,3 +105,48 @@ def test_fetch_across_namespaces(two_hosts, make_ring, ring_name):
     finally:
         srv.terminate()
         srv.wait(15)
+
+
+SLOW_CLIENT = r"""
+import json, sys, time
+import shm
+from clients import TransportClient
+ref = shm.SlotRef.from_dict(json.loads(sys.argv[1]))
+with TransportClient(timeout=1.0, max_attempts=1) as c:   # 1 s: far less than the transfer takes
+    t0 = time.monotonic()
+    p = c.fetch(ref)
+    print(json.dumps({"s": time.monotonic() - t0, "crc": __import__("tests.helpers").helpers.checksum(p)}))
+"""
+
+
+def test_large_payload_over_slow_link_is_slow_not_impossible(two_hosts, make_ring, ring_name):
+    """tbf at 40 Mbit/s: a 12 MiB payload takes ~2.5 s, more than the 1 s call timeout; the
+    deadline grows with the payload (nbytes / min_rate), so the fetch succeeds."""
+    ns_srv, ns_cli = two_hosts
+    dev = _ip("-n", ns_srv, "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
+    if shutil.which("tc") is None:
+        pytest.skip("needs tc (iproute2) for a tbf qdisc")
+    tbf = subprocess.run(["tc", "-n", ns_srv, "qdisc", "add", "dev", dev, "root", "tbf", "rate", "40mbit",
+                          "burst", "64kb", "latency", "200ms"], capture_output=True, text=True, timeout=30)
+    if tbf.returncode:
+        pytest.skip(f"tbf qdisc not available: {tbf.stderr.strip()}")
+    ring = make_ring(slots=2, slot_bytes=13 << 20)
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    srv = subprocess.Popen(["ip", "netns", "exec", ns_srv, sys.executable, "-m", "ucxx_transport", "serve",
+                            "--ring", ring_name, "--host", SRV_IP, "--n-ports", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert srv.stdout.readline(), srv.stderr.read()[-2000:]
+        p = {"x": np.random.default_rng(0).integers(0, 255, 12 << 20, dtype=np.uint8)}
+        ref = ring.put(p)
+        r = subprocess.run(["ip", "netns", "exec", ns_cli, sys.executable, "-c", SLOW_CLIENT,
+                            json.dumps(ref.to_dict())], capture_output=True, text=True, timeout=120, env=env,
+                           cwd=os.getcwd())
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["crc"] == helpers.checksum(p)
+        assert out["s"] > 1.5  # it really was slower than the base timeout
+        assert helpers.wait_until(lambda: helpers.all_free(ring))
+    finally:
+        srv.terminate()
+        srv.wait(15)

@@ -143,6 +143,7 @@ def cmd_status(a) -> int:
 
         with shm.RingBuffer.attach(a.ring) as ring:
             info = ring.stats()
+            info["stuck_slots"] = ring.stuck_slots()
             addr = ring.server_address()
             info["server"] = {"host": addr[0], "ports": list(addr[1])} if addr else None
             info["slots_detail"] = ring.slot_info()
@@ -163,8 +164,14 @@ def cmd_status(a) -> int:
     if a.ring:
         print(f"ring {info['ring']}: {info['slots']} slots x {info['slot_bytes']} bytes, on_full={info['on_full']}")
         print("  states: " + ", ".join(f"{k}={v}" for k, v in info["states"].items()))
-        print(f"  published={info['published']} consumed={info['consumed']} drops={info['drops']} "
-              f"recovered={info['recovered']}")
+        print(f"  ring id {info['ring_id']}: published={info['published']} consumed={info['consumed']} "
+              f"drops={info['drops']} recovered={info['recovered']} dead_letters={info['dead_letters']}")
+        for d in info["dead"]:
+            print(f"  DEAD slot {d['slot']} generation {d['generation']} ({d['nbytes']} bytes): undecodable "
+                  f"{d['failures']}x; RingBuffer.read_dead / discard_dead")
+        if info["stuck_slots"]:
+            print(f"  stuck slots {info['stuck_slots']}: their lock is held by a frozen process (SIGSTOP, a "
+                  f"debugger); other slots keep serving. Resume or kill that process.")
         print(f"  server: {info['server'] or 'none running'}")
         for s in info["slots_detail"]:
             if s["state"] != "FREE":
@@ -173,7 +180,9 @@ def cmd_status(a) -> int:
     else:
         m = info["metrics"]
         print(f"server {info['server']}")
-        print(f"  ring states: {info['ring']['states']}  drops={info['ring']['drops']}")
+        r = info["ring"]
+        print(f"  ring states: {r['states']}  drops={r['drops']}  dead_letters={r['dead_letters']}  "
+              f"stuck_slots={r['stuck_slots']}  deferred_finalisers={r['deferred_finalisers']}")
         print(f"  requests: {m['requests']}")
         print(f"  bytes_out={m['bytes_out']} payloads_out={m['payloads_out']} inflight={m['inflight']} "
               f"endpoints={m['endpoints']} ack_timeouts={m['ack_timeouts']}")
