@@ -39,7 +39,6 @@ from ucxx_transport import engine
 from ucxx_transport.config import resolve
 from ucxx_transport.metrics import Reservoir
 from ucxx_transport.protocol import (
-    FLAG_MORE,
     FLAG_ONE_MESSAGE,
     MAX_TAKE,
     RESPONSE,
@@ -49,7 +48,13 @@ from ucxx_transport.protocol import (
     Status,
     FLAG_HOLD,
     FLAG_UNDECODABLE,
+    FLAG_VERDICTS,
+    MAX_BATCH,
     MAX_HOLD_S,
+    batch_table_size,
+    decode_batch_table,
+    encode_batch_table,
+    plan_batch,
     decode_response,
     encode_request,
     ring_id_bytes,
@@ -755,23 +760,46 @@ class TransportClient:
         raise last
 
     async def _fetch_many(self, refs: list) -> list[FetchResult]:
-        """Layer 3: rounds of bounded concurrency; only retryable failures go to the next round."""
+        """Layer 3: rounds; only retryable failures go to the next round. Refs of one
+        server and ring travel as batches (GETV: one request, one entry table, small
+        payloads coalesced, one ACK), several batches in flight at once."""
         results = [FetchResult(r) for r in refs]
-        pending = list(range(len(refs)))
+        checked: dict[int, shm.SlotRef] = {}
+        for i, r in enumerate(refs):
+            try:
+                checked[i] = self._checked(r)
+            except Exception as exc:  # noqa: BLE001 - any failure is this ref's result; siblings go on
+                results[i].error = exc.with_traceback(None)
         sem = asyncio.Semaphore(self.max_inflight)
         loop = asyncio.get_running_loop()
 
-        async def one(i):
+        def put(i, outcome):
+            if isinstance(outcome, BaseException):
+                results[i].payload, results[i].error = None, outcome.with_traceback(None)
+            else:
+                results[i].payload, results[i].error = outcome, None
+
+        async def one(i):  # same host: a shared-memory claim; GPU receive: GET by GET
             async with sem:
+                ref = checked[i]
                 try:
-                    ref = self._checked(refs[i])
                     local = await loop.run_in_executor(None, self._fetch_local, ref) \
                         if self._local_ring(ref) is not None else None
-                    results[i].payload = local if local is not None else await self._fetch_ref(ref)
-                    results[i].error = None
+                    put(i, local if local is not None else await self._fetch_ref(ref))
                 except Exception as exc:  # noqa: BLE001 - any failure is this ref's result; siblings go on
-                    results[i].error = exc.with_traceback(None)  # keep no frames (and endpoints) alive
+                    put(i, exc)
 
+        async def batch(idxs, host, ports):
+            async with sem:
+                try:
+                    outs = await self._call(host, ports, lambda h, p: self._getv_once(
+                        [checked[i] for i in idxs], h, p), f"GETV {len(idxs)}")
+                except Exception as exc:  # noqa: BLE001 - the whole batch failed the same way
+                    outs = [exc] * len(idxs)
+                for i, o in zip(idxs, outs):
+                    put(i, o)
+
+        pending = list(checked)
         for rnd in range(self.max_rounds):
             if not pending:
                 break
@@ -780,60 +808,197 @@ class TransportClient:
                     self._round_hook(rnd, [refs[i] for i in pending])
                 self._stats["rounds_retried"] += 1
                 log.info("batch round %d: retrying %d ref(s)", rnd + 1, len(pending))
-            await asyncio.gather(*(one(i) for i in pending))
+                await asyncio.sleep(min(0.05 * rnd, 0.5))
+            tasks = []
+            groups: dict = collections.defaultdict(list)
+            for i in pending:
+                ref = checked[i]
+                try:
+                    if self.device != "cpu" or self._local_ring(ref) is not None:
+                        tasks.append(one(i))
+                        continue
+                    host, ports = self._where(ref)
+                except Exception as exc:  # noqa: BLE001 - e.g. no address: this ref's result
+                    put(i, exc)
+                    continue
+                if ref.key in self._delivered:  # served again after a crash: GET it alone (ACKed, dropped)
+                    tasks.append(one(i))
+                    continue
+                groups[(host, tuple(ports), ref.ring, ref.ring_id)].append(i)
+            for (host, ports, _, _), idxs in groups.items():
+                for chunk in _chunks(idxs, [checked[i].nbytes for i in idxs]):
+                    tasks.append(batch(chunk, host, list(ports)))
+            await asyncio.gather(*tasks)
             pending = [i for i in pending if results[i].error is not None
                        and getattr(results[i].error, "retryable", False)]
         return results
 
-    async def _take_once(self, host: str, port: int, ports, n: int, wait: float, hold: float = 0):
+    async def _recv_planned(self, pe: PooledEndpoint, ok: list[tuple[int, int]], where: str) -> dict:
+        """Receive a batch answer's payloads as protocol.plan_batch lays them out;
+        {item index: Payload, or CorruptPayloadError}. Payloads that shared a message
+        share its buffer, returned to the pool when the last of them is released."""
+        plan = plan_batch(ok)
+        sizes = dict(ok)
+        bufs = []
+        for msg in plan:
+            last_i, last_off = msg[-1]
+            total = last_off + sizes[last_i]
+            base = self._buffers.get(total)
+            bufs.append((base, base[:total]))
+        pe.timer.extend(self._transfer_s(sum(sizes.values())))
+        await asyncio.gather(*(engine.recv(pe.ep, view) for _, view in bufs))
+        out: dict = {}
+        pool = self._buffers
+        for msg, (base, view) in zip(plan, bufs):
+            left = [len(msg)]
+
+            def release(base=base, left=left):
+                left[0] -= 1
+                if left[0] == 0:
+                    pool.put(base)
+
+            for i, off in msg:
+                n = sizes[i]
+                try:
+                    p = decode(view[off:off + n], readonly=False, on_release=release)
+                    if p.nbytes != n:
+                        p.release()
+                        raise CorruptPayloadError(f"{where}: item {i}: frame length {p.nbytes} != {n}")
+                    out[i] = p
+                except shm.FrameError as exc:
+                    release()
+                    out[i] = CorruptPayloadError(f"{where}: item {i}: {exc}")
+                except CorruptPayloadError as exc:
+                    out[i] = exc
+        return out
+
+    async def _recv_batch_head(self, pe: PooledEndpoint, rid: int, n: int, where: str):
+        """The batch answer's header and entry table (or an error status)."""
+        head = np.zeros(RESPONSE.size + batch_table_size(n), np.uint8)
+        await engine.recv(pe.ep, head)
+        pe.unconfirmed_ack = False
+        resp = decode_response(head[:RESPONSE.size])
+        if resp.request_id != rid:
+            raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
+        if resp.status != Status.OK:
+            return resp, None
+        if not 1 <= resp.count <= n:
+            raise ProtocolError(f"batch answer of {resp.count} items to a request of {n}")
+        return resp, decode_batch_table(head, resp.count, RESPONSE.size)
+
+    async def _getv_once(self, refs: list, host: str, port: int) -> list:
+        """GETV ``refs`` (one ring) from one port: per ref a Payload or an error."""
+        n = len(refs)
+        where = f"GETV {n} of {refs[0].ring} from {host}:{port}"
+        if self.max_nbytes:
+            big = [i for i, r in enumerate(refs) if r.nbytes > self.max_nbytes]
+            if big:
+                raise PayloadTooLargeError(f"{where}: {len(big)} ref(s) exceed max_nbytes={self.max_nbytes}")
+
+        async def body(pe):
+            rid = next(self._ids)
+            table = encode_batch_table([(0, r.slot, r.generation, r.nbytes) for r in refs])
+            await asyncio.gather(
+                engine.send(pe.ep, encode_request(Request(Op.GETV, rid, n=n, text=refs[0].ring,
+                                                          ring_id=ring_id_bytes(refs[0].ring_id)))),
+                engine.send(pe.ep, np.frombuffer(table, np.uint8)))
+            resp, entries = await self._recv_batch_head(pe, rid, n, where)
+            if entries is None:
+                raise _Answered(status_error(resp.status, resp.message, where))
+            if len(entries) != n:
+                raise ProtocolError(f"{where}: {len(entries)} answers for {n} refs")
+            out: list = [None] * n
+            ok = []
+            for i, (st, slot, gen, nbytes) in enumerate(entries):
+                r = refs[i]
+                if (slot, gen) != (r.slot, r.generation):
+                    raise ProtocolError(f"{where}: item {i} answers slot {slot}@{gen}, asked {r.slot}@{r.generation}")
+                if st == Status.OK:
+                    if nbytes != r.nbytes:
+                        raise ProtocolError(f"{where}: item {i} has {nbytes} bytes, the ref says {r.nbytes}")
+                    ok.append((i, nbytes))
+                else:
+                    try:
+                        out[i] = status_error(Status(st), "", f"{where}: item {i}")
+                    except ValueError:
+                        raise ProtocolError(f"{where}: unknown status {st}") from None
+                    if st == Status.STALE:
+                        self._stats["stale"] += 1
+            got = await self._recv_planned(pe, ok, where)
+            await self._ack_batch(pe, rid, n, got)
+            for i, p in got.items():
+                if isinstance(p, BaseException):
+                    out[i] = p
+                elif not self._remember(refs[i].key):
+                    p.release()
+                    out[i] = AlreadyDeliveredError(f"{where}: {refs[i].key} already returned by this client "
+                                                   f"(served again after a server crash); ACKed and dropped")
+                else:
+                    out[i] = p
+                    self._stats["fetches"] += 1
+                    self._stats["bytes"] += p.nbytes
+            return out, True
+
+        try:
+            return await self._with_endpoint(host, port, self.timeout, body, where)
+        except _Answered as a:
+            raise a.error from None
+
+    async def _ack_batch(self, pe: PooledEndpoint, rid: int, n: int, got: dict) -> None:
+        """One message finalises the batch: ACK (all), or per-item verdicts when some
+        payload did not decode (those go back to READY, counted towards DEAD)."""
+        if all(not isinstance(p, BaseException) for p in got.values()):
+            req = Request(Op.ACK, rid)
+        else:
+            verdict = "".join("U" if isinstance(got.get(i), BaseException) else "A" if i in got else "-"
+                              for i in range(n))
+            req = Request(Op.ACK, rid, text=verdict, flags=FLAG_VERDICTS)
+        await engine.send(pe.ep, encode_request(req))
+        pe.unconfirmed_ack = True
+
+    async def _takev_once(self, host: str, port: int, n: int, wait: float, hold: float = 0):
+        """TAKEV from one port: the next READY payloads (or, with ``hold``, a HeldDelivery)."""
         where = f"TAKE {n} from {host}:{port}"
 
         async def body(pe):
             rid = next(self._ids)
-            await engine.send(pe.ep, encode_request(Request(Op.TAKE, rid, n=n, wait_ms=int(wait * 1000),
+            await engine.send(pe.ep, encode_request(Request(Op.TAKEV, rid, n=n, wait_ms=int(wait * 1000),
                                                     max_nbytes=self.max_nbytes, flags=FLAG_HOLD if hold else 0,
                                                     hold_s=_hold_s(hold))))
-            out, corrupt = [], None
-            hdr = np.empty(RESPONSE.size, np.uint8)
-            while True:
-                hdr[:] = 0  # a short message must never leave the previous header to be parsed again
-                await engine.recv(pe.ep, hdr)
-                pe.unconfirmed_ack = False
-                resp = decode_response(hdr)
-                if resp.request_id != rid:
-                    raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
+            resp, entries = await self._recv_batch_head(pe, rid, n, where)
+            if entries is None:
                 if resp.status == Status.EMPTY:
                     return (HeldDelivery(self, None, rid, [], 0) if hold else []), True
-                if resp.status != Status.OK:
-                    raise _Answered(status_error(resp.status, resp.message, where))
-                if self.max_nbytes and resp.nbytes > self.max_nbytes:
-                    raise ProtocolError(f"server sent {resp.nbytes} bytes, above max_nbytes={self.max_nbytes}")
-                pe.timer.extend(self._transfer_s(resp.nbytes))
-                base, view = await self._recv_payload(pe, resp.nbytes)
-                try:
-                    p = self._make_payload(base, view, resp.nbytes, None, where)
-                    out.append(((ring_id_hex(resp.ring_id) or resp.message, resp.slot, resp.generation), p))
-                except CorruptPayloadError:
-                    corrupt = corrupt or resp
-                if not resp.flags & FLAG_MORE:
-                    break
-            if corrupt is not None:
-                # the whole batch goes back; only the undecodable one counts towards dead-lettering
-                await engine.send(pe.ep, encode_request(Request(Op.NACK, rid, corrupt.slot, corrupt.generation,
-                                                                flags=FLAG_UNDECODABLE)))
-                for _, p in out:
-                    p.release()
-                raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (batch NACKed)"))
+                raise _Answered(status_error(resp.status, resp.message, where))
+            rid_hex = ring_id_hex(resp.ring_id)
+            for st, _, _, nbytes in entries:
+                if st != Status.OK or (self.max_nbytes and nbytes > self.max_nbytes):
+                    raise ProtocolError(f"{where}: item status {st}, {nbytes} bytes (max_nbytes={self.max_nbytes})")
+            got = await self._recv_planned(pe, [(i, e[3]) for i, e in enumerate(entries)], where)
+            keys = [(rid_hex, e[1], e[2]) for e in entries]
+            corrupt = [i for i, p in got.items() if isinstance(p, BaseException)]
             if hold:
-                return HeldDelivery(self, pe, rid, out, hold), _HELD
-            await engine.send(pe.ep, encode_request(Request(Op.ACK, rid)))
-            pe.unconfirmed_ack = True
+                if corrupt:
+                    e = entries[corrupt[0]]
+                    await engine.send(pe.ep, encode_request(Request(Op.NACK, rid, e[1], e[2],
+                                                                    flags=FLAG_UNDECODABLE)))
+                    for p in got.values():
+                        if not isinstance(p, BaseException):
+                            p.release()
+                    raise _Answered(CorruptPayloadError(f"{where}: corrupt payload (batch NACKed)"))
+                return HeldDelivery(self, pe, rid, [(keys[i], got[i]) for i in range(len(entries))], hold), _HELD
+            await self._ack_batch(pe, rid, len(entries), got)
             kept = []
-            for key, p in out:
-                if self._remember(key):
+            for i in range(len(entries)):
+                p = got[i]
+                if isinstance(p, BaseException):
+                    continue
+                if self._remember(keys[i]):
                     kept.append(p)
                 else:
                     p.release()
+            if corrupt and not kept:
+                raise _Answered(CorruptPayloadError(f"{where}: {len(corrupt)} corrupt payload(s) (NACKed)"))
             return kept, True
 
         try:
@@ -851,7 +1016,7 @@ class TransportClient:
             if attempt:
                 self._stats["retries"] += 1
             try:
-                got = await self._call(host, ports, lambda h, p: self._take_once(h, p, ports, n, wait, hold),
+                got = await self._call(host, ports, lambda h, p: self._takev_once(h, p, n, wait, hold),
                                        f"TAKE {n}")
                 self._stats["takes"] += 1
                 self._stats["bytes"] += sum(p.nbytes for p in (got.payloads if hold else got))
@@ -893,6 +1058,25 @@ class TransportClient:
 
 #: ``body`` result flag: the endpoint stays with a HeldDelivery (no checkin, no abort)
 _HELD = object()
+
+
+#: a batch is cut into chunks of at most this many bytes (several requests in flight)
+CHUNK_BYTES = 8 << 20
+
+
+def _chunks(idxs: list, sizes: list) -> list[list]:
+    """Split a server's refs into GETV requests: at most MAX_BATCH refs and about
+    CHUNK_BYTES each (so large batches keep several endpoints busy)."""
+    out, cur, fill = [], [], 0
+    for i, n in zip(idxs, sizes):
+        if cur and (len(cur) >= MAX_BATCH or fill + n > CHUNK_BYTES):
+            out.append(cur)
+            cur, fill = [], 0
+        cur.append(i)
+        fill += n
+    if cur:
+        out.append(cur)
+    return out
 
 
 def _hold_s(hold: float) -> int:

@@ -30,12 +30,12 @@ def flock_bytes(ltype: int, start: int, length: int = 1) -> bytes:
 
 
 
-def lock_acquire(fd: int, start: int, *, blocking: bool = True) -> bool:
-    """Write-lock byte ``start`` of ``fd``'s open file description."""
+def lock_acquire(fd: int, start: int, *, blocking: bool = True, length: int = 1) -> bool:
+    """Write-lock bytes ``[start, start + length)`` of ``fd``'s open file description."""
     cmd = fcntl.F_OFD_SETLKW if blocking else fcntl.F_OFD_SETLK
     while True:
         try:
-            fcntl.fcntl(fd, cmd, flock_bytes(fcntl.F_WRLCK, start))
+            fcntl.fcntl(fd, cmd, flock_bytes(fcntl.F_WRLCK, start, length))
             return True
         except InterruptedError:
             continue
@@ -45,8 +45,19 @@ def lock_acquire(fd: int, start: int, *, blocking: bool = True) -> bool:
             raise
 
 
-def lock_release(fd: int, start: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock_bytes(fcntl.F_UNLCK, start))
+def lock_release(fd: int, start: int, length: int = 1) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock_bytes(fcntl.F_UNLCK, start, length))
+
+
+def runs(sorted_ints) -> list[tuple[int, int]]:
+    """[(start, length)] of the runs of consecutive values in an ascending sequence."""
+    out: list[tuple[int, int]] = []
+    for v in sorted_ints:
+        if out and out[-1][0] + out[-1][1] == v:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((v, 1))
+    return out
 
 
 def lock_held_elsewhere(fd: int, start: int) -> bool:

@@ -449,6 +449,59 @@ class RingBuffer:
             return None
         return SlotLease(self, *got)
 
+    def claim_many(self, slots, generations) -> list:
+        """Lease many payloads by (slot, generation) at once (one lock syscall for
+        the batch, never waiting). Per item a :class:`SlotLease`, or the
+        :class:`StaleSlotError` / :class:`SlotBusyError` it would have raised."""
+        self._check_open()
+        slots = np.asarray(slots, np.int64)
+        if len(slots) and (slots.min() < 0 or slots.max() >= self._slots):
+            raise ValueError(f"slot out of range for ring {self._name!r} ({self._slots} slots)")
+        if len(np.unique(slots)) != len(slots):
+            raise ValueError("claim_many: a slot appears twice")
+        res = self._table.claim_many(slots, generations)
+        t = self._table
+        out: list = []
+        for sl, g, le in zip(slots.tolist(), np.asarray(generations).tolist(), res.tolist()):
+            if le > 0:
+                out.append(SlotLease(self, sl, le, g, int(t.nbytes[sl])))
+            elif le == 0:
+                out.append(StaleSlotError(f"slot {sl} generation {g} is gone"))
+            else:
+                out.append(SlotBusyError(f"slot {sl} generation {g} is leased by another reader"))
+        return out
+
+    def try_finalise_many(self, leases: list, ack) -> bool:
+        """Ack (``ack`` true) or nack many leases of this ring with one lock syscall,
+        never waiting. ``ack``: a bool, or one bool per lease; leases already
+        finalised are skipped. False (nothing changed) when some slot's lock is
+        busy: finalise those leases one by one instead."""
+        acks = np.broadcast_to(np.asarray(ack, bool), (len(leases),))
+        live = [i for i, le in enumerate(leases) if not le._done]
+        if not live or self._closed:
+            return not live
+        if self._table.finalise_many(np.array([leases[i].slot for i in live], np.int64),
+                                     np.array([leases[i]._lease for i in live], np.uint64), acks[live]) < 0:
+            return False
+        for i in live:
+            leases[i]._done = True
+        return True
+
+    def claim_oldest(self, n: int, max_nbytes: int = 0) -> list:
+        """Up to ``n`` READY payloads, oldest first (at most ``max_nbytes`` each when
+        given), leased with one lock syscall where possible; never waits."""
+        self._check_open()
+        t = self._table
+        ok = t.state == READY
+        if max_nbytes:
+            ok &= t.nbytes <= max_nbytes
+        cand = np.flatnonzero(ok)
+        if not len(cand):
+            return []
+        cand = cand[np.argsort(t.seq[cand], kind="stable")[:n]]
+        got = self.claim_many(cand, t.gen[cand].copy())
+        return [le for le in got if isinstance(le, SlotLease)]
+
     def wait_ready(self, timeout: float) -> bool:
         """Block (GIL released) until some slot may have become READY, or ``timeout``."""
         t = self._table

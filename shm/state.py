@@ -333,6 +333,105 @@ class SlotTable:
         finally:
             self._unlock(slot)
 
+    # ------------------------------------------------- batch transitions ---
+    # One transition-lock syscall for the whole batch (a byte range covering its
+    # slots), vectorised checks and updates, one ownership-lock syscall per run of
+    # consecutive slots. Each falls back to slot-by-slot when the range is busy.
+    def _lock_range(self, lo: int, hi: int) -> bool:
+        self._tlock.acquire()
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _sync.flock_bytes(fcntl.F_WRLCK, LOCK_SLOT_BASE + lo, hi - lo + 1))
+            return True
+        except OSError:
+            self._tlock.release()
+            return False
+        except BaseException:
+            self._tlock.release()
+            raise
+
+    def _unlock_range(self, lo: int, hi: int) -> None:
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _sync.flock_bytes(fcntl.F_UNLCK, LOCK_SLOT_BASE + lo, hi - lo + 1))
+        finally:
+            self._tlock.release()
+
+    def claim_many(self, slots: np.ndarray, generations: np.ndarray) -> np.ndarray:
+        """READY -> READING for each (slot, generation) that is READY at that
+        generation; never waits. ``slots`` must be distinct. Returns per item the
+        lease (> 0), or 0 = STALE (generation gone), -1 = BUSY (leased elsewhere or
+        its lock is held)."""
+        slots = np.asarray(slots, np.int64)
+        out = np.zeros(len(slots), np.int64)
+        if not len(slots):
+            return out
+        lo, hi = int(slots.min()), int(slots.max())
+        if not self._lock_range(lo, hi):
+            for i, (sl, g) in enumerate(zip(slots.tolist(), np.asarray(generations).tolist())):
+                try:
+                    out[i] = self.claim_ready(sl, g)[1]
+                except StaleSlotError:
+                    out[i] = 0
+                except SlotBusyError:
+                    out[i] = -1
+            return out
+        try:
+            st = self.state[slots]
+            gen_ok = self.gen[slots] == np.asarray(generations, np.uint64)
+            ok = gen_ok & (st == READY)
+            out[gen_ok & (st == READING)] = -1
+            take = slots[ok]
+            if len(take):
+                order = np.sort(take)
+                for start, n in _sync.runs(order.tolist()):
+                    if not _sync.lock_acquire(self._fd, LOCK_OWNER_BASE + start, blocking=False, length=n):
+                        raise RuntimeError(f"slots {start}..{start + n - 1}: ownership lock held elsewhere in READY")
+                leases = self.lease[take] + 1
+                self.lease[take] = leases
+                self.owner[take] = self._pid
+                self.claimed_ns[take] = time.time_ns()
+                self.state[take] = READING
+                me = id(self)
+                for sl, le in zip(take.tolist(), leases.tolist()):
+                    _OWNED[(*self._ident, sl)] = (le, me)
+                out[ok] = leases.astype(np.int64)
+        finally:
+            self._unlock_range(lo, hi)
+        return out
+
+    def finalise_many(self, slots: np.ndarray, leases: np.ndarray, ack: np.ndarray) -> int:
+        """For each READING slot still under its lease: ack -> FREE (consumed), else
+        -> READY; others are a logged no-op. Never waits: returns -1 (nothing
+        changed) when the batch's lock range is busy, else how many were finalised."""
+        slots = np.asarray(slots, np.int64)
+        if not len(slots):
+            return 0
+        lo, hi = int(slots.min()), int(slots.max())
+        if not self._lock_range(lo, hi):
+            return -1  # some slot's lock is busy: the caller finalises slot by slot
+        try:
+            valid = (self.state[slots] == READING) & (self.lease[slots] == np.asarray(leases, np.uint64))
+            if not valid.all():
+                log.warning("batch finalise: %d of %d slots no longer held (recovered?): left alone",
+                            int((~valid).sum()), len(slots))
+            ack = np.asarray(ack, bool)
+            freed, readied = slots[valid & ack], slots[valid & ~ack]
+            self.state[freed] = FREE
+            self.ctrl["consumed"][freed] += 1
+            self.state[readied] = READY
+            mine = slots[valid]
+            self.owner[mine] = 0
+            for start, n in _sync.runs(np.sort(mine).tolist()):
+                _sync.lock_release(self._fd, LOCK_OWNER_BASE + start, n)
+            for sl in mine.tolist():
+                _OWNED.pop((*self._ident, sl), None)
+        finally:
+            self._unlock_range(lo, hi)
+        if len(freed):
+            self.signal_free()
+        if len(readied):
+            self.signal_ready()
+        return int(valid.sum())
+
     def _lease_for_reading(self, slot: int):
         lease = self._take_ownership(slot)
         self.state[slot] = READING

@@ -670,12 +670,19 @@ def add_parser(sub) -> None:
     b.add_argument("--progress-mode", default=os.environ.get("UCXX_TRANSPORT_PROGRESS_MODE", "adaptive"),
                    help="UCX progress mode for ours and raw ucxx [env UCXX_TRANSPORT_PROGRESS_MODE; default adaptive]")
     b.add_argument("--baselines", default="raw-ucxx,zmq,memcpy", help="comma-separated (default all)")
+    b.add_argument("--batch", nargs="?", const="256x4KiB,256x64KiB,64x1MiB,8x64MiB", default=None, metavar="CASES",
+                   help="batch mode: one trainer pulls COUNTxSIZE payloads (fetch_many, take) vs pyzmq PUSH/PULL "
+                        "and raw ucxx pipelined, timed request to last byte (default cases "
+                        "256x4KiB,256x64KiB,64x1MiB,8x64MiB; with --quick 256x4KiB)")
+    b.add_argument("--reps", type=int, default=3, help="batch mode: timed repetitions per case, best kept (default 3)")
     b.add_argument("--json", help="write every figure and the machine description to this file")
     b.add_argument("--plot", help="write a PNG of GB/s vs payload size (needs matplotlib)")
     b.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(a) -> int:
+    if a.batch is not None:
+        return _cmd_batch(a)
     a.sizes = a.sizes or (QUICK_SIZES if a.quick else DEFAULT_SIZES)
     a.duration = parse_duration(a.duration or ("1.5s" if a.quick else "10s"), what="--duration")
     a.warmup = parse_duration(a.warmup or ("0.3s" if a.quick else "1s"), what="--warmup")
@@ -697,4 +704,16 @@ def cmd_bench(a) -> int:
             json.dump(report, f, indent=1)
     if a.plot:
         plot(report, a.plot)
+    return 0
+
+
+def _cmd_batch(a) -> int:
+    from benchmarks import batch
+
+    cases = batch.parse_cases(batch.QUICK_CASES if a.quick and a.batch == batch.DEFAULT_CASES else a.batch)
+    report = batch.run(cases, reps=max(1, a.reps), baselines=[x for x in a.baselines.split(",") if x != "memcpy"])
+    print(batch.format_table(report))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
     return 0

@@ -45,6 +45,9 @@ FLAG_UNDECODABLE = 0x2
 FLAG_HOLD = 0x4
 #: the longest hold a server grants
 MAX_HOLD_S = 3600
+#: ACK request flag (GETV/TAKEV): text holds one verdict per batch item: "A" consumed,
+#: "N" back to READY, "U" back to READY as undecodable (counts towards DEAD)
+FLAG_VERDICTS = 0x8
 
 
 class Op(enum.IntEnum):
@@ -56,6 +59,8 @@ class Op(enum.IntEnum):
     NACK = 5  # ... or not: give them back
     STATS = 6  # server metrics as JSON
     PING = 7
+    GETV = 8  # n refs of one ring: text = ring name, ring id; an entry table message follows
+    TAKEV = 9  # like TAKE, answered in the batch format (entry table + coalesced payloads)
 
 
 class Status(enum.IntEnum):
@@ -194,3 +199,78 @@ def ring_id_bytes(ring_id: str | None) -> bytes:
 def ring_id_hex(raw: bytes) -> str | None:
     """The wire's 16 ring-id bytes as a ref's ring id (None when all zero)."""
     return None if raw == NO_RING_ID else raw.hex()
+
+
+# ------------------------------------------------------------------ batches --
+#: one item of a batch: status (answers) / 0 (GETV request), slot, generation, nbytes
+BATCH_ENTRY = struct.Struct("<B3xIQQ")
+assert BATCH_ENTRY.size == 24
+#: most items in one GETV/TAKEV (an ACK's verdicts fit the request's text field)
+MAX_BATCH = 200
+#: payloads below this many bytes are coalesced with their neighbours into one message
+COALESCE_BELOW = 256 << 10
+#: a coalesced message stops growing past this many bytes
+COALESCE_MAX = 4 << 20
+#: offsets of payloads inside a coalesced message are multiples of this (views stay aligned)
+COALESCE_ALIGN = 64
+
+
+def batch_table_size(n: int) -> int:
+    """Bytes of a GETV entry-table message, and of a batch answer's table after its header."""
+    return n * BATCH_ENTRY.size + 4
+
+
+def encode_batch_table(entries, out=None, offset: int = 0):
+    """[(status, slot, generation, nbytes)] -> table bytes (+ CRC-32) written into ``out`` at ``offset``."""
+    n = len(entries)
+    out = out if out is not None else bytearray(batch_table_size(n))
+    mv = memoryview(out).cast("B")
+    for i, e in enumerate(entries):
+        BATCH_ENTRY.pack_into(mv, offset + i * BATCH_ENTRY.size, *e)
+    end = offset + n * BATCH_ENTRY.size
+    struct.pack_into("<I", mv, end, zlib.crc32(mv[offset:end]))
+    return out
+
+
+def decode_batch_table(buf, n: int, offset: int = 0) -> list[tuple[int, int, int, int]]:
+    """Entries of a table of ``n`` items; ProtocolError on a short or corrupt table."""
+    mv = memoryview(buf).cast("B")
+    end = offset + n * BATCH_ENTRY.size
+    if len(mv) < end + 4:
+        raise ProtocolError(f"batch table of {n} entries needs {end + 4 - offset} bytes, got {len(mv) - offset}")
+    if struct.unpack_from("<I", mv, end)[0] != zlib.crc32(mv[offset:end]):
+        raise ProtocolError("batch table checksum mismatch (truncated or corrupt message)")
+    return [BATCH_ENTRY.unpack_from(mv, offset + i * BATCH_ENTRY.size) for i in range(n)]
+
+
+def plan_batch(sizes) -> list[list[tuple[int, int]]]:
+    """How a batch answer's payloads travel, computed the same way by both sides from
+    the sizes of the OK items (in table order): a list of messages, each a list of
+    (item index, offset in the message). Consecutive payloads below COALESCE_BELOW
+    share a message (offsets aligned to COALESCE_ALIGN) up to COALESCE_MAX bytes;
+    larger payloads travel alone, straight from shared memory."""
+    msgs: list[list[tuple[int, int]]] = []
+    cur: list[tuple[int, int]] = []
+    fill = 0
+    for i, n in sizes:
+        if n >= COALESCE_BELOW:
+            if cur:
+                msgs.append(cur)
+                cur, fill = [], 0
+            msgs.append([(i, 0)])
+            continue
+        off = (fill + COALESCE_ALIGN - 1) // COALESCE_ALIGN * COALESCE_ALIGN
+        if cur and off + n > COALESCE_MAX:
+            msgs.append(cur)
+            cur, off = [], 0
+        cur.append((i, off))
+        fill = off + n
+    if cur:
+        msgs.append(cur)
+    return msgs
+
+
+def message_size(plan_msg, sizes: dict) -> int:
+    """Bytes of one planned message (``sizes``: item index -> nbytes)."""
+    i, off = plan_msg[-1]
+    return off + sizes[i]

@@ -54,8 +54,15 @@ from .protocol import (
     Request,
     Response,
     Status,
+    COALESCE_BELOW,
     FLAG_HOLD,
     FLAG_UNDECODABLE,
+    FLAG_VERDICTS,
+    MAX_BATCH,
+    batch_table_size,
+    decode_batch_table,
+    encode_batch_table,
+    plan_batch,
     MAX_HOLD_S,
     NO_RING_ID,
     decode_request,
@@ -452,6 +459,10 @@ class TransportServer:
             return await self._get(ep, conn, req, buf)
         if op == Op.TAKE:
             return await self._take(ep, conn, req, buf)
+        if op == Op.GETV:
+            return await self._getv(ep, conn, req, buf)
+        if op == Op.TAKEV:
+            return await self._takev(ep, conn, req, buf)
         if op == Op.STATS:
             body = json.dumps(self.snapshot()).encode()
             self.metrics.count(op.name, "OK")
@@ -523,6 +534,166 @@ class TransportServer:
             status = Status.SHUTTING_DOWN if self._stopping else Status.EMPTY
             return await self._reply(ep, Response(status, req.request_id))
         return await self._deliver(ep, conn, req, leases, buf)
+
+    # ------------------------------------------------------------ batches --
+    async def _getv(self, ep, conn, req: Request, buf) -> bool:
+        """GETV: n refs of this ring in one request (an entry table follows the header)."""
+        ring, n = self.ring, req.n
+        if not 1 <= n <= MAX_BATCH or req.text != ring.name:
+            self.metrics.count("GETV", "BAD_REQUEST")
+            why = f"GETV of {n} refs (1..{MAX_BATCH})" if req.text == ring.name else \
+                f"this server serves ring {ring.name!r}"
+            await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id, message=why))
+            return False
+        table = np.zeros(batch_table_size(n), np.uint8)
+        try:
+            await engine.recv(ep, table)
+            entries = decode_batch_table(table, n)
+        except ProtocolError as exc:
+            self.metrics.count("GETV", "BAD_REQUEST")
+            await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id, message=str(exc)))
+            return False
+        except Exception as exc:  # noqa: BLE001 - the endpoint failed: nothing was claimed
+            log.debug("GETV table receive failed: %r", exc)
+            return False
+        status = [Status.STALE] * n
+        leases: list = [None] * n
+        if req.ring_id == NO_RING_ID or req.ring_id == self._ring_id:
+            idx = [i for i, e in enumerate(entries) if e[1] < ring.slots]
+            slots = [entries[i][1] for i in idx]
+            if len(set(slots)) != len(slots):
+                self.metrics.count("GETV", "BAD_REQUEST")
+                await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id, message="a slot appears twice"))
+                return False
+            got = ring.claim_many(slots, [entries[i][2] for i in idx])
+            for i, g in zip(idx, got):
+                if isinstance(g, shm.SlotBusyError):
+                    status[i] = Status.BUSY
+                elif not isinstance(g, shm.StaleSlotError):
+                    if g.nbytes != entries[i][3]:
+                        g.nack()
+                        status[i] = Status.BAD_REQUEST
+                    else:
+                        status[i], leases[i] = Status.OK, g
+        for st in status:
+            self.metrics.count("GETV", st.name)
+        return await self._answer_batch(ep, conn, req, status, leases, entries)
+
+    async def _takev(self, ep, conn, req: Request, buf) -> bool:
+        """TAKEV: like TAKE (oldest READY first, long-poll), answered in the batch format."""
+        n = max(1, min(req.n or 1, self._max_take, MAX_BATCH))
+        leases = self.ring.claim_oldest(n, req.max_nbytes)
+        if not leases and req.wait_ms:
+            deadline = time.monotonic() + req.wait_ms / 1000.0
+            conn.phase, conn.deadline = "wait", None
+            while not leases and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                await self._waiters.wait(remaining)
+                leases = self.ring.claim_oldest(n, req.max_nbytes)
+        if not leases:
+            self.metrics.count("TAKEV", "EMPTY")
+            status = Status.SHUTTING_DOWN if self._stopping else Status.EMPTY
+            return await self._reply(ep, Response(status, req.request_id))
+        self.metrics.count("TAKEV", "OK")
+        entries = [(0, le.slot, le.generation, le.nbytes) for le in leases]
+        return await self._answer_batch(ep, conn, req, [Status.OK] * len(leases), leases, entries)
+
+    async def _answer_batch(self, ep, conn, req: Request, status: list, leases: list, entries: list) -> bool:
+        """Send the batch answer (header + entry table, then the payloads as planned by
+        protocol.plan_batch: small ones coalesced through one staging copy, large ones
+        straight from shared memory), then finalise every lease by the client's ACK/NACK."""
+        m = self.metrics
+        n = len(status)
+        ok = [i for i in range(n) if status[i] == Status.OK]
+        held = [leases[i] for i in ok]
+        total = sum(leases[i].nbytes for i in ok)
+        head = bytearray(RESPONSE.size + batch_table_size(n))
+        encode_response(Response(Status.OK, req.request_id, nbytes=total, count=n, ring_id=self._ring_id), head)
+        encode_batch_table([(int(status[i]), entries[i][1], entries[i][2],
+                             leases[i].nbytes if leases[i] is not None else entries[i][3]) for i in range(n)],
+                           head, RESPONSE.size)
+        t0 = time.monotonic()
+        hold = min(req.hold_s, MAX_HOLD_S) if req.flags & FLAG_HOLD else 0
+        conn.phase, conn.deadline = "ack", time.monotonic() + self._ack_timeout + hold + total / self._min_rate
+        m.inflight += 1
+        done = False
+        try:
+            sends = [engine.send(ep, np.frombuffer(head, np.uint8))]
+            for msg in plan_batch([(i, leases[i].nbytes) for i in ok]):
+                if len(msg) == 1 and msg[0][1] == 0 and leases[msg[0][0]].nbytes >= COALESCE_BELOW:
+                    sends.append(engine.send(ep, leases[msg[0][0]].array()))  # zero-copy from the slot
+                    continue
+                last_i, last_off = msg[-1]
+                stage = np.empty(last_off + leases[last_i].nbytes, np.uint8)
+                for i, off in msg:
+                    a = leases[i].array()
+                    stage[off:off + len(a)] = a
+                sends.append(engine.send(ep, stage))
+            await asyncio.gather(*sends)
+            m.bytes_out += total
+            m.payloads_out += len(ok)
+            log.debug("sent batch of %d (%d OK) for request %d; awaiting ACK", n, len(ok), req.request_id)
+            buf = np.zeros(REQUEST.size, np.uint8)
+            await engine.recv(ep, buf)
+            ack = decode_request(buf)
+            if ack.op not in (Op.ACK, Op.NACK) or ack.request_id != req.request_id:
+                raise ProtocolError(f"expected ACK/NACK for request {req.request_id}, got {ack.op.name} "
+                                    f"for {ack.request_id}")
+            if ack.op == Op.ACK and not ack.flags & FLAG_VERDICTS:
+                k = len(held) if not 0 < ack.n < len(held) else ack.n  # ACK n: the first n consumed
+                self._finalise_batch(held, [j < k for j in range(len(held))])
+            elif ack.op == Op.ACK:
+                verdict = ack.text.ljust(n, "N")
+                self._finalise_batch(held, [verdict[i] == "A" for i in ok],
+                                     undecodable=[leases[i] for i in ok if verdict[i] == "U"])
+            else:
+                bad = (ack.slot, ack.generation) if ack.flags & FLAG_UNDECODABLE else None
+                self._finalise_batch(held, [False] * len(held),
+                                     undecodable=[le for le in held if (le.slot, le.generation) == bad])
+            done = True
+            m.handler_latency.add(time.monotonic() - t0)
+            return True
+        except ProtocolError as exc:
+            log.info("protocol violation while awaiting a batch ACK (%s); payloads returned, endpoint closed", exc)
+            await self._reply(ep, Response(exc.status, req.request_id, message=str(exc)))
+            return False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("endpoint failed during a batch delivery (%s: %s); payloads returned to READY",
+                     type(exc).__name__, exc)
+            return False
+        finally:
+            m.inflight -= 1
+            if not done:
+                back = [le for le in held if not le.finalised]
+                self._finalise_batch(back, [False] * len(back))
+                if back:
+                    self._waiters.notify(len(back))
+
+    def _finalise_batch(self, leases: list, acks: list, undecodable: list = ()) -> None:
+        """Finalise a batch with one lock syscall; slot by slot (deferring what a frozen
+        process blocks) when that range is busy or some payload was undecodable."""
+        m = self.metrics
+        if undecodable:
+            bad = {id(le) for le in undecodable}
+            for le in undecodable:
+                self._finalise([le], "nack", (le.slot, le.generation))
+            pairs = [(le, a) for le, a in zip(leases, acks) if id(le) not in bad]
+            leases, acks = [p[0] for p in pairs], [p[1] for p in pairs]
+            m.nacks += len(bad)
+        if not leases:
+            return
+        if not self.ring.try_finalise_many(leases, acks):
+            for le, a in zip(leases, acks):
+                self._finalise([le], "ack" if a else "nack")
+        k = sum(acks)
+        m.acks += k
+        m.nacks += len(acks) - k
+        if k < len(acks):
+            self._waiters.notify(len(acks) - k)
 
     def _claim_ready(self, n: int, max_nbytes: int) -> list:
         """Up to ``n`` READY payloads, oldest first, skipping (leaving READY) any

@@ -1,0 +1,374 @@
+#!/usr/bin/env python
+"""Mutation check: does the suite fail when a guarantee's mechanism is removed?
+
+For each mutation below: copy the repository (tracked + untracked, non-ignored files)
+to a temporary directory, remove one mechanism there by an exact text replacement in
+one source file, and run the tests that are meant to catch it in the copy (with
+``PYTHONPATH`` pointing at the copy, so the copy shadows the editable install, for
+spawned processes and server subprocesses too). A mutation is CAUGHT when those
+tests fail, MISSED when they pass.
+
+    python tests/mutation_check.py                 # every mutation; a table; exit 1 if any is MISSED
+    python tests/mutation_check.py --only NAME     # one (repeatable)
+    python tests/mutation_check.py --list          # names, files, selected tests
+
+Every mutation's original text must occur exactly once in its file, checked before
+anything runs: when the code changes, the list fails loudly instead of silently
+testing nothing. The selected tests are first run once on an unmutated copy (they
+must pass there, or CAUGHT would mean nothing); ``--no-baseline`` skips that.
+
+Not listed on purpose: the second ``buf[:] = 0`` in ``TransportServer._deliver``
+(before receiving the ACK). Without it a short ACK leaves the GET/TAKE request just
+decoded in the buffer, which fails the ACK/NACK op check, and any other leftover
+fails the CRC, so the outcome (BAD_REQUEST, payloads back to READY) is the same:
+an equivalent mutant, only the error text differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXCLUDE_TOP = {".venv", ".git"}
+PER_TEST_TIMEOUT_S = 120
+RUN_TIMEOUT_S = 600
+
+MECH = "tests/test_mechanisms.py::"
+REL = "tests/test_reliability.py::"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    what: str = ""
+    extra: tuple[tuple[str, str], ...] = field(default=())  # further (old, new) in the same file
+
+
+MUTATIONS: list[Mutation] = [
+    Mutation(
+        "client-dedup-disabled", "clients/client.py",
+        '        """Record a delivered payload; False if it was delivered before (a duplicate)."""\n',
+        '        """Record a delivered payload; False if it was delivered before (a duplicate)."""\n'
+        "        return True\n",
+        (REL + "test_get_redelivered_after_crash_is_not_returned_twice",),
+        "TransportClient._remember always True (and records nothing)",
+    ),
+    Mutation(
+        "server-peer-death-callback-noop", "ucxx_transport/server.py",
+        '        """UCX close/error callback (peer died or closed): end the handler now."""\n',
+        '        """UCX close/error callback (peer died or closed): end the handler now."""\n'
+        "        return\n",
+        (MECH + "test_client_sigkilled_before_ack_returns_payload_long_before_the_ack_deadline",),
+        "TransportServer._on_ep_closed does nothing",
+    ),
+    Mutation(
+        "client-acks-corrupt-get", "clients/client.py",
+        "Request(Op.NACK, rid, resp.slot, resp.generation,\n"
+        "                                                                flags=FLAG_UNDECODABLE)",
+        "Request(Op.ACK, rid)",
+        (MECH + "test_corrupt_payload_fetched_by_get_is_nacked_then_dead_lettered_never_consumed",),
+        "_get_once ACKs a payload it could not decode",
+    ),
+    Mutation(
+        "client-acks-corrupt-take", "clients/client.py",
+        "Request(Op.NACK, rid, corrupt.slot, corrupt.generation,\n"
+        "                                                                flags=FLAG_UNDECODABLE)",
+        "Request(Op.ACK, rid)",
+        (REL + "test_undecodable_payload_is_dead_lettered_not_blocking",),
+        "_take_once ACKs a batch holding a payload it could not decode",
+    ),
+    Mutation(
+        "finaliser-lease-check-removed", "shm/state.py",
+        "if self.state[slot] != expect or self.lease[slot] != lease:",
+        "if self.state[slot] != expect:",
+        (MECH + "test_late_finaliser_of_a_recovered_lease_never_clobbers_the_new_owner",
+         "tests/test_ring.py::test_finalisers_in_wrong_state_are_noops"),
+        "SlotTable._finalise ignores the lease number",
+    ),
+    Mutation(
+        "futex-wakes-removed", "shm/state.py",
+        "        self._bump(self._ready_word)\n        _sync.futex_wake(self.ready_addr)\n",
+        "        self._bump(self._ready_word)\n",
+        (MECH + "test_publish_in_another_process_wakes_a_sleeping_reader_at_once",
+         MECH + "test_ack_wakes_a_writer_blocked_on_a_full_ring_at_once"),
+        "signal_ready and signal_free bump the word but wake no one",
+        extra=(("        self._bump(self._free_word)\n        _sync.futex_wake(self.free_addr)\n",
+                "        self._bump(self._free_word)\n"),),
+    ),
+    Mutation(
+        "futex-ready-wake-removed", "shm/state.py",
+        "        self._bump(self._ready_word)\n        _sync.futex_wake(self.ready_addr)\n",
+        "        self._bump(self._ready_word)\n",
+        (MECH + "test_publish_in_another_process_wakes_a_sleeping_reader_at_once",),
+        "signal_ready wakes no one (readers notice at their sleep's timeout)",
+    ),
+    Mutation(
+        "futex-free-wake-removed", "shm/state.py",
+        "        self._bump(self._free_word)\n        _sync.futex_wake(self.free_addr)\n",
+        "        self._bump(self._free_word)\n",
+        (MECH + "test_ack_wakes_a_writer_blocked_on_a_full_ring_at_once",),
+        "signal_free wakes no one (blocked writers notice at the end of a 0.25 s slice)",
+    ),
+    Mutation(
+        "ring-ref-id-check-removed", "shm/ring.py",
+        "if ref.ring_id is not None and ref.ring_id != self._ring_id:",
+        "if False:",
+        (MECH + "test_ref_of_a_recreated_ring_is_stale_never_the_new_payload",),
+        "RingBuffer._check_ref does not compare ref.ring_id",
+    ),
+    Mutation(
+        "server-get-ring-id-check-removed", "ucxx_transport/server.py",
+        "if req.ring_id != NO_RING_ID and req.ring_id != self._ring_id:",
+        "if False:",
+        (MECH + "test_get_of_a_recreated_rings_ref_is_stale_over_the_network",),
+        "TransportServer._get serves a ref of another ring with the same name",
+    ),
+    Mutation(
+        "claim-generation-check-removed", "shm/state.py",
+        "if gen != generation or st not in (READY, READING):",
+        "if st not in (READY, READING):",
+        ("tests/test_ring.py::test_aba_stale_ref_never_served_newer_payload",),
+        "claim_ready serves a stale ref the newer payload in its slot",
+    ),
+    Mutation(
+        "recovery-trusts-dead-owner", "shm/state.py",
+        '        """Is the process holding ``slot`` (WRITING/READING) still alive?"""\n',
+        '        """Is the process holding ``slot`` (WRITING/READING) still alive?"""\n'
+        "        return True\n",
+        ("tests/test_ring_processes.py::test_sigkill_reader_holding_lease_payload_ready_again",),
+        "owner_alive always True: nothing is ever recovered",
+    ),
+    Mutation(
+        "dead-letter-never", "shm/state.py",
+        "if self.failures[slot] >= DEAD_LETTER_AFTER:",
+        "if False:",
+        (REL + "test_undecodable_payload_is_dead_lettered_not_blocking",),
+        "an undecodable payload is NACKed back to READY forever",
+    ),
+    Mutation(
+        "server-request-buf-not-cleared", "ucxx_transport/server.py",
+        "buf[:] = 0  # a short message must never leave the previous request to be parsed again",
+        "pass  # (mutated: buffer not cleared)",
+        (REL + "test_short_message_is_never_reparsed_as_the_previous_request",),
+        "the endpoint loop receives into a buffer still holding the previous request",
+    ),
+    Mutation(
+        "stream-give-back-consumes-all", "clients/stream.py",
+        "ok = item.delivery.settle_sync(item.handed, self._client.timeout + 5.0)",
+        "ok = item.delivery.settle_sync(len(item.delivery.items), self._client.timeout + 5.0)",
+        (REL + "test_stream_close_gives_back_what_was_not_handed_out",),
+        "FetchStream._give_back consumes what was never handed out",
+    ),
+    Mutation(
+        "frame-field-bounds-check-removed", "shm/frame.py",
+        "if nbytes and (off % ALIGN or off < FRAME_HEADER.size or off + nbytes > table_off):",
+        "if nbytes and (off % ALIGN or off < FRAME_HEADER.size):",
+        (MECH + "test_fuzzed_valid_frames_decode_inside_their_data_area_or_raise_frame_error",
+         "tests/test_frame.py::test_field_entry_out_of_bounds_rejected"),
+        "parse_index lets a field run past the data area",
+    ),
+    Mutation(
+        "frame-raw-bounds-check-removed", "shm/frame.py",
+        "if FRAME_HEADER.size + raw_len > table_off:",
+        "if False:",
+        (MECH + "test_fuzzed_valid_frames_decode_inside_their_data_area_or_raise_frame_error",),
+        "parse_index lets a raw payload run past the data area",
+    ),
+    Mutation(
+        "protocol-crc-check-removed", "ucxx_transport/protocol.py",
+        "if fields[-1] != _crc(mv, layout.size - 4):",
+        "if False:",
+        (MECH + "test_fuzzed_requests_raise_protocol_error_or_decode",),
+        "headers are parsed without checking their CRC-32",
+    ),
+]
+
+
+# --------------------------------------------------------------- machinery --
+def repo_files() -> list[str]:
+    out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         check=True, capture_output=True).stdout.decode()
+    files = []
+    for rel in filter(None, out.split("\0")):
+        if rel.split("/", 1)[0] in EXCLUDE_TOP:
+            continue
+        if (ROOT / rel).is_file():  # a tracked file deleted in the work tree is skipped
+            files.append(rel)
+    return sorted(set(files))
+
+
+def copy_repo(dst: Path) -> None:
+    for rel in repo_files():
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+
+
+def replacements(m: Mutation) -> list[tuple[str, str]]:
+    return [(m.old, m.new), *m.extra]
+
+
+def check_applies(m: Mutation, root: Path = ROOT) -> str:
+    """The mutated text of ``m.file``; SystemExit if an original text is not there exactly once."""
+    path = root / m.file
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SystemExit(f"mutation {m.name}: {m.file} does not exist; update tests/mutation_check.py") from None
+    for old, new in replacements(m):
+        count = text.count(old)
+        if count != 1:
+            raise SystemExit(
+                f"mutation {m.name}: the original text occurs {count} times in {m.file} (must be exactly once); "
+                f"the code changed: update tests/mutation_check.py\n--- original text ---\n{old}")
+        text = text.replace(old, new)
+    return text
+
+
+def env_for(copy: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(copy), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    env.setdefault("UCX_NET_DEVICES", "lo")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def check_shadowing(copy: Path, env: dict) -> None:
+    code = "import shm, ucxx_transport, clients, tests; print('\\n'.join(m.__file__ for m in " \
+           "(shm, ucxx_transport, clients, tests)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=copy, env=env, capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise SystemExit(f"cannot import the packages from the copy:\n{out.stderr[-2000:]}")
+    for f in out.stdout.split():
+        if not Path(f).resolve().is_relative_to(copy.resolve()):
+            raise SystemExit(f"the copy does not shadow the installed package: {f} is outside {copy}")
+
+
+FAILED_RE = re.compile(r"^(FAILED|ERROR) (\S+)", re.M)
+
+
+def run_pytest(copy: Path, tests: tuple[str, ...], env: dict) -> tuple[int, str, float]:
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+           f"--timeout={PER_TEST_TIMEOUT_S}", *tests]
+    t0 = time.monotonic()
+    try:
+        out = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        rc, text = out.returncode, out.stdout + out.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, text = -1, f"pytest run exceeded {RUN_TIMEOUT_S} s\n{exc.stdout or ''}"
+    return rc, text, time.monotonic() - t0
+
+
+def verdict(rc: int, text: str) -> tuple[str, str]:
+    if rc == 0:
+        return "MISSED", ""
+    if rc == 1:
+        hits = FAILED_RE.findall(text)
+        if hits:
+            return "CAUGHT", hits[0][1]
+        if "Timeout" in text:
+            return "CAUGHT", "(pytest-timeout)"
+        return "CAUGHT", "(failed)"
+    if rc == -1:
+        return "CAUGHT", "(hung past the run limit)"
+    return "ERROR", f"pytest exit code {rc}"
+
+
+def run_one(m: Mutation, keep: bool, verbose: bool) -> tuple[str, str, float]:
+    with tempfile.TemporaryDirectory(prefix=f"mut-{m.name}-") as tmp:
+        copy = Path(tmp) / "repo"
+        copy_repo(copy)
+        (copy / m.file).write_text(check_applies(m, copy))
+        env = env_for(copy)
+        check_shadowing(copy, env)
+        rc, text, dt = run_pytest(copy, m.tests, env)
+        result, by = verdict(rc, text)
+        if verbose or result == "ERROR":
+            print(text[-4000:], file=sys.stderr)
+        if keep:
+            kept = Path(tempfile.mkdtemp(prefix=f"mut-{m.name}-kept-"))
+            shutil.copytree(copy, kept / "repo")
+            print(f"  kept {kept / 'repo'}", file=sys.stderr)
+    return result, by, dt
+
+
+def baseline(selected: list[Mutation], verbose: bool) -> None:
+    tests = tuple(dict.fromkeys(t for m in selected for t in m.tests))
+    with tempfile.TemporaryDirectory(prefix="mut-baseline-") as tmp:
+        copy = Path(tmp) / "repo"
+        copy_repo(copy)
+        env = env_for(copy)
+        check_shadowing(copy, env)
+        rc, text, dt = run_pytest(copy, tests, env)
+    print(f"baseline: {len(tests)} selections on the unmutated code: {'pass' if rc == 0 else 'FAIL'} ({dt:.0f} s)")
+    if rc != 0:
+        print(text[-6000:], file=sys.stderr)
+        raise SystemExit("the selected tests fail on the unmutated code: fix them first (CAUGHT would mean nothing)")
+    if verbose:
+        print(text[-2000:], file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", action="append", metavar="NAME", help="run only this mutation (repeatable)")
+    ap.add_argument("--list", action="store_true", help="list the mutations (after checking they apply)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip running the selections on unmutated code")
+    ap.add_argument("--keep", action="store_true", help="keep each mutated copy (for debugging)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print pytest's output")
+    a = ap.parse_args(argv)
+
+    names = [m.name for m in MUTATIONS]
+    assert len(set(names)) == len(names), "duplicate mutation names"
+    selected = MUTATIONS
+    if a.only:
+        unknown = sorted(set(a.only) - set(names))
+        if unknown:
+            raise SystemExit(f"unknown mutation(s) {unknown}; --list shows them")
+        selected = [m for m in MUTATIONS if m.name in a.only]
+    for m in selected:  # fail loudly, before running anything, if the code moved on
+        check_applies(m)
+
+    if a.list:
+        for m in selected:
+            print(f"{m.name:36} {m.file:28} {m.what}")
+            for t in m.tests:
+                print(f"{'':38}{t}")
+        return 0
+
+    t_all = time.monotonic()
+    if not a.no_baseline:
+        baseline(selected, a.verbose)
+    rows = []
+    for m in selected:
+        result, by, dt = run_one(m, a.keep, a.verbose)
+        rows.append((m, result, by, dt))
+        print(f"  {m.name:36} {result:7} {dt:5.0f} s  {by}", flush=True)
+
+    print()
+    w = max(len(m.name) for m in selected)
+    print(f"{'mutation':{w}}  {'file':26}  {'result':7}  {'s':>4}  caught by")
+    print("-" * (w + 80))
+    for m, result, by, dt in rows:
+        print(f"{m.name:{w}}  {m.file:26}  {result:7}  {dt:4.0f}  {by}")
+    caught = sum(r == "CAUGHT" for _, r, _, _ in rows)
+    print("-" * (w + 80))
+    print(f"{caught}/{len(rows)} caught, total {time.monotonic() - t_all:.0f} s")
+    return 0 if caught == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
