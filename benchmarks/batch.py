@@ -21,6 +21,7 @@ ours / baseline, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import multiprocessing as mp
 import os
@@ -60,7 +61,7 @@ def _server(ring_name: str, conn) -> None:
 
 
 def _trainer(address, conn) -> None:
-    """Commands: ("fetch_many", [ref dicts]) / ("take", B) -> (seconds, bytes)."""
+    """Commands: ("fetch_many", [ref dicts]) / ("take", B) -> (seconds, bytes, errors)."""
     import shm
     from clients import TransportClient
 
@@ -90,42 +91,39 @@ def _trainer(address, conn) -> None:
             conn.send((dt, nbytes, [repr(e) for e in bad[:3]]))
 
 
-def run_ours(cases, reps: int) -> dict:
-    import shm
+class _Ours:
+    def __init__(self, ctx, b: int, s: int):
+        import shm
 
-    ctx = mp.get_context("spawn")
-    out = {}
-    for b, s in cases:
-        name = f"bench-batch-{uuid.uuid4().hex[:8]}"
-        ring = shm.RingBuffer.create(name, slots=b, slot_bytes=s + FRAME_OVERHEAD + 4096)
-        try:
-            sp, sc = ctx.Pipe()
-            server = ctx.Process(target=_server, args=(name, sc))
-            server.start()
-            ports = sp.recv()
-            tp, tc = ctx.Pipe()
-            trainer = ctx.Process(target=_trainer, args=(("127.0.0.1", ports), tc))
-            trainer.start()
-            payload = {"x": np.full(max(1, s - FRAME_OVERHEAD), 7, np.uint8)}
-            for mode in ("fetch_many", "take"):
-                times = []
-                for rep in range(reps + 1):
-                    refs = [ring.put(payload).to_dict() for _ in range(b)]
-                    tp.send((mode, refs if mode == "fetch_many" else b))
-                    dt, nbytes, errors = tp.recv()
-                    if errors:
-                        raise RuntimeError(f"{mode} {b}x{s}: {errors}")
-                    if rep:
-                        times.append(dt)
-                out[(b, s, mode)] = min(times)
-            tp.send(("stop",))
-            trainer.join(30)
-            sp.send("stop")
-            server.join(30)
-        finally:
-            ring.close()
-            shm.RingBuffer.unlink_name(name)
-    return out
+        self.name = f"bench-batch-{uuid.uuid4().hex[:8]}"
+        self.ring = shm.RingBuffer.create(self.name, slots=b, slot_bytes=s + FRAME_OVERHEAD + 4096)
+        self.sp, sc = ctx.Pipe()
+        self.server = ctx.Process(target=_server, args=(self.name, sc))
+        self.server.start()
+        ports = self.sp.recv()
+        self.tp, tc = ctx.Pipe()
+        self.trainer = ctx.Process(target=_trainer, args=(("127.0.0.1", ports), tc))
+        self.trainer.start()
+        self.payload = {"x": np.full(max(1, s - FRAME_OVERHEAD), 7, np.uint8)}
+        self.b = b
+
+    def run(self, mode: str) -> float:
+        refs = [self.ring.put(self.payload).to_dict() for _ in range(self.b)]  # before the clock
+        self.tp.send((mode, refs if mode == "fetch_many" else self.b))
+        dt, nbytes, errors = self.tp.recv()
+        if errors:
+            raise RuntimeError(f"{mode}: {errors}")
+        return dt
+
+    def close(self) -> None:
+        import shm
+
+        self.tp.send(("stop",))
+        self.trainer.join(30)
+        self.sp.send("stop")
+        self.server.join(30)
+        self.ring.close()
+        shm.RingBuffer.unlink_name(self.name)
 
 
 # ----------------------------------------------------------------- pyzmq ----
@@ -140,46 +138,41 @@ def _zmq_sender(port_conn) -> None:
     port_conn.send((port, cport))
     bufs = {}
     while True:
-        msg = pull.recv()
-        b, s = map(int, msg.split())
+        b, s = map(int, pull.recv().split())
         if b == 0:
             break
         buf = bufs.setdefault(s, np.full(s, 7, np.uint8))
-        for i in range(b):
-            push.send(buf, copy=False, flags=zmq.SNDMORE if False else 0)
+        for _ in range(b):
+            push.send(buf, copy=False)
     ctx.destroy(linger=0)
 
 
-def run_zmq(cases, reps: int) -> dict:
-    import zmq
+class _Zmq:
+    def __init__(self, mpctx):
+        import zmq
 
-    mpctx = mp.get_context("spawn")
-    a, bconn = mpctx.Pipe()
-    p = mpctx.Process(target=_zmq_sender, args=(bconn,))
-    p.start()
-    port, cport = a.recv()
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.connect(f"tcp://127.0.0.1:{port}")
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{cport}")
-    out = {}
-    for b, s in cases:
-        times = []
-        for rep in range(reps + 1):
-            t0 = time.perf_counter()
-            push.send(f"{b} {s}".encode())
-            frames = [pull.recv(copy=False) for _ in range(b)]
-            dt = time.perf_counter() - t0
-            assert sum(len(f.buffer) for f in frames) == b * s
-            del frames
-            if rep:
-                times.append(dt)
-        out[(b, s)] = min(times)
-    push.send(b"0 0")
-    p.join(10)
-    ctx.destroy(linger=0)
-    return out
+        a, bconn = mpctx.Pipe()
+        self.p = mpctx.Process(target=_zmq_sender, args=(bconn,))
+        self.p.start()
+        port, cport = a.recv()
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.connect(f"tcp://127.0.0.1:{port}")
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.connect(f"tcp://127.0.0.1:{cport}")
+
+    def run(self, b: int, s: int) -> float:
+        t0 = time.perf_counter()
+        self.push.send(f"{b} {s}".encode())
+        frames = [self.pull.recv(copy=False) for _ in range(b)]
+        dt = time.perf_counter() - t0
+        assert sum(len(f.buffer) for f in frames) == b * s
+        return dt
+
+    def close(self) -> None:
+        self.push.send(b"0 0")
+        self.p.join(10)
+        self.ctx.destroy(linger=0)
 
 
 # -------------------------------------------------------------- raw ucxx ----
@@ -217,7 +210,7 @@ def _raw_server(conn) -> None:
     asyncio.run(main())
 
 
-def _raw_client(port: int, cases, reps: int, conn) -> None:
+def _raw_client(port: int, conn) -> None:
     import asyncio
 
     from ucxx_transport import engine
@@ -227,63 +220,87 @@ def _raw_client(port: int, cases, reps: int, conn) -> None:
     async def main():
         engine.attach_loop()
         ep = await engine.connect("127.0.0.1", port, 30)
-        out = {}
-        for b, s in cases:
-            bufs = [np.empty(s, np.uint8) for _ in range(b)]
-            times = []
-            for rep in range(reps + 1):
-                t0 = time.perf_counter()
-                await engine.send(ep, np.array([b, s], np.int64).view(np.uint8))
-                await asyncio.gather(*(engine.recv(ep, x) for x in bufs))
-                dt = time.perf_counter() - t0
-                if rep:
-                    times.append(dt)
-            out[f"{b}x{s}"] = min(times)
-        await engine.send(ep, np.zeros(2, np.int64).view(np.uint8))
-        return out
+        loop = asyncio.get_running_loop()
+        bufs: dict = {}
+        while True:
+            b, s = await loop.run_in_executor(None, conn.recv)
+            await engine.send(ep, np.array([b, s], np.int64).view(np.uint8))
+            if b == 0:
+                return
+            if (b, s) not in bufs:
+                bufs.clear()
+                bufs[(b, s)] = [np.empty(s, np.uint8) for _ in range(b)]
+            t0 = time.perf_counter()
+            await asyncio.gather(*(engine.recv(ep, x) for x in bufs[(b, s)]))
+            # the clock started before the request left, as for the others: add the request's send
+            conn.send(time.perf_counter() - t0)
 
-    conn.send(asyncio.run(main()))
+    asyncio.run(main())
 
 
-def run_raw(cases, reps: int) -> dict:
-    ctx = mp.get_context("spawn")
-    a, b = ctx.Pipe()
-    srv = ctx.Process(target=_raw_server, args=(b,))
-    srv.start()
-    port = a.recv()
-    c1, c2 = ctx.Pipe()
-    cli = ctx.Process(target=_raw_client, args=(port, cases, reps, c2))
-    cli.start()
-    res = c1.recv()
-    cli.join(30)
-    a.send("stop")
-    srv.join(30)
-    return {(bb, s): res[f"{bb}x{s}"] for bb, s in cases}
+class _Raw:
+    def __init__(self, ctx):
+        self.a, b = ctx.Pipe()
+        self.srv = ctx.Process(target=_raw_server, args=(b,))
+        self.srv.start()
+        port = self.a.recv()
+        self.c1, c2 = ctx.Pipe()
+        self.cli = ctx.Process(target=_raw_client, args=(port, c2))
+        self.cli.start()
+
+    def run(self, b: int, s: int) -> float:
+        self.c1.send((b, s))
+        return self.c1.recv()
+
+    def close(self) -> None:
+        self.c1.send((0, 0))
+        self.cli.join(30)
+        self.a.send("stop")
+        self.srv.join(30)
 
 
 # ------------------------------------------------------------------ main ----
-def run(cases, reps: int = 3, baselines=("zmq", "raw-ucxx")) -> dict:
+def run(cases, reps: int = 5, baselines=("zmq", "raw-ucxx")) -> dict:
+    """Every system up at once; repetitions interleave the systems (this box's noise
+    hits all of them alike). Best of ``reps`` after one warm-up round."""
     from ucxx_transport.units import format_size
 
-    ours = run_ours(cases, reps)
-    zmq_t = run_zmq(cases, reps) if "zmq" in baselines else {}
-    raw_t = run_raw(cases, reps) if "raw-ucxx" in baselines else {}
+    ctx = mp.get_context("spawn")
+    zmq_sys = _Zmq(ctx) if "zmq" in baselines else None
+    raw_sys = _Raw(ctx) if "raw-ucxx" in baselines else None
     rows = []
-    for b, s in cases:
-        gb = b * s / 1e9
-        row = {"batch": b, "size": s, "case": f"{b} x {format_size(s)}"}
-        for mode in ("fetch_many", "take"):
-            row[f"{mode}_s"] = ours[(b, s, mode)]
-            row[f"{mode}_GBps"] = gb / ours[(b, s, mode)]
-        if (b, s) in zmq_t:
-            row["zmq_s"], row["zmq_GBps"] = zmq_t[(b, s)], gb / zmq_t[(b, s)]
-        if (b, s) in raw_t:
-            row["raw_ucxx_s"], row["raw_ucxx_GBps"] = raw_t[(b, s)], gb / raw_t[(b, s)]
-        for mode in ("fetch_many", "take"):
-            for base in ("zmq", "raw_ucxx"):
-                if f"{base}_s" in row:
-                    row[f"{mode}_vs_{base}"] = row[f"{base}_s"] / row[f"{mode}_s"]
-        rows.append(row)
+    try:
+        for b, s in cases:
+            ours = _Ours(ctx, b, s)
+            try:
+                t: dict = collections.defaultdict(list)
+                for rep in range(reps + 1):
+                    for name, fn in (("fetch_many", lambda: ours.run("fetch_many")),
+                                     ("take", lambda: ours.run("take")),
+                                     ("zmq", (lambda: zmq_sys.run(b, s)) if zmq_sys else None),
+                                     ("raw_ucxx", (lambda: raw_sys.run(b, s)) if raw_sys else None)):
+                        if fn is not None:
+                            dt = fn()
+                            if rep:
+                                t[name].append(dt)
+            finally:
+                ours.close()
+            gb = b * s / 1e9
+            row = {"batch": b, "size": s, "case": f"{b} x {format_size(s)}"}
+            for name, ts in t.items():
+                row[f"{name}_s"] = min(ts)
+                row[f"{name}_median_s"] = sorted(ts)[len(ts) // 2]
+                row[f"{name}_GBps"] = gb / min(ts)
+            for mode in ("fetch_many", "take"):
+                for base in ("zmq", "raw_ucxx"):
+                    if f"{base}_s" in row:
+                        row[f"{mode}_vs_{base}"] = row[f"{base}_s"] / row[f"{mode}_s"]
+            rows.append(row)
+    finally:
+        if zmq_sys:
+            zmq_sys.close()
+        if raw_sys:
+            raw_sys.close()
     return {"rows": rows, "reps": reps, "ucx_env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")}}
 
 
@@ -302,7 +319,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=DEFAULT_CASES, help=f"COUNTxSIZE,... (default {DEFAULT_CASES})")
     ap.add_argument("--quick", action="store_true", help=f"only {QUICK_CASES}")
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per case, best reported (default 3)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per case, best reported (default 5)")
     ap.add_argument("--baselines", default="zmq,raw-ucxx")
     ap.add_argument("--json", help="write the figures to this file")
     a = ap.parse_args(argv)

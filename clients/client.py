@@ -51,9 +51,11 @@ from ucxx_transport.protocol import (
     FLAG_VERDICTS,
     MAX_BATCH,
     MAX_HOLD_S,
+    ONE_MESSAGE_MAX,
     batch_table_size,
     decode_batch_table,
     encode_batch_table,
+    one_message_layout,
     plan_batch,
     decode_response,
     encode_request,
@@ -826,7 +828,7 @@ class TransportClient:
                     continue
                 groups[(host, tuple(ports), ref.ring, ref.ring_id)].append(i)
             for (host, ports, _, _), idxs in groups.items():
-                for chunk in _chunks(idxs, [checked[i].nbytes for i in idxs]):
+                for chunk in _chunks(idxs, [checked[i].nbytes for i in idxs], len(ports) * self._pool.pool_size):
                     tasks.append(batch(chunk, host, list(ports)))
             await asyncio.gather(*tasks)
             pending = [i for i in pending if results[i].error is not None
@@ -846,30 +848,42 @@ class TransportClient:
             base = self._buffers.get(total)
             bufs.append((base, base[:total]))
         pe.timer.extend(self._transfer_s(sum(sizes.values())))
-        await asyncio.gather(*(engine.recv(pe.ep, view) for _, view in bufs))
+        if len(bufs) == 1:
+            await engine.recv(pe.ep, bufs[0][1])
+        else:
+            await asyncio.gather(*(engine.recv(pe.ep, view) for _, view in bufs))
         out: dict = {}
-        pool = self._buffers
         for msg, (base, view) in zip(plan, bufs):
-            left = [len(msg)]
+            out.update(self._decode_shared(base, view, [(i, off, sizes[i]) for i, off in msg], where))
+        return out
 
-            def release(base=base, left=left):
-                left[0] -= 1
-                if left[0] == 0:
-                    pool.put(base)
+    def _decode_shared(self, base, view, items: list, where: str) -> dict:
+        """Payloads at ``items`` [(index, offset, nbytes)] of one received message;
+        {index: Payload or CorruptPayloadError}. They share the message's pooled
+        buffer, given back when the last of them is released."""
+        pool = self._buffers
+        left = [len(items)]
+        out: dict = {}
 
-            for i, off in msg:
-                n = sizes[i]
-                try:
-                    p = decode(view[off:off + n], readonly=False, on_release=release)
-                    if p.nbytes != n:
-                        p.release()
-                        raise CorruptPayloadError(f"{where}: item {i}: frame length {p.nbytes} != {n}")
-                    out[i] = p
-                except shm.FrameError as exc:
-                    release()
-                    out[i] = CorruptPayloadError(f"{where}: item {i}: {exc}")
-                except CorruptPayloadError as exc:
-                    out[i] = exc
+        def release():
+            left[0] -= 1
+            if left[0] == 0:
+                pool.put(base)
+
+        if not items:
+            pool.put(base)
+        for i, off, n in items:
+            try:
+                p = decode(view[off:off + n], readonly=False, on_release=release)
+                if p.nbytes != n:
+                    p.release()
+                    raise CorruptPayloadError(f"{where}: item {i}: frame length {p.nbytes} != {n}")
+                out[i] = p
+            except shm.FrameError as exc:
+                release()
+                out[i] = CorruptPayloadError(f"{where}: item {i}: {exc}")
+            except CorruptPayloadError as exc:
+                out[i] = exc
         return out
 
     async def _recv_batch_head(self, pe: PooledEndpoint, rid: int, n: int, where: str):
@@ -877,6 +891,10 @@ class TransportClient:
         head = np.zeros(RESPONSE.size + batch_table_size(n), np.uint8)
         await engine.recv(pe.ep, head)
         pe.unconfirmed_ack = False
+        return self._parse_batch_head(head, rid, n)
+
+    @staticmethod
+    def _parse_batch_head(head, rid: int, n: int):
         resp = decode_response(head[:RESPONSE.size])
         if resp.request_id != rid:
             raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
@@ -895,14 +913,35 @@ class TransportClient:
             if big:
                 raise PayloadTooLargeError(f"{where}: {len(big)} ref(s) exceed max_nbytes={self.max_nbytes}")
 
+        sizes = [r.nbytes for r in refs]
+        one = sum(sizes) <= ONE_MESSAGE_MAX and self.device == "cpu"
+
         async def body(pe):
             rid = next(self._ids)
             table = encode_batch_table([(0, r.slot, r.generation, r.nbytes) for r in refs])
-            await asyncio.gather(
-                engine.send(pe.ep, encode_request(Request(Op.GETV, rid, n=n, text=refs[0].ring,
-                                                          ring_id=ring_id_bytes(refs[0].ring_id)))),
-                engine.send(pe.ep, np.frombuffer(table, np.uint8)))
-            resp, entries = await self._recv_batch_head(pe, rid, n, where)
+            req = encode_request(Request(Op.GETV, rid, n=n, text=refs[0].ring, ring_id=ring_id_bytes(refs[0].ring_id),
+                                         flags=FLAG_ONE_MESSAGE if one else 0))
+            if one:  # the whole answer is one message: receive it straight into one pooled buffer
+                offsets, size = one_message_layout(n, sizes)
+                base = self._buffers.get(size)
+                msg = base[:size]
+                msg[:RESPONSE.size] = 0
+                recv = asyncio.ensure_future(engine.recv(pe.ep, msg))  # posted before the request goes out
+                try:
+                    await engine.send(pe.ep, req)
+                    await engine.send(pe.ep, np.frombuffer(table, np.uint8))
+                    await recv
+                except BaseException:
+                    recv.cancel()
+                    raise
+                pe.unconfirmed_ack = False
+                resp, entries = self._parse_batch_head(msg, rid, n)
+                if entries is None:
+                    self._buffers.put(base)
+            else:
+                await engine.send(pe.ep, req)
+                await engine.send(pe.ep, np.frombuffer(table, np.uint8))
+                resp, entries = await self._recv_batch_head(pe, rid, n, where)
             if entries is None:
                 raise _Answered(status_error(resp.status, resp.message, where))
             if len(entries) != n:
@@ -924,7 +963,10 @@ class TransportClient:
                         raise ProtocolError(f"{where}: unknown status {st}") from None
                     if st == Status.STALE:
                         self._stats["stale"] += 1
-            got = await self._recv_planned(pe, ok, where)
+            if one:
+                got = self._decode_shared(base, msg, [(i, offsets[i], nb) for i, nb in ok], where)
+            else:
+                got = await self._recv_planned(pe, ok, where)
             await self._ack_batch(pe, rid, n, got)
             for i, p in got.items():
                 if isinstance(p, BaseException):
@@ -1060,16 +1102,20 @@ class TransportClient:
 _HELD = object()
 
 
-#: a batch is cut into chunks of at most this many bytes (several requests in flight)
+#: a batch of more bytes than this is cut into several GETV requests in flight at once
 CHUNK_BYTES = 8 << 20
 
 
-def _chunks(idxs: list, sizes: list) -> list[list]:
-    """Split a server's refs into GETV requests: at most MAX_BATCH refs and about
-    CHUNK_BYTES each (so large batches keep several endpoints busy)."""
+def _chunks(idxs: list, sizes: list, endpoints: int) -> list[list]:
+    """Split one server's refs into GETV requests: at most MAX_BATCH refs each, and
+    for large batches up to ``endpoints`` requests of about equal bytes (each keeps
+    one pooled endpoint busy; more would only open new connections)."""
+    total = sum(sizes)
+    k = max(-(-len(idxs) // MAX_BATCH), min(endpoints, -(-total // CHUNK_BYTES)), 1)
+    target = total / k
     out, cur, fill = [], [], 0
     for i, n in zip(idxs, sizes):
-        if cur and (len(cur) >= MAX_BATCH or fill + n > CHUNK_BYTES):
+        if cur and (len(cur) >= MAX_BATCH or (fill + n > target * 1.01 and len(out) < k - 1)):
             out.append(cur)
             cur, fill = [], 0
         cur.append(i)

@@ -83,12 +83,19 @@ MUTATIONS: list[Mutation] = [
         "_get_once ACKs a payload it could not decode",
     ),
     Mutation(
-        "client-acks-corrupt-take", "clients/client.py",
-        "Request(Op.NACK, rid, corrupt.slot, corrupt.generation,\n"
-        "                                                                flags=FLAG_UNDECODABLE)",
-        "Request(Op.ACK, rid)",
+        "client-acks-corrupt-batch", "clients/client.py",
+        "if all(not isinstance(p, BaseException) for p in got.values()):",
+        "if True:",
         (REL + "test_undecodable_payload_is_dead_lettered_not_blocking",),
-        "_take_once ACKs a batch holding a payload it could not decode",
+        "_ack_batch (TAKE/GETV) ACKs every item, undecodable ones included",
+    ),
+    Mutation(
+        "client-acks-corrupt-held-take", "clients/client.py",
+        "Request(Op.NACK, rid, e[1], e[2],\n"
+        "                                                                    flags=FLAG_UNDECODABLE)",
+        "Request(Op.ACK, rid)",
+        (MECH + "test_corrupt_payload_in_a_held_take_is_nacked_not_consumed",),
+        "_takev_once (held, as streams fetch ahead) ACKs a batch holding an undecodable payload",
     ),
     Mutation(
         "finaliser-lease-check-removed", "shm/state.py",
@@ -97,6 +104,13 @@ MUTATIONS: list[Mutation] = [
         (MECH + "test_late_finaliser_of_a_recovered_lease_never_clobbers_the_new_owner",
          "tests/test_ring.py::test_finalisers_in_wrong_state_are_noops"),
         "SlotTable._finalise ignores the lease number",
+    ),
+    Mutation(
+        "finalise-many-lease-check-removed", "shm/state.py",
+        "valid = (self.state[slots] == READING) & (self.lease[slots] == np.asarray(leases, np.uint64))",
+        "valid = (self.state[slots] == READING)",
+        (MECH + "test_late_finaliser_of_a_recovered_lease_never_clobbers_the_new_owner",),
+        "SlotTable.finalise_many (batch ACK/NACK) ignores the lease numbers",
     ),
     Mutation(
         "futex-wakes-removed", "shm/state.py",
@@ -137,11 +151,26 @@ MUTATIONS: list[Mutation] = [
         "TransportServer._get serves a ref of another ring with the same name",
     ),
     Mutation(
+        "server-getv-ring-id-check-removed", "ucxx_transport/server.py",
+        "if req.ring_id == NO_RING_ID or req.ring_id == self._ring_id:",
+        "if True:",
+        (MECH + "test_get_of_a_recreated_rings_ref_is_stale_over_the_network",),
+        "TransportServer._getv (fetch_many) serves refs of another ring with the same name",
+    ),
+    Mutation(
         "claim-generation-check-removed", "shm/state.py",
         "if gen != generation or st not in (READY, READING):",
         "if st not in (READY, READING):",
         ("tests/test_ring.py::test_aba_stale_ref_never_served_newer_payload",),
         "claim_ready serves a stale ref the newer payload in its slot",
+    ),
+    Mutation(
+        "claim-many-generation-check-removed", "shm/state.py",
+        "gen_ok = self.gen[slots] == np.asarray(generations, np.uint64)",
+        "gen_ok = np.ones(len(slots), bool)",
+        ("tests/test_client.py::test_fetch_many_200_with_stale",
+         MECH + "test_batch_claim_never_serves_a_stale_ref_the_newer_payload"),
+        "SlotTable.claim_many (GETV) serves a stale ref the newer payload in its slot",
     ),
     Mutation(
         "recovery-trusts-dead-owner", "shm/state.py",

@@ -140,6 +140,23 @@ def test_corrupt_payload_fetched_by_get_is_nacked_then_dead_lettered_never_consu
                                                                      shm.DEAD_LETTER_AFTER)
 
 
+@pytest.mark.timeout(90)
+def test_corrupt_payload_in_a_held_take_is_nacked_not_consumed(make_ring, ring_name, serve):
+    """A held TAKE (what a stream fetches ahead) holding an undecodable payload is NACKed
+    as undecodable: the payload stays READY with one failure counted, never consumed."""
+    ring = make_ring(slots=4)
+    srv = serve(ring_name, "--n-ports", "1")
+    poison = ring.put({"x": np.arange(100, dtype=np.int32)})
+    ring.slot_array(poison.slot)[:4] = 0
+    t = ring._table
+    with TransportClient(local_fast_path=False, timeout=3.0, max_attempts=1) as c:
+        with pytest.raises(CorruptPayloadError):
+            c.submit_take(srv.address, n=2, wait=0.5, hold_s=30).result(60)
+        assert helpers.wait_until(lambda: t.state[poison.slot] == READY and t.failures[poison.slot] == 1,
+                                  timeout=10), (ring.slot_info()[poison.slot], int(t.failures[poison.slot]))
+    assert ring.stats()["consumed"] == 0
+
+
 # ------------------------------------ no wrong data: ring identity ------------
 def _old_ref_of_recreated_ring(ring_name, make_ring):
     """A ref published by a ring that was then removed and re-created under the same
@@ -185,19 +202,31 @@ def test_get_of_a_recreated_rings_ref_is_stale_over_the_network(ring_name, make_
 
 
 # ------------------------------------------ finalisers: lease numbers --------
+def _recovered_and_leased_again(ring, ref):
+    """(old, new): ``old`` is a lease whose ownership was dropped (what ring.close() does
+    to the slots a handle still holds), recovered to READY and leased again as ``new``."""
+    old = ring.claim(ref)
+    ring._table.forget_ownerships()  # the holder is gone as far as the ring can tell
+    assert ring.recover() == 1 and ring.ready_count() == 1
+    new = ring.claim(ref)
+    assert ring._table.state[ref.slot] == READING
+    return old, new
+
+
 def test_late_finaliser_of_a_recovered_lease_never_clobbers_the_new_owner(make_ring):
-    """A lease whose ownership was dropped (what ring.close() does to the slots a handle
-    still holds) is recovered and leased again; the old holder's finaliser, run late,
-    must be a no-op, for readers (ack/nack) and writers (abort) alike."""
+    """The old holder's finaliser, run late, must be a no-op (its state is READING as
+    expected, but not under its lease): one by one, in a batch, and for writers."""
     ring = make_ring(slots=1)
     t = ring._table
     ref = ring.put({"x": np.arange(4)})
-    old = ring.claim(ref)
-    t.forget_ownerships()  # the holder is gone as far as the ring can tell
-    assert ring.recover() == 1 and ring.ready_count() == 1
-    new = ring.claim(ref)
-    assert t.state[ref.slot] == READING
-    assert old.ack() is False  # state READING as expected, but not under this lease
+    old, new = _recovered_and_leased_again(ring, ref)
+    assert old.ack() is False
+    assert t.state[ref.slot] == READING and ring.stats()["consumed"] == 0
+    assert old.nack() is False and t.state[ref.slot] == READING
+    new.nack()
+
+    old, new = _recovered_and_leased_again(ring, ref)
+    assert ring.try_finalise_many([old], True)  # the batch finaliser leaves it alone too
     assert t.state[ref.slot] == READING and ring.stats()["consumed"] == 0
     assert new.payload["x"].tolist() == [0, 1, 2, 3]
     assert new.ack() is True and ring.stats()["consumed"] == 1
@@ -213,6 +242,20 @@ def test_late_finaliser_of_a_recovered_lease_never_clobbers_the_new_owner(make_r
     ref2 = w_new.publish()
     with ring.claim(ref2) as lease:
         assert lease.payload["y"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_batch_claim_never_serves_a_stale_ref_the_newer_payload(make_ring):
+    ring = make_ring(slots=2)
+    old = ring.put({"x": np.array([1])})
+    with ring.claim(old):
+        pass
+    new = ring.put({"x": np.array([2])})
+    assert (new.slot, new.generation) == (old.slot, old.generation + 1)
+    (got,) = ring.claim_many([old.slot], [old.generation])
+    assert isinstance(got, shm.StaleSlotError) and ring.ready_count() == 1
+    (got,) = ring.claim_many([new.slot], [new.generation])
+    assert isinstance(got, shm.SlotLease) and got.payload["x"][0] == 2
+    got.ack()
 
 
 # ---------------------------------------------------------- futex wakes -----

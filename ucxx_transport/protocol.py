@@ -274,3 +274,20 @@ def message_size(plan_msg, sizes: dict) -> int:
     """Bytes of one planned message (``sizes``: item index -> nbytes)."""
     i, off = plan_msg[-1]
     return off + sizes[i]
+
+
+#: GETV with FLAG_ONE_MESSAGE: the whole answer (header, table, every payload) is one
+#: message when the refs' sizes add up to at most this many bytes
+ONE_MESSAGE_MAX = 4 << 20
+
+
+def one_message_layout(n: int, sizes) -> tuple[list[int], int]:
+    """Offsets of the payloads in a one-message GETV answer of ``n`` items whose
+    requested sizes are ``sizes`` (every item has its place; an item not served
+    leaves its place unwritten), and the message's total size."""
+    off = (RESPONSE.size + batch_table_size(n) + COALESCE_ALIGN - 1) // COALESCE_ALIGN * COALESCE_ALIGN
+    offsets = []
+    for size in sizes:
+        offsets.append(off)
+        off = (off + size + COALESCE_ALIGN - 1) // COALESCE_ALIGN * COALESCE_ALIGN
+    return offsets, off

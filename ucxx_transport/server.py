@@ -62,6 +62,8 @@ from .protocol import (
     batch_table_size,
     decode_batch_table,
     encode_batch_table,
+    ONE_MESSAGE_MAX,
+    one_message_layout,
     plan_batch,
     MAX_HOLD_S,
     NO_RING_ID,
@@ -556,6 +558,11 @@ class TransportServer:
         except Exception as exc:  # noqa: BLE001 - the endpoint failed: nothing was claimed
             log.debug("GETV table receive failed: %r", exc)
             return False
+        if req.flags & FLAG_ONE_MESSAGE and sum(e[3] for e in entries) > ONE_MESSAGE_MAX:
+            self.metrics.count("GETV", "BAD_REQUEST")
+            await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id,
+                                           message=f"one-message GETV above {ONE_MESSAGE_MAX} bytes"))
+            return False
         status = [Status.STALE] * n
         leases: list = [None] * n
         if req.ring_id == NO_RING_ID or req.ring_id == self._ring_id:
@@ -614,14 +621,22 @@ class TransportServer:
         encode_batch_table([(int(status[i]), entries[i][1], entries[i][2],
                              leases[i].nbytes if leases[i] is not None else entries[i][3]) for i in range(n)],
                            head, RESPONSE.size)
+        one = req.op == Op.GETV and req.flags & FLAG_ONE_MESSAGE
+        if one:  # header, table and every payload in one message, at the places the client expects
+            offsets, size = one_message_layout(n, [e[3] for e in entries])
+            stage = np.empty(size, np.uint8)
+            stage[:len(head)] = np.frombuffer(head, np.uint8)
+            for i in ok:
+                a = leases[i].array()
+                stage[offsets[i]:offsets[i] + len(a)] = a
         t0 = time.monotonic()
         hold = min(req.hold_s, MAX_HOLD_S) if req.flags & FLAG_HOLD else 0
         conn.phase, conn.deadline = "ack", time.monotonic() + self._ack_timeout + hold + total / self._min_rate
         m.inflight += 1
         done = False
         try:
-            sends = [engine.send(ep, np.frombuffer(head, np.uint8))]
-            for msg in plan_batch([(i, leases[i].nbytes) for i in ok]):
+            sends = [engine.send(ep, stage if one else np.frombuffer(head, np.uint8))]
+            for msg in ([] if one else plan_batch([(i, leases[i].nbytes) for i in ok])):
                 if len(msg) == 1 and msg[0][1] == 0 and leases[msg[0][0]].nbytes >= COALESCE_BELOW:
                     sends.append(engine.send(ep, leases[msg[0][0]].array()))  # zero-copy from the slot
                     continue
@@ -631,7 +646,7 @@ class TransportServer:
                     a = leases[i].array()
                     stage[off:off + len(a)] = a
                 sends.append(engine.send(ep, stage))
-            await asyncio.gather(*sends)
+            await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
             m.bytes_out += total
             m.payloads_out += len(ok)
             log.debug("sent batch of %d (%d OK) for request %d; awaiting ACK", n, len(ok), req.request_id)
