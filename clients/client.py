@@ -54,7 +54,9 @@ from ucxx_transport.protocol import (
     ONE_MESSAGE_MAX,
     batch_table_size,
     decode_batch_table,
-    encode_batch_table,
+    write_batch_array,
+    REQUEST,
+    batch_array,
     one_message_layout,
     plan_batch,
     decode_response,
@@ -914,22 +916,27 @@ class TransportClient:
                 raise PayloadTooLargeError(f"{where}: {len(big)} ref(s) exceed max_nbytes={self.max_nbytes}")
 
         sizes = [r.nbytes for r in refs]
+        slots = [r.slot for r in refs]
+        gens = [r.generation for r in refs]
         one = sum(sizes) <= ONE_MESSAGE_MAX and self.device == "cpu"
 
         async def body(pe):
             rid = next(self._ids)
-            table = encode_batch_table([(0, r.slot, r.generation, r.nbytes) for r in refs])
-            req = encode_request(Request(Op.GETV, rid, n=n, text=refs[0].ring, ring_id=ring_id_bytes(refs[0].ring_id),
-                                         flags=FLAG_ONE_MESSAGE if one else 0))
+            table = batch_array(n)
+            table["slot"], table["generation"], table["nbytes"] = slots, gens, sizes
+            req = np.empty(REQUEST.size + batch_table_size(n), np.uint8)  # header + entry table: one message
+            req[:REQUEST.size] = np.frombuffer(encode_request(Request(
+                Op.GETV, rid, n=n, text=refs[0].ring, ring_id=ring_id_bytes(refs[0].ring_id),
+                flags=FLAG_ONE_MESSAGE if one else 0)), np.uint8)
+            write_batch_array(table, req, REQUEST.size)
             if one:  # the whole answer is one message: receive it straight into one pooled buffer
                 offsets, size = one_message_layout(n, sizes)
                 base = self._buffers.get(size)
                 msg = base[:size]
                 msg[:RESPONSE.size] = 0
-                recv = asyncio.ensure_future(engine.recv(pe.ep, msg))  # posted before the request goes out
+                recv = asyncio.ensure_future(engine.recv(pe.ep, msg))
                 try:
                     await engine.send(pe.ep, req)
-                    await engine.send(pe.ep, np.frombuffer(table, np.uint8))
                     await recv
                 except BaseException:
                     recv.cancel()
@@ -940,7 +947,6 @@ class TransportClient:
                     self._buffers.put(base)
             else:
                 await engine.send(pe.ep, req)
-                await engine.send(pe.ep, np.frombuffer(table, np.uint8))
                 resp, entries = await self._recv_batch_head(pe, rid, n, where)
             if entries is None:
                 raise _Answered(status_error(resp.status, resp.message, where))

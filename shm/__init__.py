@@ -18,11 +18,11 @@ from .errors import (
 )
 from .payload import Payload
 from .ref import SlotRef
-from .ring import RingBuffer, SlotLease, SlotWriter
+from .ring import LeaseBatch, RingBuffer, SlotLease, SlotWriter
 from .state import DEAD_LETTER_AFTER, SlotState
 
 __all__ = [
-    "RingBuffer", "SlotWriter", "SlotLease", "SlotRef", "SlotState", "Payload",
+    "RingBuffer", "SlotWriter", "SlotLease", "LeaseBatch", "SlotRef", "SlotState", "Payload",
     "RingError", "RingFullError", "RingEmptyError", "StaleSlotError", "SlotBusyError",
     "PayloadTooLargeError", "FrameError", "RingLayoutError", "InvalidRefError", "DeadLetterError",
     "SlotLockTimeoutError", "DEAD_LETTER_AFTER",

@@ -471,6 +471,37 @@ class RingBuffer:
                 out.append(SlotBusyError(f"slot {sl} generation {g} is leased by another reader"))
         return out
 
+    def claim_batch(self, slots, generations) -> tuple["LeaseBatch", np.ndarray]:
+        """Like :meth:`claim_many` without an object per payload (the server's batch
+        path): returns the claimed payloads as one :class:`LeaseBatch` (in request
+        order) and a per-item code: the lease number (> 0), 0 STALE, -1 BUSY."""
+        self._check_open()
+        slots = np.asarray(slots, np.int64)
+        if len(slots) and (slots.min() < 0 or slots.max() >= self._slots):
+            raise ValueError(f"slot out of range for ring {self._name!r} ({self._slots} slots)")
+        if len(np.unique(slots)) != len(slots):
+            raise ValueError("claim_batch: a slot appears twice")
+        codes = self._table.claim_many(slots, generations)
+        ok = codes > 0
+        got = slots[ok]
+        return LeaseBatch(self, got, codes[ok].astype(np.uint64), self._table.gen[got].copy(),
+                          self._table.nbytes[got].astype(np.int64)), codes
+
+    def claim_oldest_batch(self, n: int, max_nbytes: int = 0) -> "LeaseBatch":
+        """Up to ``n`` READY payloads, oldest first (at most ``max_nbytes`` each when
+        given), as one :class:`LeaseBatch`; never waits."""
+        self._check_open()
+        t = self._table
+        ok = t.state == READY
+        if max_nbytes:
+            ok &= t.nbytes <= max_nbytes
+        cand = np.flatnonzero(ok)
+        if len(cand) > n:
+            cand = cand[np.argpartition(t.seq[cand], n - 1)[:n]]
+        cand = cand[np.argsort(t.seq[cand], kind="stable")]
+        batch, _ = self.claim_batch(cand, t.gen[cand].copy())
+        return batch
+
     def try_finalise_many(self, leases: list, ack) -> bool:
         """Ack (``ack`` true) or nack many leases of this ring with one lock syscall,
         never waiting. ``ack``: a bool, or one bool per lease; leases already
@@ -824,3 +855,69 @@ class SlotLease:
                 self.nack()
         except Exception:
             pass
+
+
+class LeaseBatch:
+    """Many payloads of one ring held in READING by this process, leased at once
+    (:meth:`RingBuffer.claim_batch`): arrays instead of one object per payload.
+    Finalise them together (:meth:`finalise`, one lock syscall) or, when that
+    range is busy, item by item through :meth:`leases`."""
+
+    def __init__(self, ring: RingBuffer, slots: np.ndarray, leases: np.ndarray, generations: np.ndarray,
+                 nbytes: np.ndarray):
+        self._ring = ring
+        self.slots = slots
+        self.lease_numbers = leases
+        self.generations = generations
+        self.nbytes = nbytes
+        self.done = np.zeros(len(slots), bool)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def frame(self, i: int) -> np.ndarray:
+        """Item ``i``'s encoded frame (uint8 view of shared memory)."""
+        return self._ring.slot_array(int(self.slots[i]), int(self.nbytes[i]))
+
+    def subset(self, idx) -> "LeaseBatch":
+        """Items ``idx`` as a batch of their own (this object must not be used after)."""
+        idx = np.asarray(idx, np.int64)
+        return LeaseBatch(self._ring, self.slots[idx], self.lease_numbers[idx], self.generations[idx],
+                          self.nbytes[idx])
+
+    def live(self) -> np.ndarray:
+        """Indices of the items not finalised yet."""
+        return np.flatnonzero(~self.done)
+
+    def copy_frames(self, out: np.ndarray, offsets, which=None) -> None:
+        """Copy the frames of items ``which`` (default all) into ``out`` at ``offsets``."""
+        r = self._ring
+        u8, base, stride = r._u8, r._data_off + SLOT_HEADROOM, r._stride
+        sel = slice(None) if which is None else np.asarray(which, np.int64)
+        for sl, n, off in zip(self.slots[sel].tolist(), self.nbytes[sel].tolist(), offsets):
+            src = base + sl * stride
+            out[off:off + n] = u8[src:src + n]
+
+    def finalise(self, ack) -> bool:
+        """Ack (true) or nack each item still held (``ack``: a bool or one per item),
+        with one lock syscall. False (nothing changed) when some slot's lock is busy."""
+        live = ~self.done
+        if not live.any():
+            return True
+        if self._ring._closed:
+            self.done[:] = True
+            return True
+        acks = np.broadcast_to(np.asarray(ack, bool), self.done.shape)
+        if self._ring._table.finalise_many(self.slots[live], self.lease_numbers[live], acks[live]) < 0:
+            return False
+        self.done[:] = True
+        return True
+
+    def leases(self, which=None) -> list:
+        """Items not finalised yet as individual :class:`SlotLease` objects (the batch
+        gives them up: finalise each through its lease)."""
+        idx = [i for i in (range(len(self)) if which is None else which) if not self.done[i]]
+        out = [SlotLease(self._ring, int(self.slots[i]), int(self.lease_numbers[i]), int(self.generations[i]),
+                         int(self.nbytes[i])) for i in idx]
+        self.done[idx] = True
+        return out

@@ -382,9 +382,13 @@ class SlotTable:
             take = slots[ok]
             if len(take):
                 order = np.sort(take)
+                taken: list[tuple[int, int]] = []
                 for start, n in _sync.runs(order.tolist()):
                     if not _sync.lock_acquire(self._fd, LOCK_OWNER_BASE + start, blocking=False, length=n):
+                        for s0, n0 in taken:  # leave nothing half-claimed behind
+                            _sync.lock_release(self._fd, LOCK_OWNER_BASE + s0, n0)
                         raise RuntimeError(f"slots {start}..{start + n - 1}: ownership lock held elsewhere in READY")
+                    taken.append((start, n))
                 leases = self.lease[take] + 1
                 self.lease[take] = leases
                 self.owner[take] = self._pid

@@ -15,6 +15,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
+
 PROTOCOL_VERSION = 2
 REQUEST_MAGIC = b"UXRQ"
 RESPONSE_MAGIC = b"UXRS"
@@ -59,7 +61,7 @@ class Op(enum.IntEnum):
     NACK = 5  # ... or not: give them back
     STATS = 6  # server metrics as JSON
     PING = 7
-    GETV = 8  # n refs of one ring: text = ring name, ring id; an entry table message follows
+    GETV = 8  # n refs of one ring: text = ring name, ring id; the entry table follows in the same message
     TAKEV = 9  # like TAKE, answered in the batch format (entry table + coalesced payloads)
 
 
@@ -213,6 +215,39 @@ COALESCE_BELOW = 256 << 10
 COALESCE_MAX = 4 << 20
 #: offsets of payloads inside a coalesced message are multiples of this (views stay aligned)
 COALESCE_ALIGN = 64
+
+
+#: BATCH_ENTRY as a numpy structured dtype (tables are built and read as arrays)
+BATCH_DTYPE = np.dtype([("status", "u1"), ("_pad", "V3"), ("slot", "<u4"), ("generation", "<u8"),
+                        ("nbytes", "<u8")])
+assert BATCH_DTYPE.itemsize == BATCH_ENTRY.size
+#: a GETV request is one message: the request header, then its entry table
+GETV_MAX_BYTES = REQUEST.size + MAX_BATCH * BATCH_ENTRY.size + 4
+
+
+def batch_array(n: int) -> np.ndarray:
+    return np.zeros(n, BATCH_DTYPE)
+
+
+def write_batch_array(arr: np.ndarray, out: np.ndarray, offset: int = 0) -> int:
+    """Write table ``arr`` (+ CRC-32) into uint8 array ``out`` at ``offset``; returns the end offset."""
+    raw = arr.view(np.uint8)
+    end = offset + len(raw)
+    out[offset:end] = raw
+    out[end:end + 4] = np.frombuffer(struct.pack("<I", zlib.crc32(raw)), np.uint8)
+    return end + 4
+
+
+def read_batch_array(buf, n: int, offset: int = 0) -> np.ndarray:
+    """The ``n``-entry table at ``offset`` of ``buf`` as an array (a copy); ProtocolError
+    on a short or corrupt table."""
+    mv = memoryview(buf).cast("B")
+    end = offset + n * BATCH_ENTRY.size
+    if len(mv) < end + 4:
+        raise ProtocolError(f"batch table of {n} entries needs {end + 4 - offset} bytes, got {len(mv) - offset}")
+    if struct.unpack_from("<I", mv, end)[0] != zlib.crc32(mv[offset:end]):
+        raise ProtocolError("batch table checksum mismatch (truncated or corrupt message)")
+    return np.frombuffer(mv, BATCH_DTYPE, n, offset).copy()
 
 
 def batch_table_size(n: int) -> int:

@@ -59,9 +59,11 @@ from .protocol import (
     FLAG_UNDECODABLE,
     FLAG_VERDICTS,
     MAX_BATCH,
+    GETV_MAX_BYTES,
+    batch_array,
     batch_table_size,
-    decode_batch_table,
-    encode_batch_table,
+    read_batch_array,
+    write_batch_array,
     ONE_MESSAGE_MAX,
     one_message_layout,
     plan_batch,
@@ -399,7 +401,7 @@ class TransportServer:
             log.debug("set_close_callback: %s", exc)
         self.metrics.endpoints += 1
         authed = self._token is None
-        buf = np.empty(REQUEST.size, np.uint8)
+        buf = np.empty(GETV_MAX_BYTES, np.uint8)  # a request, or a GETV with its entry table
         try:
             if self._fault.get("silent_port_index") == port_index:
                 await asyncio.sleep(3600)  # fault injection: accept, never answer
@@ -412,7 +414,7 @@ class TransportServer:
                     log.debug("endpoint closed (%s: %s)", type(exc).__name__, exc)
                     return
                 try:
-                    req = decode_request(buf)
+                    req = decode_request(buf[:REQUEST.size])
                 except ProtocolError as exc:
                     self.metrics.count("?", exc.status.name)
                     log.info("bad request (%s); closing endpoint", exc)
@@ -539,7 +541,8 @@ class TransportServer:
 
     # ------------------------------------------------------------ batches --
     async def _getv(self, ep, conn, req: Request, buf) -> bool:
-        """GETV: n refs of this ring in one request (an entry table follows the header)."""
+        """GETV: n refs of this ring in one request (its entry table follows the header
+        in the same message)."""
         ring, n = self.ring, req.n
         if not 1 <= n <= MAX_BATCH or req.text != ring.name:
             self.metrics.count("GETV", "BAD_REQUEST")
@@ -547,126 +550,122 @@ class TransportServer:
                 f"this server serves ring {ring.name!r}"
             await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id, message=why))
             return False
-        table = np.zeros(batch_table_size(n), np.uint8)
         try:
-            await engine.recv(ep, table)
-            entries = decode_batch_table(table, n)
+            table = read_batch_array(buf, n, REQUEST.size)
         except ProtocolError as exc:
             self.metrics.count("GETV", "BAD_REQUEST")
             await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id, message=str(exc)))
             return False
-        except Exception as exc:  # noqa: BLE001 - the endpoint failed: nothing was claimed
-            log.debug("GETV table receive failed: %r", exc)
-            return False
-        if req.flags & FLAG_ONE_MESSAGE and sum(e[3] for e in entries) > ONE_MESSAGE_MAX:
+        slots = table["slot"].astype(np.int64)
+        if len(np.unique(slots)) != n or (req.flags & FLAG_ONE_MESSAGE
+                                           and int(table["nbytes"].sum()) > ONE_MESSAGE_MAX):
             self.metrics.count("GETV", "BAD_REQUEST")
             await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id,
-                                           message=f"one-message GETV above {ONE_MESSAGE_MAX} bytes"))
+                                           message="a slot appears twice, or one message above its maximum"))
             return False
-        status = [Status.STALE] * n
-        leases: list = [None] * n
+        table["status"] = Status.STALE
+        batch = None
         if req.ring_id == NO_RING_ID or req.ring_id == self._ring_id:
-            idx = [i for i, e in enumerate(entries) if e[1] < ring.slots]
-            slots = [entries[i][1] for i in idx]
-            if len(set(slots)) != len(slots):
-                self.metrics.count("GETV", "BAD_REQUEST")
-                await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id, message="a slot appears twice"))
-                return False
-            got = ring.claim_many(slots, [entries[i][2] for i in idx])
-            for i, g in zip(idx, got):
-                if isinstance(g, shm.SlotBusyError):
-                    status[i] = Status.BUSY
-                elif not isinstance(g, shm.StaleSlotError):
-                    if g.nbytes != entries[i][3]:
-                        g.nack()
-                        status[i] = Status.BAD_REQUEST
-                    else:
-                        status[i], leases[i] = Status.OK, g
-        for st in status:
-            self.metrics.count("GETV", st.name)
-        return await self._answer_batch(ep, conn, req, status, leases, entries)
+            inr = np.flatnonzero(slots < ring.slots)
+            batch, codes = ring.claim_batch(slots[inr], table["generation"][inr])
+            table["status"][inr[codes < 0]] = Status.BUSY
+            got = inr[codes > 0]
+            wrong = batch.nbytes != table["nbytes"][got].astype(np.int64)  # the ref's size must match
+            if wrong.any():
+                bad = np.flatnonzero(wrong)
+                for lease in batch.leases(bad):
+                    lease.nack()
+                table["status"][got[bad]] = Status.BAD_REQUEST
+            table["status"][got[~wrong]] = Status.OK
+            batch = batch.subset(np.flatnonzero(~wrong))
+        counts = np.bincount(table["status"], minlength=len(Status))
+        for st in Status:
+            if counts[st]:
+                self.metrics.requests[("GETV", st.name)] += int(counts[st])
+        return await self._answer_batch(ep, conn, req, table, batch)
 
     async def _takev(self, ep, conn, req: Request, buf) -> bool:
         """TAKEV: like TAKE (oldest READY first, long-poll), answered in the batch format."""
         n = max(1, min(req.n or 1, self._max_take, MAX_BATCH))
-        leases = self.ring.claim_oldest(n, req.max_nbytes)
-        if not leases and req.wait_ms:
+        batch = self.ring.claim_oldest_batch(n, req.max_nbytes)
+        if not len(batch) and req.wait_ms:
             deadline = time.monotonic() + req.wait_ms / 1000.0
             conn.phase, conn.deadline = "wait", None
-            while not leases and not self._stopping:
+            while not len(batch) and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 await self._waiters.wait(remaining)
-                leases = self.ring.claim_oldest(n, req.max_nbytes)
-        if not leases:
+                batch = self.ring.claim_oldest_batch(n, req.max_nbytes)
+        if not len(batch):
             self.metrics.count("TAKEV", "EMPTY")
             status = Status.SHUTTING_DOWN if self._stopping else Status.EMPTY
             return await self._reply(ep, Response(status, req.request_id))
         self.metrics.count("TAKEV", "OK")
-        entries = [(0, le.slot, le.generation, le.nbytes) for le in leases]
-        return await self._answer_batch(ep, conn, req, [Status.OK] * len(leases), leases, entries)
+        table = batch_array(len(batch))
+        table["status"] = Status.OK
+        table["slot"], table["generation"], table["nbytes"] = batch.slots, batch.generations, batch.nbytes
+        return await self._answer_batch(ep, conn, req, table, batch)
 
-    async def _answer_batch(self, ep, conn, req: Request, status: list, leases: list, entries: list) -> bool:
-        """Send the batch answer (header + entry table, then the payloads as planned by
-        protocol.plan_batch: small ones coalesced through one staging copy, large ones
-        straight from shared memory), then finalise every lease by the client's ACK/NACK."""
+    async def _answer_batch(self, ep, conn, req: Request, table: np.ndarray, batch) -> bool:
+        """Send the batch answer (header + entry table, then the payloads: with
+        FLAG_ONE_MESSAGE all in that same message at the places the client expects,
+        else as protocol.plan_batch lays them out: small ones coalesced through one
+        staging copy, large ones straight from shared memory), then finalise every
+        lease by the client's ACK/NACK. ``batch``: the OK items, in table order."""
         m = self.metrics
-        n = len(status)
-        ok = [i for i in range(n) if status[i] == Status.OK]
-        held = [leases[i] for i in ok]
-        total = sum(leases[i].nbytes for i in ok)
-        head = bytearray(RESPONSE.size + batch_table_size(n))
-        encode_response(Response(Status.OK, req.request_id, nbytes=total, count=n, ring_id=self._ring_id), head)
-        encode_batch_table([(int(status[i]), entries[i][1], entries[i][2],
-                             leases[i].nbytes if leases[i] is not None else entries[i][3]) for i in range(n)],
-                           head, RESPONSE.size)
+        n = len(table)
+        ok = np.flatnonzero(table["status"] == Status.OK)
+        held = 0 if batch is None else len(batch)
+        total = int(table["nbytes"][ok].sum())
         one = req.op == Op.GETV and req.flags & FLAG_ONE_MESSAGE
-        if one:  # header, table and every payload in one message, at the places the client expects
-            offsets, size = one_message_layout(n, [e[3] for e in entries])
-            stage = np.empty(size, np.uint8)
-            stage[:len(head)] = np.frombuffer(head, np.uint8)
-            for i in ok:
-                a = leases[i].array()
-                stage[offsets[i]:offsets[i] + len(a)] = a
+        if one:  # header, table and every payload in one message
+            offsets, size = one_message_layout(n, table["nbytes"].tolist())
+            msg = np.empty(size, np.uint8)
+            batch.copy_frames(msg, [offsets[i] for i in ok.tolist()]) if held else None
+        else:
+            msg = np.empty(RESPONSE.size + batch_table_size(n), np.uint8)
+        encode_response(Response(Status.OK, req.request_id, nbytes=total, count=n, ring_id=self._ring_id),
+                        msg[:RESPONSE.size].data.cast("B"))
+        write_batch_array(table, msg, RESPONSE.size)
         t0 = time.monotonic()
         hold = min(req.hold_s, MAX_HOLD_S) if req.flags & FLAG_HOLD else 0
         conn.phase, conn.deadline = "ack", time.monotonic() + self._ack_timeout + hold + total / self._min_rate
         m.inflight += 1
         done = False
         try:
-            sends = [engine.send(ep, stage if one else np.frombuffer(head, np.uint8))]
-            for msg in ([] if one else plan_batch([(i, leases[i].nbytes) for i in ok])):
-                if len(msg) == 1 and msg[0][1] == 0 and leases[msg[0][0]].nbytes >= COALESCE_BELOW:
-                    sends.append(engine.send(ep, leases[msg[0][0]].array()))  # zero-copy from the slot
-                    continue
-                last_i, last_off = msg[-1]
-                stage = np.empty(last_off + leases[last_i].nbytes, np.uint8)
-                for i, off in msg:
-                    a = leases[i].array()
-                    stage[off:off + len(a)] = a
-                sends.append(engine.send(ep, stage))
+            sends = [engine.send(ep, msg)]
+            if not one:
+                sizes = table["nbytes"].tolist()
+                pos = {i: k for k, i in enumerate(ok.tolist())}  # table index -> batch item
+                for plan in plan_batch([(i, sizes[i]) for i in ok.tolist()]):
+                    if len(plan) == 1 and sizes[plan[0][0]] >= COALESCE_BELOW:
+                        sends.append(engine.send(ep, batch.frame(pos[plan[0][0]])))  # zero-copy from the slot
+                        continue
+                    stage = np.empty(plan[-1][1] + sizes[plan[-1][0]], np.uint8)
+                    batch.copy_frames(stage, [off for _, off in plan], [pos[i] for i, _ in plan])
+                    sends.append(engine.send(ep, stage))
             await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
             m.bytes_out += total
-            m.payloads_out += len(ok)
-            log.debug("sent batch of %d (%d OK) for request %d; awaiting ACK", n, len(ok), req.request_id)
-            buf = np.zeros(REQUEST.size, np.uint8)
-            await engine.recv(ep, buf)
-            ack = decode_request(buf)
+            m.payloads_out += held
+            log.debug("sent batch of %d (%d OK) for request %d; awaiting ACK", n, held, req.request_id)
+            ack_buf = np.zeros(REQUEST.size, np.uint8)
+            await engine.recv(ep, ack_buf)
+            ack = decode_request(ack_buf)
             if ack.op not in (Op.ACK, Op.NACK) or ack.request_id != req.request_id:
                 raise ProtocolError(f"expected ACK/NACK for request {req.request_id}, got {ack.op.name} "
                                     f"for {ack.request_id}")
-            if ack.op == Op.ACK and not ack.flags & FLAG_VERDICTS:
-                k = len(held) if not 0 < ack.n < len(held) else ack.n  # ACK n: the first n consumed
-                self._finalise_batch(held, [j < k for j in range(len(held))])
-            elif ack.op == Op.ACK:
-                verdict = ack.text.ljust(n, "N")
-                self._finalise_batch(held, [verdict[i] == "A" for i in ok],
-                                     undecodable=[leases[i] for i in ok if verdict[i] == "U"])
-            else:
-                bad = (ack.slot, ack.generation) if ack.flags & FLAG_UNDECODABLE else None
-                self._finalise_batch(held, [False] * len(held),
-                                     undecodable=[le for le in held if (le.slot, le.generation) == bad])
+            if held:
+                if ack.op == Op.ACK and not ack.flags & FLAG_VERDICTS:
+                    k = held if not 0 < ack.n < held else ack.n  # ACK n: the first n consumed
+                    self._finalise_batch(batch, np.arange(held) < k)
+                elif ack.op == Op.ACK:
+                    verdict = np.frombuffer(ack.text.ljust(n, "N").encode()[:n], np.uint8)[ok]
+                    self._finalise_batch(batch, verdict == ord("A"), np.flatnonzero(verdict == ord("U")))
+                else:
+                    bad = np.flatnonzero((table["slot"][ok] == ack.slot) & (table["generation"][ok] == ack.generation)) \
+                        if ack.flags & FLAG_UNDECODABLE else np.zeros(0, np.int64)
+                    self._finalise_batch(batch, np.zeros(held, bool), bad)
             done = True
             m.handler_latency.add(time.monotonic() - t0)
             return True
@@ -682,33 +681,29 @@ class TransportServer:
             return False
         finally:
             m.inflight -= 1
-            if not done:
-                back = [le for le in held if not le.finalised]
-                self._finalise_batch(back, [False] * len(back))
-                if back:
-                    self._waiters.notify(len(back))
+            if not done and held:
+                self._finalise_batch(batch, np.zeros(held, bool))
 
-    def _finalise_batch(self, leases: list, acks: list, undecodable: list = ()) -> None:
-        """Finalise a batch with one lock syscall; slot by slot (deferring what a frozen
+    def _finalise_batch(self, batch, acks: np.ndarray, undecodable=()) -> None:
+        """Finalise a batch with one lock syscall; item by item (deferring what a frozen
         process blocks) when that range is busy or some payload was undecodable."""
         m = self.metrics
-        if undecodable:
-            bad = {id(le) for le in undecodable}
-            for le in undecodable:
-                self._finalise([le], "nack", (le.slot, le.generation))
-            pairs = [(le, a) for le, a in zip(leases, acks) if id(le) not in bad]
-            leases, acks = [p[0] for p in pairs], [p[1] for p in pairs]
-            m.nacks += len(bad)
-        if not leases:
+        acks = np.asarray(acks, bool)
+        if len(undecodable):
+            for i, lease in zip(undecodable, batch.leases(undecodable)):
+                self._finalise([lease], "nack", (lease.slot, lease.generation))
+            m.nacks += len(undecodable)
+        live = batch.live()
+        if not len(live):
             return
-        if not self.ring.try_finalise_many(leases, acks):
-            for le, a in zip(leases, acks):
-                self._finalise([le], "ack" if a else "nack")
-        k = sum(acks)
+        if not batch.finalise(acks):
+            for i, lease in zip(live, batch.leases(live)):
+                self._finalise([lease], "ack" if acks[i] else "nack")
+        k = int(acks[live].sum())
         m.acks += k
-        m.nacks += len(acks) - k
-        if k < len(acks):
-            self._waiters.notify(len(acks) - k)
+        m.nacks += len(live) - k
+        if k < len(live):
+            self._waiters.notify(len(live) - k)
 
     def _claim_ready(self, n: int, max_nbytes: int) -> list:
         """Up to ``n`` READY payloads, oldest first, skipping (leaving READY) any
@@ -750,7 +745,7 @@ class TransportServer:
             log.debug("sent %d payload(s) for request %d; awaiting ACK", count, req.request_id)
             buf[:] = 0
             await engine.recv(ep, buf)
-            ack = decode_request(buf)
+            ack = decode_request(buf[:REQUEST.size])
             if ack.op not in (Op.ACK, Op.NACK) or ack.request_id != req.request_id:
                 raise ProtocolError(f"expected ACK/NACK for request {req.request_id}, got {ack.op.name} "
                                     f"for {ack.request_id}")
