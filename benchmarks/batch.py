@@ -219,7 +219,12 @@ def _raw_client(port: int, conn) -> None:
 
     async def main():
         engine.attach_loop()
-        ep = await engine.connect("127.0.0.1", port, 30)
+        if hasattr(engine, "connect"):
+            ep = await engine.connect("127.0.0.1", port, 30)
+        else:  # an older checkout (comparing before/after)
+            import ucxx
+
+            ep = await ucxx.create_endpoint("127.0.0.1", port)
         loop = asyncio.get_running_loop()
         bufs: dict = {}
         while True:
@@ -301,7 +306,15 @@ def run(cases, reps: int = 5, baselines=("zmq", "raw-ucxx")) -> dict:
             zmq_sys.close()
         if raw_sys:
             raw_sys.close()
-    return {"rows": rows, "reps": reps, "ucx_env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")}}
+    from ucxx_transport import engine
+
+    return {"rows": rows, "reps": reps, "ucx_settings": engine.ucx_settings()}
+
+
+def header(report: dict) -> str:
+    st = report["ucx_settings"]
+    return (f"batch benchmark, best of {report['reps']}; UCX: " +
+            " ".join(f"{k}={v}" for k, v in sorted(st.items()) if k.startswith("UCX_TCP") or k == "UCX_NET_DEVICES"))
 
 
 def format_table(report: dict) -> str:
@@ -324,6 +337,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the figures to this file")
     a = ap.parse_args(argv)
     report = run(parse_cases(QUICK_CASES if a.quick else a.cases), a.reps, a.baselines.split(","))
+    print(header(report))
     print(format_table(report))
     if a.json:
         with open(a.json, "w") as f:

@@ -1109,7 +1109,7 @@ _HELD = object()
 
 
 #: a batch of more bytes than this is cut into several GETV requests in flight at once
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 32 << 20
 
 
 def _chunks(idxs: list, sizes: list, endpoints: int) -> list[list]:

@@ -365,6 +365,9 @@ def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "processor": platform.processor(),
             "numpy": np.__version__}
+    from . import engine
+
+    info["ucx_settings"] = engine.ucx_settings()
     try:
         import ucxx
 
@@ -603,7 +606,9 @@ def _progress(total: int, quick: bool):
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{'system':>11} {'size':>7} {'payloads/s':>11} {'GB/s':>7} {'p50 us':>8} {'p99 us':>8} "
+    st = report["machine"].get("ucx_settings", {})
+    lines = ["UCX: " + " ".join(f"{k}={v}" for k, v in sorted(st.items()) if k.startswith("UCX_TCP"))]
+    lines += [f"{'system':>11} {'size':>7} {'payloads/s':>11} {'GB/s':>7} {'p50 us':>8} {'p99 us':>8} "
              f"{'p99.9 us':>9} {'cli CPU%':>8} {'srv CPU%':>8} {'loop lag p99 ms':>15}"]
     for r in report["results"]:
         lag = r.get("server_loop_lag_p99_ms")
@@ -712,6 +717,7 @@ def _cmd_batch(a) -> int:
 
     cases = batch.parse_cases(batch.QUICK_CASES if a.quick and a.batch == batch.DEFAULT_CASES else a.batch)
     report = batch.run(cases, reps=max(1, a.reps), baselines=[x for x in a.baselines.split(",") if x != "memcpy"])
+    print(batch.header(report))
     print(batch.format_table(report))
     if a.json:
         with open(a.json, "w") as f:

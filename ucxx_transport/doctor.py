@@ -33,8 +33,11 @@ def run() -> dict:
             rep["problems"].append(f"UCX failed to initialise: {exc}")
         finally:
             engine.reset()
-    for k in ("UCX_TLS", "UCX_NET_DEVICES", "UCX_TCP_CM_REUSEADDR", "UCX_RNDV_THRESH"):
-        rep.setdefault("ucx_env", {})[k] = os.environ.get(k)
+    rep["ucx_env"] = {k: os.environ.get(k) for k in ("UCX_TLS", "UCX_NET_DEVICES", "UCX_RNDV_THRESH")}
+    rep["ucx_env"].update(engine.ucx_settings())  # ours unless the environment overrides them
+    for k, v in engine.UCX_DEFAULTS.items():
+        if os.environ.get(k, v) != v:
+            rep["advice"].append(f"{k}={os.environ[k]} from the environment overrides our default {v}")
     try:
         du = shutil.disk_usage("/dev/shm")
         rep["dev_shm"] = {"total": du.total, "free": du.free}

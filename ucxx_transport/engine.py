@@ -38,9 +38,26 @@ _abandoned: list = []
 _orphaned: list = []
 
 
+#: UCX settings we start with unless the environment sets them (measured A/B on TCP
+#: loopback, benchmarks/README.md): larger TCP segments move 1-64 MiB payloads 2-3.5x
+#: faster and cost nothing below
+UCX_DEFAULTS = {
+    "UCX_WARN_UNUSED_ENV_VARS": "n",
+    "UCX_TCP_CM_REUSEADDR": "y",  # a restarted server rebinds its ports at once
+    "UCX_TCP_TX_SEG_SIZE": "1M",
+    "UCX_TCP_RX_SEG_SIZE": "4M",
+}
+
+
+def ucx_settings() -> dict:
+    """The UCX_* settings in effect: ours (UCX_DEFAULTS) unless the environment set them."""
+    return {k: os.environ.get(k, v) for k, v in UCX_DEFAULTS.items()} | \
+        {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
+
+
 def _import_ucxx():
-    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    os.environ.setdefault("UCX_TCP_CM_REUSEADDR", "y")
+    for key, value in UCX_DEFAULTS.items():
+        os.environ.setdefault(key, value)  # before UCX reads its configuration; never over the user's
     try:
         import ucxx  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on install
