@@ -363,10 +363,28 @@ def parse_index(buf, length: int | None = None, *, tail=None) -> FrameIndex:
         return FrameIndex(total, (FRAME_HEADER.size, raw_len), None, meta)
     if raw_len:
         _fail("a frame with fields must have raw length 0")
+    # Batches carry many frames with the same field table (names, dtypes, shapes,
+    # offsets): a table already validated at the same table offset is not parsed again.
+    key = (bytes(tab[table_off - base : meta_off - base]), table_off)
+    fields = _TABLES.get(key)
+    if fields is None:
+        fields = _parse_fields(tab, table_off - base, n, table_off)
+        if len(_TABLES) >= _TABLES_MAX:
+            _TABLES.clear()
+        _TABLES[key] = fields
+    return FrameIndex(total, None, fields, meta)
+
+
+#: validated field tables: (table bytes, table offset) -> fields (bounded; cleared when full)
+_TABLES: dict = {}
+_TABLES_MAX = 4096
+
+
+def _parse_fields(tab, start: int, n: int, table_off: int) -> tuple:
     fields = []
     seen = set()
     for i in range(n):
-        (off, nbytes, ndim, dlen, nlen, *rest) = FIELD_ENTRY.unpack_from(tab, table_off - base + i * FIELD_ENTRY.size)
+        (off, nbytes, ndim, dlen, nlen, *rest) = FIELD_ENTRY.unpack_from(tab, start + i * FIELD_ENTRY.size)
         shape, dt_b, nm_b = rest[:MAX_NDIM], rest[MAX_NDIM], rest[MAX_NDIM + 1]
         if ndim > MAX_NDIM or dlen > MAX_DTYPE_BYTES or not nlen or nlen > MAX_NAME_BYTES:
             _fail(f"field {i}: bad ndim/dtype/name lengths")
@@ -386,7 +404,7 @@ def parse_index(buf, length: int | None = None, *, tail=None) -> FrameIndex:
         if nbytes and (off % ALIGN or off < FRAME_HEADER.size or off + nbytes > table_off):
             _fail(f"field {name!r}: data [{off}, {off + nbytes}) outside the data area or unaligned")
         fields.append((name, dtype, shape, off, nbytes))
-    return FrameIndex(total, None, fields, meta)
+    return tuple(fields)
 
 
 _DTYPES: dict[bytes, np.dtype] = {}

@@ -24,6 +24,11 @@ MAX_GENERATION = 2**64 - 1
 MAX_REF_NBYTES = 2**48
 
 
+#: ring names and ids already validated once (bounded): the constructor's fast path
+_NAMES_OK: set = set()
+_IDS_OK: set = set()
+
+
 def valid_ring_name(name) -> bool:
     return isinstance(name, str) and bool(RING_NAME_RE.match(name)) and name not in (".", "..")
 
@@ -57,6 +62,25 @@ class SlotRef:
     ring_id: str | None = None
 
     def __post_init__(self):
+        # fast path (every field of the usual types and in range); anything else is
+        # checked field by field below, which names the culprit
+        ports = self.ports
+        if (self.ring in _NAMES_OK and type(self.slot) is int and 0 <= self.slot < MAX_SLOTS
+                and type(self.generation) is int and 0 <= self.generation <= MAX_GENERATION
+                and type(self.nbytes) is int and 0 <= self.nbytes <= MAX_REF_NBYTES
+                and (self.host is None or (type(self.host) is str and 0 < len(self.host) <= MAX_HOST_BYTES
+                                           and self.host.isascii()))
+                and type(ports) is tuple and len(ports) <= MAX_PORTS
+                and all(type(p) is int and 0 < p < 65536 for p in ports)
+                and (self.ring_id is None or self.ring_id in _IDS_OK)):
+            return
+        self._validate()
+        if len(_NAMES_OK) < 4096:
+            _NAMES_OK.add(self.ring)
+        if self.ring_id is not None and len(_IDS_OK) < 4096:
+            _IDS_OK.add(self.ring_id)
+
+    def _validate(self):
         if not valid_ring_name(self.ring):
             raise InvalidRefError(f"ref field ring={self.ring!r} is not a ring name "
                                   f"(1-200 characters from [A-Za-z0-9._-])")
