@@ -65,7 +65,7 @@ from ucxx_transport.protocol import (
     ring_id_hex,
 )
 
-from .buffers import BufferPool
+from ucxx_transport.buffers import BufferPool
 from .held import HeldDelivery, LocalDelivery
 from .errors import (
     AlreadyDeliveredError,

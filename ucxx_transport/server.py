@@ -41,6 +41,7 @@ import shm.layout
 from shm import RingBuffer
 
 from . import engine
+from .buffers import BufferPool
 from .config import resolve
 from .metrics import ServerMetrics
 from .protocol import (
@@ -77,6 +78,8 @@ log = logging.getLogger("ucxx_transport.server")
 assert shm.layout.SLOT_HEADROOM >= RESPONSE.size, "the slot headroom must hold a response header"
 SWEEP_INTERVAL_S = 0.1
 RECOVER_INTERVAL_S = 0.25
+#: staging buffers (coalesced small payloads) kept for reuse
+STAGING_CACHE_BYTES = 64 << 20
 #: longest the event loop polls a slot's lock before deferring a finaliser
 LOOP_LOCK_TIMEOUT_S = 0.001
 
@@ -189,6 +192,7 @@ class TransportServer:
         self._watch_ack = threading.Event()
         self._req_ids = itertools.count(1)
         self._deferred: list = []  # (lease, "ack"|"nack", undecodable): finalisers waiting for a slot lock
+        self._staging = BufferPool("cpu", max_cached_bytes=STAGING_CACHE_BYTES)
 
     # ---------------------------------------------------------- lifetime --
     @property
@@ -619,9 +623,11 @@ class TransportServer:
         held = 0 if batch is None else len(batch)
         total = int(table["nbytes"][ok].sum())
         one = req.op == Op.GETV and req.flags & FLAG_ONE_MESSAGE
+        staged = []  # pooled staging buffers: back to the pool once their send completed
         if one:  # header, table and every payload in one message
             offsets, size = one_message_layout(n, table["nbytes"].tolist())
-            msg = np.empty(size, np.uint8)
+            staged.append(self._staging.get(size))
+            msg = staged[-1][:size]
             batch.copy_frames(msg, [offsets[i] for i in ok.tolist()]) if held else None
         else:
             msg = np.empty(RESPONSE.size + batch_table_size(n), np.uint8)
@@ -642,10 +648,14 @@ class TransportServer:
                     if len(plan) == 1 and sizes[plan[0][0]] >= COALESCE_BELOW:
                         sends.append(engine.send(ep, batch.frame(pos[plan[0][0]])))  # zero-copy from the slot
                         continue
-                    stage = np.empty(plan[-1][1] + sizes[plan[-1][0]], np.uint8)
+                    size = plan[-1][1] + sizes[plan[-1][0]]
+                    staged.append(self._staging.get(size))
+                    stage = staged[-1][:size]
                     batch.copy_frames(stage, [off for _, off in plan], [pos[i] for i, _ in plan])
                     sends.append(engine.send(ep, stage))
             await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
+            for b in staged:  # sent: UCX is done reading them (a failed send keeps its buffer out of the pool)
+                self._staging.put(b)
             m.bytes_out += total
             m.payloads_out += held
             log.debug("sent batch of %d (%d OK) for request %d; awaiting ACK", n, held, req.request_id)

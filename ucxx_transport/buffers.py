@@ -1,4 +1,6 @@
-"""Pooled receive buffers (host numpy or device cupy), bounded in total bytes."""
+"""Pooled buffers (host numpy or device cupy), bounded in total bytes: client receive
+buffers and server staging buffers. Reused buffers are already faulted in (first
+touch of fresh pages runs at ~1.3 GB/s here, a reused buffer at memcpy speed)."""
 
 from __future__ import annotations
 
