@@ -702,8 +702,16 @@ def cmd_bench(a) -> int:
             raise ImportError("--plot needs matplotlib: pip install 'ucxx-transport[bench]'") from None
     t0 = time.time()
     report = run_bench(a)
-    report["wall_s"] = time.time() - t0
     print(format_table(report))
+    if a.quick:  # one batch case too: a trainer pulling 256 x 4 KiB (see --batch)
+        from benchmarks import batch
+
+        report["batch"] = batch.run(batch.parse_cases(batch.QUICK_CASES), reps=2,
+                                    baselines=[x for x in a.baselines.split(",") if x != "memcpy"])
+        print()
+        print(batch.header(report["batch"]))
+        print(batch.format_table(report["batch"]))
+    report["wall_s"] = time.time() - t0
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
