@@ -71,6 +71,7 @@ from .errors import (
     AlreadyDeliveredError,
     AuthError,
     CallTimeoutError,
+    ConnectionLostError,
     CorruptPayloadError,
     InvalidRefError,
     NoAddressError,
@@ -284,7 +285,9 @@ class TransportClient:
         """Extra deadline for moving ``nbytes`` over the slowest expected link."""
         return nbytes / self.min_rate
 
-    def _ref_budget(self, nbytes: int = 0) -> float:
+    def call_budget(self, nbytes: int = 0) -> float:
+        """The longest one ref's fetch (of ``nbytes``) can take, every retry included:
+        how long a caller waiting on :meth:`submit`'s future should wait at most."""
         return (self.timeout + self._transfer_s(nbytes)) * PORTS_PER_CALL * self.max_attempts \
             + 0.5 * self.max_attempts
 
@@ -313,7 +316,7 @@ class TransportClient:
         local = self._fetch_local(ref)
         if local is not None:
             return local
-        return self._run(self._fetch_ref, ref, budget=self._ref_budget(ref.nbytes))
+        return self._run(self._fetch_ref, ref, budget=self.call_budget(ref.nbytes))
 
     async def afetch(self, ref: shm.SlotRef) -> shm.Payload:
         ref = self._checked(ref)
@@ -329,7 +332,7 @@ class TransportClient:
         refs = list(refs)
         total = sum(getattr(r, "nbytes", 0) if isinstance(getattr(r, "nbytes", 0), int) else 0 for r in refs)
         waves = max(1, -(-len(refs) // self.max_inflight))
-        budget = (self._ref_budget() * waves + self._transfer_s(min(total, 1 << 50))) * self.max_rounds
+        budget = (self.call_budget() * waves + self._transfer_s(min(total, 1 << 50))) * self.max_rounds
         return self._run(self._fetch_many, refs, budget=budget)
 
     async def afetch_many(self, refs: Sequence[shm.SlotRef]) -> list[FetchResult]:
@@ -339,7 +342,7 @@ class TransportClient:
         """The next ``n`` READY payloads of a server (publish order), waiting up
         to ``wait`` seconds for the first (long-poll). ``address``: (host, ports) or a ref."""
         host, ports = self._address(address)
-        return self._run(self._take, host, ports, n, wait, budget=self._ref_budget() + wait + self._transfer_s(n << 24))
+        return self._run(self._take, host, ports, n, wait, budget=self.call_budget() + wait + self._transfer_s(n << 24))
 
     async def atake(self, address, n: int = 1, wait: float = 0.0) -> list[shm.Payload]:
         host, ports = self._address(address)
@@ -347,7 +350,7 @@ class TransportClient:
 
     def server_stats(self, address) -> dict:
         host, ports = self._address(address)
-        return self._run(self._server_stats, host, ports, budget=self._ref_budget())
+        return self._run(self._server_stats, host, ports, budget=self.call_budget())
 
     async def aserver_stats(self, address) -> dict:
         host, ports = self._address(address)
@@ -356,7 +359,7 @@ class TransportClient:
     def ping(self, address) -> float:
         """Round-trip time (s) of a PING."""
         host, ports = self._address(address)
-        return self._run(self._ping, host, ports, budget=self._ref_budget())
+        return self._run(self._ping, host, ports, budget=self.call_budget())
 
     def stats(self) -> dict:
         d = dict(self._stats)
@@ -468,6 +471,14 @@ class TransportClient:
                 return fut
         return asyncio.run_coroutine_threadsafe(self._fetch_ref(ref, hold_s), self._ucx_loop())
 
+    def submit_many(self, refs: Sequence[shm.SlotRef]) -> concurrent.futures.Future:
+        """Start :meth:`fetch_many` in the background: a future of its results."""
+        return asyncio.run_coroutine_threadsafe(self._fetch_many(list(refs)), self._ucx_loop())
+
+    def delivered(self, key) -> bool:
+        """Has this client already returned the payload ``key`` ((ring id, slot, generation))?"""
+        return key in self._delivered
+
     def submit_take(self, address, n: int = 1, wait: float = 0.0, *, hold_s: float) -> concurrent.futures.Future:
         """Start a TAKE now; a future of a held delivery (see :meth:`submit`) of up to
         ``n`` payloads, consumed only as far as it is settled."""
@@ -573,12 +584,21 @@ class TransportClient:
             return err
         return classify(exc, where)
 
-    async def _with_endpoint(self, host: str, port: int, budget: float, body, where: str):
-        """Run ``body(pe)`` on a pooled endpoint under a deadline; recycle or discard it."""
+    async def _with_endpoint(self, host: str, port: int, budget: float, body, where: str, fresh: bool = False):
+        """Run ``body(pe)`` on a pooled endpoint under a deadline; recycle or discard it.
+
+        A *pooled* endpoint that turns out dead (its server restarted on the same port:
+        the connection was reset) is not a failed attempt: its idle siblings are dropped
+        and the call runs once more on a fresh connection (nothing was ACKed, so the
+        server gave back whatever it had sent)."""
         loop = asyncio.get_running_loop()
-        pe = self._pool.checkout(host, port) or await self._connect(host, port, budget)
+        pe = None if fresh else self._pool.checkout(host, port)
+        reused = pe is not None
+        if pe is None:
+            pe = await self._connect(host, port, budget)
         t = pe.timer = _Timeout(loop, budget, pe)
         healthy = False
+        stale = False
         try:
             result, healthy = await body(pe)
             if healthy is _HELD:  # the endpoint now belongs to the HeldDelivery until it is settled
@@ -594,7 +614,10 @@ class TransportClient:
             _uncancel()
             raise CallTimeoutError(f"{where}: no answer within {budget:.1f} s") from None
         except BaseException as exc:
-            raise self._map(exc, t, where) from exc
+            err = self._map(exc, t, where)
+            if not (reused and isinstance(err, ConnectionLostError)):
+                raise err from exc
+            stale = True
         finally:
             t.cancel()
             if pe is None:
@@ -606,6 +629,11 @@ class TransportClient:
                 pe.timer = None
                 pe.abort()
             pe = None  # an exception's traceback keeps this frame: do not let it pin the endpoint
+        if stale:
+            self._stats["stale_endpoints"] += 1
+            self._pool.discard(host, port)
+            log.debug("%s: pooled endpoint to %s:%d was dead; retrying on a fresh connection", where, host, port)
+            return await self._with_endpoint(host, port, budget, body, where, fresh=True)
 
     async def _call(self, host: str, ports, fn, where: str):
         """Layer 1: try ``fn(host, port)`` on up to PORTS_PER_CALL healthy ports."""

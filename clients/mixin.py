@@ -18,7 +18,6 @@ fills another batch.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import itertools
 import logging
@@ -83,10 +82,7 @@ class UCXXDataPackerMixin:
 
     def prefetch_rollouts(self, refs) -> PrefetchHandle:
         """Start fetching ``refs`` in the background; collect with :meth:`collect_prefetch`."""
-        c = self.ucxx_client
-        loop = c._ucx_loop()
-        fut = asyncio.run_coroutine_threadsafe(c._fetch_many(list(refs)), loop)
-        return PrefetchHandle(refs, fut)
+        return PrefetchHandle(refs, self.ucxx_client.submit_many(refs))
 
     def collect_prefetch(self, handle: PrefetchHandle, timeout: float | None = None) -> list:
         """The payloads of ``handle``'s batch. Raises ``TimeoutError`` if not done

@@ -108,6 +108,11 @@ class EndpointPool:
         else:
             self.retire(pe)
 
+    def discard(self, host: str, port: int) -> None:
+        """Abort every idle endpoint to (host, port) (one of them was found dead)."""
+        for pe in self._idle.pop((host, port), ()):
+            pe.abort()
+
     def drain(self) -> list[PooledEndpoint]:
         """Remove and return every idle endpoint (the caller retires them)."""
         out = [pe for q in self._idle.values() for pe in q]

@@ -128,11 +128,11 @@ class FetchStream:
             if self._address is not None:
                 while not self._stop.is_set():
                     got = c.submit_take(self._address, n=self._take_n, wait=self._wait,
-                                        hold_s=self._hold).result(c._ref_budget() + self._wait + 5.0)
+                                        hold_s=self._hold).result(c.call_budget() + self._wait + 5.0)
                     if got.items:
                         self._forward(_Item(got))
             else:
-                budget = c._ref_budget() + 5.0
+                budget = c.call_budget() + 5.0
                 try:
                     for ref in self._source():
                         if self._stop.is_set():
@@ -155,7 +155,7 @@ class FetchStream:
         finally:
             for fut, _ in pending:  # only when the consumer left: give back what it will never see
                 try:
-                    self._give_back(_Item(fut.result(c._ref_budget() + 5.0)))
+                    self._give_back(_Item(fut.result(c.call_budget() + 5.0)))
                 except BaseException as exc:  # noqa: BLE001 - a failed fetch holds nothing
                     log.debug("fetch abandoned at close: %r", exc)
         self._put(_Failure(error) if error is not None else _END)
@@ -198,7 +198,7 @@ class FetchStream:
         while item.handed < len(items):
             key, payload = items[item.handed]
             item.handed += 1
-            if d.may_repeat and key in self._client._delivered:
+            if d.may_repeat and self._client.delivered(key):
                 continue  # a repeat (redelivered after a server crash): consumed with the rest, not handed out
             if item.handed == len(items):
                 self._current = None

@@ -116,7 +116,7 @@ def consumer(ring_name: str, workdir: str, client: str, mode: str) -> None:
                             time.sleep(0.05)
                     for d in deliveries:
                         for key, p in d.items:
-                            if key not in c._delivered:
+                            if not c.delivered(key):
                                 _record(log, client, p)
                                 got += 1
                         d.settle_sync(len(d.items), 10)

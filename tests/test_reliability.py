@@ -338,3 +338,28 @@ def test_stream_close_gives_back_what_was_not_handed_out(make_ring, ring_name, s
         rest = c.take(srv.address, n=11, wait=1.0) if mode == "take" else \
             [r.payload for r in c.fetch_many([r for r in refs if r.key != refs[int(first["i"])].key])]
         assert len(rest) == 11 and all(helpers.checksum(p) == p.meta["crc"] for p in rest if p is not None)
+
+
+# ------------------------------------- nothing left behind on a bad start (issue 11) --
+@pytest.mark.parametrize("case", ["bad-env", "bad-mode", "port-in-use"])
+def test_create_unlink_on_exit_leaves_no_segment_when_start_fails(make_ring, ring_name, serve, case):
+    other = f"{ring_name}-b"
+    env = dict(os.environ)
+    args = ["--ring", other, "--create", "--unlink-on-exit", "--host", "127.0.0.1", "--slots", "2",
+            "--slot-bytes", "64KiB"]
+    if case == "bad-env":
+        env["UCXX_TRANSPORT_ACK_TIMEOUT_S"] = "-1"
+    elif case == "bad-mode":
+        args += ["--progress-mode", "turbo"]
+    else:
+        make_ring(slots=2)
+        busy = serve(ring_name)
+        args += ["--ports", str(busy.ports[0])]
+    try:
+        out = subprocess.run([sys.executable, "-m", "ucxx_transport", "serve", *args], capture_output=True,
+                             text=True, timeout=60, env=env)
+        assert out.returncode != 0
+        assert "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert not os.path.exists(f"/dev/shm/{other}")
+    finally:
+        shm.RingBuffer.unlink_name(other)
