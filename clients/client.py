@@ -53,7 +53,7 @@ from ucxx_transport.protocol import (
     MAX_HOLD_S,
     ONE_MESSAGE_MAX,
     batch_table_size,
-    decode_batch_table,
+    read_batch_array,
     write_batch_array,
     REQUEST,
     batch_array,
@@ -932,7 +932,9 @@ class TransportClient:
             return resp, None
         if not 1 <= resp.count <= n:
             raise ProtocolError(f"batch answer of {resp.count} items to a request of {n}")
-        return resp, decode_batch_table(head, resp.count, RESPONSE.size)
+        t = read_batch_array(head, resp.count, RESPONSE.size)
+        return resp, list(zip(t["status"].tolist(), t["slot"].tolist(), t["generation"].tolist(),
+                              t["nbytes"].tolist()))
 
     async def _getv_once(self, refs: list, host: str, port: int) -> list:
         """GETV ``refs`` (one ring) from one port: per ref a Payload or an error."""

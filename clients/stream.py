@@ -227,21 +227,18 @@ class FetchStream:
         cur, self._current = self._current, None
         if cur is not None:
             self._give_back(cur)
+        self._give_back_queued()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("fetch stream thread still finishing a call; it exits when the call's deadline passes")
+        self._give_back_queued()  # what the fetcher queued while we waited for it
+
+    def _give_back_queued(self) -> None:
         while True:
             try:
                 item = self._q.get_nowait()
             except queue.Empty:
-                break
-            if isinstance(item, _Item):
-                self._give_back(item)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("fetch stream thread still finishing a call; it exits when the call's deadline passes")
-        while True:  # what the fetcher queued while we waited for it
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                break
+                return
             if isinstance(item, _Item):
                 self._give_back(item)
 

@@ -449,16 +449,20 @@ class RingBuffer:
             return None
         return SlotLease(self, *got)
 
-    def claim_many(self, slots, generations) -> list:
-        """Lease many payloads by (slot, generation) at once (one lock syscall for
-        the batch, never waiting). Per item a :class:`SlotLease`, or the
-        :class:`StaleSlotError` / :class:`SlotBusyError` it would have raised."""
+    def _batch_slots(self, slots) -> np.ndarray:
         self._check_open()
         slots = np.asarray(slots, np.int64)
         if len(slots) and (slots.min() < 0 or slots.max() >= self._slots):
             raise ValueError(f"slot out of range for ring {self._name!r} ({self._slots} slots)")
         if len(np.unique(slots)) != len(slots):
-            raise ValueError("claim_many: a slot appears twice")
+            raise ValueError("a batch claim names a slot twice")
+        return slots
+
+    def claim_many(self, slots, generations) -> list:
+        """Lease many payloads by (slot, generation) at once (one lock syscall for
+        the batch, never waiting). Per item a :class:`SlotLease`, or the
+        :class:`StaleSlotError` / :class:`SlotBusyError` it would have raised."""
+        slots = self._batch_slots(slots)
         res = self._table.claim_many(slots, generations)
         t = self._table
         out: list = []
@@ -475,12 +479,7 @@ class RingBuffer:
         """Like :meth:`claim_many` without an object per payload (the server's batch
         path): returns the claimed payloads as one :class:`LeaseBatch` (in request
         order) and a per-item code: the lease number (> 0), 0 STALE, -1 BUSY."""
-        self._check_open()
-        slots = np.asarray(slots, np.int64)
-        if len(slots) and (slots.min() < 0 or slots.max() >= self._slots):
-            raise ValueError(f"slot out of range for ring {self._name!r} ({self._slots} slots)")
-        if len(np.unique(slots)) != len(slots):
-            raise ValueError("claim_batch: a slot appears twice")
+        slots = self._batch_slots(slots)
         codes = self._table.claim_many(slots, generations)
         ok = codes > 0
         got = slots[ok]

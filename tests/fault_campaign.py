@@ -78,9 +78,13 @@ def _record(log, client: str, payload) -> None:
 
 def consumer(ring_name: str, workdir: str, client: str, mode: str) -> None:
     """Consume until STOP and nothing is left, logging each payload before consuming it."""
+    import faulthandler
+
     import shm
     from clients import TransportClient, TransportError
 
+    stacks = open(os.path.join(workdir, f"stack-{client}.txt"), "w")
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)  # the driver asks when we hang
     ring = shm.RingBuffer.attach(ring_name)
     log = open(os.path.join(workdir, f"got-{client}.log"), "a", buffering=1)
     idle_since = None
@@ -262,8 +266,13 @@ class Campaign:
                     self.deaths.append(("server", self.server.returncode))
                     self.killed.add(self.server.pid)
                 time.sleep(0.1)
-            for name, p in self.procs.items():  # still running: hung
-                self.deaths.append((name, "hung"))
+            for name, p in self.procs.items():  # still running: hung; keep its threads' stacks
+                if name.startswith("c"):
+                    os.kill(p.pid, signal.SIGUSR1)
+                    time.sleep(0.5)
+                path = os.path.join(self.workdir, f"stack-{name}.txt")
+                stack = open(path).read()[-4000:] if os.path.exists(path) else ""
+                self.deaths.append((name, "hung", stack))
                 p.kill()
             self.server.send_signal(signal.SIGTERM)
             try:

@@ -204,9 +204,6 @@ def ring_id_hex(raw: bytes) -> str | None:
 
 
 # ------------------------------------------------------------------ batches --
-#: one item of a batch: status (answers) / 0 (GETV request), slot, generation, nbytes
-BATCH_ENTRY = struct.Struct("<B3xIQQ")
-assert BATCH_ENTRY.size == 24
 #: most items in one GETV/TAKEV (an ACK's verdicts fit the request's text field)
 MAX_BATCH = 200
 #: payloads below this many bytes are coalesced with their neighbours into one message
@@ -217,12 +214,12 @@ COALESCE_MAX = 4 << 20
 COALESCE_ALIGN = 64
 
 
-#: BATCH_ENTRY as a numpy structured dtype (tables are built and read as arrays)
+#: one item of a batch: status (answers; 0 in a GETV request), slot, generation, nbytes
 BATCH_DTYPE = np.dtype([("status", "u1"), ("_pad", "V3"), ("slot", "<u4"), ("generation", "<u8"),
                         ("nbytes", "<u8")])
-assert BATCH_DTYPE.itemsize == BATCH_ENTRY.size
+assert BATCH_DTYPE.itemsize == 24
 #: a GETV request is one message: the request header, then its entry table
-GETV_MAX_BYTES = REQUEST.size + MAX_BATCH * BATCH_ENTRY.size + 4
+GETV_MAX_BYTES = REQUEST.size + MAX_BATCH * BATCH_DTYPE.itemsize + 4
 
 
 def batch_array(n: int) -> np.ndarray:
@@ -242,7 +239,7 @@ def read_batch_array(buf, n: int, offset: int = 0) -> np.ndarray:
     """The ``n``-entry table at ``offset`` of ``buf`` as an array (a copy); ProtocolError
     on a short or corrupt table."""
     mv = memoryview(buf).cast("B")
-    end = offset + n * BATCH_ENTRY.size
+    end = offset + n * BATCH_DTYPE.itemsize
     if len(mv) < end + 4:
         raise ProtocolError(f"batch table of {n} entries needs {end + 4 - offset} bytes, got {len(mv) - offset}")
     if struct.unpack_from("<I", mv, end)[0] != zlib.crc32(mv[offset:end]):
@@ -252,30 +249,7 @@ def read_batch_array(buf, n: int, offset: int = 0) -> np.ndarray:
 
 def batch_table_size(n: int) -> int:
     """Bytes of a GETV entry-table message, and of a batch answer's table after its header."""
-    return n * BATCH_ENTRY.size + 4
-
-
-def encode_batch_table(entries, out=None, offset: int = 0):
-    """[(status, slot, generation, nbytes)] -> table bytes (+ CRC-32) written into ``out`` at ``offset``."""
-    n = len(entries)
-    out = out if out is not None else bytearray(batch_table_size(n))
-    mv = memoryview(out).cast("B")
-    for i, e in enumerate(entries):
-        BATCH_ENTRY.pack_into(mv, offset + i * BATCH_ENTRY.size, *e)
-    end = offset + n * BATCH_ENTRY.size
-    struct.pack_into("<I", mv, end, zlib.crc32(mv[offset:end]))
-    return out
-
-
-def decode_batch_table(buf, n: int, offset: int = 0) -> list[tuple[int, int, int, int]]:
-    """Entries of a table of ``n`` items; ProtocolError on a short or corrupt table."""
-    mv = memoryview(buf).cast("B")
-    end = offset + n * BATCH_ENTRY.size
-    if len(mv) < end + 4:
-        raise ProtocolError(f"batch table of {n} entries needs {end + 4 - offset} bytes, got {len(mv) - offset}")
-    if struct.unpack_from("<I", mv, end)[0] != zlib.crc32(mv[offset:end]):
-        raise ProtocolError("batch table checksum mismatch (truncated or corrupt message)")
-    return [BATCH_ENTRY.unpack_from(mv, offset + i * BATCH_ENTRY.size) for i in range(n)]
+    return n * BATCH_DTYPE.itemsize + 4
 
 
 def plan_batch(sizes) -> list[list[tuple[int, int]]]:
