@@ -71,20 +71,24 @@ class HeldDelivery:
         c, pe = self._client, self._pe
         n = len(self.items)
         k = max(0, min(k, n))
+        # what the caller got is its, whatever becomes of the ACK: if the server never applies
+        # it and serves those payloads again, this client must drop them (exactly once per client)
+        for key, _ in self.items[:k]:
+            c._remember(key)
+        for _, p in self.items[k:]:
+            p.release()
         req = Request(Op.ACK, self._rid, n=0 if k == n else k) if k else Request(Op.NACK, self._rid)
         try:
             await engine.send(pe.ep, encode_request(req))
             await c._confirm(pe)
-        except Exception as exc:  # noqa: BLE001 - any failure leaves the outcome to the server
+        except BaseException as exc:  # noqa: BLE001 - any failure (or our deadline) leaves it to the server
             log.info("settling request %d (%d of %d consumed) not confirmed: %r", self._rid, k, n, exc)
             pe.abort()
+            if not isinstance(exc, Exception):
+                raise
             return None
         finally:
             self._pe = None
-        for key, p in self.items[:k]:
-            c._remember(key)
-        for _, p in self.items[k:]:
-            p.release()
         c._pool.checkin(pe)
         return True
 

@@ -211,14 +211,17 @@ class FetchStream:
         return None
 
     def _refetch(self, ref, payload):
-        from .errors import StaleSlotError
+        """Our ACK is unconfirmed and the hold ran out: if the server gave the payload
+        back, fetching the ref again consumes it (this client already has it: the
+        repeat is ACKed and dropped); STALE means our ACK was applied. Either way the
+        copy we hold is the one to hand out, exactly once."""
+        from .errors import TransportError
 
         try:
-            fresh = self._client.fetch(ref)
-        except StaleSlotError:
-            return payload  # our ACK was applied after all: the copy we hold is the one
-        payload.release()
-        return fresh
+            self._client.fetch(ref).release()
+        except TransportError as exc:  # AlreadyDelivered / STALE: as expected; others: the server decides
+            log.debug("re-fetch of %s after an unconfirmed ACK: %r", ref.key, exc)
+        return payload
 
     def close(self, timeout: float | None = None) -> None:
         """Stop fetching, give back everything not handed out, join the fetcher thread."""

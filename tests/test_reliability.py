@@ -19,6 +19,7 @@ from clients import (
     NoAddressError,
     StaleSlotError,
     TransportClient,
+    TransportError,
 )
 from shm.state import READY
 from tests import helpers
@@ -363,3 +364,30 @@ def test_create_unlink_on_exit_leaves_no_segment_when_start_fails(make_ring, rin
         assert not os.path.exists(f"/dev/shm/{other}")
     finally:
         shm.RingBuffer.unlink_name(other)
+
+
+def test_unconfirmed_settle_still_counts_as_delivered_to_this_client(make_ring, ring_name, serve):
+    """A held TAKE handed to the caller, then the server dies before the ACK is
+    confirmed: the payload comes back READY after the restart, and this client must
+    drop it (ACK it, never return it twice). Found by the fault campaign."""
+    ring = make_ring(slots=4)
+    srv = serve(ring_name)
+    put_many(ring, 1)
+    with TransportClient(local_fast_path=False, timeout=2.0, max_attempts=1) as c:
+        d = c.submit_take(srv.address, n=1, wait=1.0, hold_s=30).result(30)
+        assert len(d.items) == 1
+        srv.kill()
+        assert d.settle_sync(1, 10) is None  # unconfirmed: the server never saw the ACK
+        srv2 = serve(ring_name)
+        assert srv2.ports == srv.ports
+        assert helpers.wait_until(lambda: ring.state_counts()["READY"] == 1)  # given back by recovery
+        got = []
+        for _ in range(3):  # the first call may meet the dead pooled endpoint
+            try:
+                got += c.take(srv2.address, n=1, wait=0.5)
+            except TransportError:
+                continue
+            if helpers.all_free(ring):
+                break
+        assert got == [] and c.stats()["duplicates_dropped"] == 1
+    assert helpers.wait_until(lambda: helpers.all_free(ring))
