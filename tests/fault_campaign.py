@@ -78,6 +78,17 @@ def _record(log, client: str, payload) -> None:
 
 def consumer(ring_name: str, workdir: str, client: str, mode: str) -> None:
     """Consume until STOP and nothing is left, logging each payload before consuming it."""
+    try:
+        _consume(ring_name, workdir, client, mode)
+    except BaseException:
+        import traceback
+
+        with open(os.path.join(workdir, f"stack-{client}.txt"), "a") as f:
+            traceback.print_exc(file=f)
+        raise
+
+
+def _consume(ring_name: str, workdir: str, client: str, mode: str) -> None:
     import faulthandler
 
     import shm
@@ -200,7 +211,7 @@ class Campaign:
                 continue
             del self.procs[name]
             if p.pid not in self.killed and p.exitcode != 0:
-                self.deaths.append((name, p.exitcode))
+                self.deaths.append((name, p.exitcode, self._stack(name)))
             if name.startswith("p"):
                 self.start_producer()
             else:
@@ -209,6 +220,10 @@ class Campaign:
             if self.server.pid not in self.killed:
                 self.deaths.append(("server", self.server.returncode))
             self.start_server()
+
+    def _stack(self, name: str) -> str:
+        path = os.path.join(self.workdir, f"stack-{name}.txt")
+        return open(path).read()[-4000:] if os.path.exists(path) else ""
 
     # -- faults --
     def inject(self) -> None:
@@ -261,7 +276,7 @@ class Campaign:
                     if not p.is_alive():
                         del self.procs[name]
                         if p.pid not in self.killed and p.exitcode != 0:
-                            self.deaths.append((name, p.exitcode))
+                            self.deaths.append((name, p.exitcode, self._stack(name)))
                 if self.server.poll() is not None and self.server.pid not in self.killed:
                     self.deaths.append(("server", self.server.returncode))
                     self.killed.add(self.server.pid)
@@ -270,9 +285,7 @@ class Campaign:
                 if name.startswith("c"):
                     os.kill(p.pid, signal.SIGUSR1)
                     time.sleep(0.5)
-                path = os.path.join(self.workdir, f"stack-{name}.txt")
-                stack = open(path).read()[-4000:] if os.path.exists(path) else ""
-                self.deaths.append((name, "hung", stack))
+                self.deaths.append((name, "hung", self._stack(name)))
                 p.kill()
             self.server.send_signal(signal.SIGTERM)
             try:
