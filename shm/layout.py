@@ -87,7 +87,7 @@ SLOT_RECORD = np.dtype(
 assert SLOT_RECORD.itemsize == SLOT_RECORD_BYTES
 
 # ---- lock byte ranges (OFD locks, far beyond the end of the file) ---------
-#: the ring header's lock (server address updates only; never a slot transition)
+#: base of the ring's lock bytes (the serving process holds LOCK_TRANSITION + 1; see ring.LOCK_SERVER)
 LOCK_TRANSITION = 1 << 40
 #: slot i's ownership lock is held by the process that has it WRITING/READING
 LOCK_OWNER_BASE = LOCK_TRANSITION + 4096
