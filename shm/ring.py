@@ -517,21 +517,6 @@ class RingBuffer:
             leases[i]._done = True
         return True
 
-    def claim_oldest(self, n: int, max_nbytes: int = 0) -> list:
-        """Up to ``n`` READY payloads, oldest first (at most ``max_nbytes`` each when
-        given), leased with one lock syscall where possible; never waits."""
-        self._check_open()
-        t = self._table
-        ok = t.state == READY
-        if max_nbytes:
-            ok &= t.nbytes <= max_nbytes
-        cand = np.flatnonzero(ok)
-        if not len(cand):
-            return []
-        cand = cand[np.argsort(t.seq[cand], kind="stable")[:n]]
-        got = self.claim_many(cand, t.gen[cand].copy())
-        return [le for le in got if isinstance(le, SlotLease)]
-
     def wait_ready(self, timeout: float) -> bool:
         """Block (GIL released) until some slot may have become READY, or ``timeout``."""
         t = self._table

@@ -24,6 +24,15 @@ def checksum(payload) -> int:
     return crc
 
 
+def put_many(ring, n, size=1000):
+    """Publish ``n`` small payloads (field ``i`` = index, checksum in meta); their refs."""
+    refs = []
+    for i in range(n):
+        p = {"x": np.full(size, i % 251, dtype=np.uint8), "i": np.int64(i)}
+        refs.append(ring.put(p, meta={"crc": checksum(p), "i": i}))
+    return refs
+
+
 def random_payload(rng: np.random.Generator, max_bytes: int) -> dict:
     out = {}
     for i in range(int(rng.integers(1, 4))):

@@ -22,12 +22,7 @@ from tests import helpers
 pytestmark = pytest.mark.timeout(120)
 
 
-def put_many(ring, n, size=1000):
-    refs = []
-    for i in range(n):
-        p = {"x": np.full(size, i % 251, dtype=np.uint8), "i": np.int64(i)}
-        refs.append(ring.put(p, meta={"crc": helpers.checksum(p), "i": i}))
-    return refs
+put_many = helpers.put_many
 
 
 def with_ports(ref, host, ports):
