@@ -80,9 +80,12 @@ class EndpointPool:
         return True
 
     def quarantine(self, host: str, port: int, reason: str) -> None:
+        again = self.is_quarantined(host, port)
         self._quarantined[(host, port)] = time.monotonic() + self.quarantine_s
         self.stats["quarantines"] += 1
-        log.warning("quarantining %s:%d for %.0f s (%s)", host, port, self.quarantine_s, reason)
+        # one warning per state change (healthy -> quarantined), not one per failed attempt
+        log.log(logging.DEBUG if again else logging.WARNING, "quarantining %s:%d for %.0f s (%s)", host, port,
+                self.quarantine_s, reason)
         for pe in self._idle.pop((host, port), ()):
             pe.abort()
 

@@ -46,13 +46,17 @@ UCX_DEFAULTS = {
     "UCX_TCP_CM_REUSEADDR": "y",  # a restarted server rebinds its ports at once
     "UCX_TCP_TX_SEG_SIZE": "1M",
     "UCX_TCP_RX_SEG_SIZE": "4M",
+    # quiet by default: a dead peer is one classified error from us, not pages of C++ logs
+    # (set UCX_LOG_LEVEL=warn / UCXX_LOG_LEVEL=ERROR to see them)
+    "UCX_LOG_LEVEL": "fatal",
+    "UCXX_LOG_LEVEL": "FATAL",
 }
 
 
 def ucx_settings() -> dict:
     """The UCX_* settings in effect: ours (UCX_DEFAULTS) unless the environment set them."""
     return {k: os.environ.get(k, v) for k, v in UCX_DEFAULTS.items()} | \
-        {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
+        {k: v for k, v in os.environ.items() if k.startswith(("UCX_", "UCXX_"))}
 
 
 def _import_ucxx():
