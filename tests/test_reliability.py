@@ -386,3 +386,19 @@ def test_unconfirmed_settle_still_counts_as_delivered_to_this_client(make_ring, 
                 break
         assert got == [] and c.stats()["duplicates_dropped"] == 1
     assert helpers.wait_until(lambda: helpers.all_free(ring))
+
+
+def test_refused_connection_fails_fast_not_at_the_deadline():
+    """Nothing listens on the port: the connect fails within a fraction of the call
+    timeout (the endpoint dies at once), not when the 5 s deadline passes (issue 11)."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ref = shm.SlotRef("nobody", 0, 1, 100, "127.0.0.1", (port,))
+    with TransportClient(local_fast_path=False, timeout=5.0, max_attempts=1) as c:
+        t0 = time.monotonic()
+        res = c.fetch_many([ref])
+        assert not res[0].ok and res[0].error.retryable
+        assert time.monotonic() - t0 < 2.0

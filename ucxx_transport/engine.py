@@ -26,6 +26,8 @@ log = logging.getLogger("ucxx_transport.engine")
 #: how long the driver polls a receive abandoned by a cancelled task; after that its
 #: buffer moves to ``_orphaned`` (referenced for the life of the process, never freed)
 ABANDONED_KEEP_S = 300.0
+#: how often a connect in progress checks whether its endpoint died (refused)
+REFUSED_POLL_S = 0.005
 PROGRESS_MODES = ("adaptive", "thread", "thread-polling", "polling", "blocking")
 DEFAULT_PROGRESS_MODE = "adaptive"
 
@@ -249,7 +251,24 @@ async def connect(host: str, port: int, timeout: float):
         await _await_request(req, (mine_arr, mine, ucx_ep))
 
     try:
-        await asyncio.wait_for(exchange(), timeout)
+        # a refused connection (nothing listens there) shows as a dead endpoint within
+        # milliseconds: fail then, not when the deadline passes
+        task = asyncio.ensure_future(exchange())
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=min(REFUSED_POLL_S, max(0.0, deadline - time.monotonic())))
+                if done:
+                    task.result()
+                    break
+                if not ucx_ep.alive:
+                    ucx_ep.raise_on_error()
+                    raise ConnectionRefusedError(f"connect {host}:{port}: endpoint closed during the handshake")
+                if time.monotonic() >= deadline:
+                    raise asyncio.TimeoutError(f"connect {host}:{port}: no handshake within {timeout:.1f} s")
+        finally:
+            if not task.done():
+                task.cancel()
         peer_tag, checksum = struct.unpack(fmt, peer)
         if hash64bits(peer_tag) != checksum:
             raise RuntimeError(f"peer info checksum invalid: {hash64bits(peer_tag):#x} != {checksum:#x}")
