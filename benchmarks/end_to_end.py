@@ -29,9 +29,9 @@ import uuid
 
 import numpy as np
 
-from .units import format_size, parse_duration, parse_size
+from ucxx_transport.units import format_size, parse_duration, parse_size
 
-log = logging.getLogger("ucxx_transport.bench")
+log = logging.getLogger("benchmarks.end_to_end")
 
 QUICK_SIZES = "4KiB,1MiB"
 DEFAULT_SIZES = "4KiB,64KiB,1MiB,16MiB,64MiB"
@@ -54,7 +54,7 @@ def _payload_for(size: int) -> dict:
 
 def _server_worker(ring_name: str, n_ports: int, progress_mode: str, conn) -> None:
     logging.basicConfig(level=logging.WARNING)
-    from .server import TransportServer
+    from ucxx_transport.server import TransportServer
 
     srv = TransportServer(ring_name, host="127.0.0.1", n_ports=n_ports, progress_mode=progress_mode)
     conn.send(srv.start())
@@ -126,7 +126,7 @@ def _client_worker(kind: str, conn, args: dict, refq) -> None:
                                  progress_mode=args["progress_mode"], timeout=30)
         state["client"] = client
     elif kind == "raw-ucxx":
-        from . import engine
+        from ucxx_transport import engine
 
         engine.acquire(args["progress_mode"])
 
@@ -172,7 +172,7 @@ def _client_worker(kind: str, conn, args: dict, refq) -> None:
     if "client" in state:
         state["client"].close()
     if "ep" in state:
-        from . import engine
+        from ucxx_transport import engine
 
         async def _close(ep):
             ep.abort()
@@ -227,7 +227,7 @@ def _make_op(kind: str, size: int, state: dict, args: dict, refq):
             return n
         return op
     if kind == "raw-ucxx":
-        from . import engine
+        from ucxx_transport import engine
 
         ep = state["ep"]
         req = np.zeros(64, np.uint8)
@@ -270,7 +270,7 @@ def _make_op(kind: str, size: int, state: dict, args: dict, refq):
 def _raw_server_worker(progress_mode: str, max_size: int, conn) -> None:
     import asyncio
 
-    from . import engine
+    from ucxx_transport import engine
 
     loop = engine.acquire(progress_mode)
     import ucxx
@@ -365,7 +365,7 @@ def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "processor": platform.processor(),
             "numpy": np.__version__}
-    from . import engine
+    from ucxx_transport import engine
 
     info["ucx_settings"] = engine.ucx_settings()
     try:
