@@ -52,6 +52,15 @@ def two_hosts():
         _ip("netns", "del", b, check=False)
 
 
+def _ns_env() -> dict:
+    """The environment for processes inside the namespaces: the repo importable, and no
+    UCX device restriction inherited from a loopback-only shell (``UCX_NET_DEVICES=lo``
+    would keep UCX off the veth pair these tests route over)."""
+    env = {k: v for k, v in os.environ.items() if k != "UCX_NET_DEVICES"}
+    env["PYTHONPATH"] = os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return env
+
+
 CLIENT = r"""
 import json, sys
 import shm
@@ -73,7 +82,7 @@ print(json.dumps(out))
 def test_fetch_across_namespaces(two_hosts, make_ring, ring_name):
     ns_srv, ns_cli = two_hosts
     ring = make_ring(slots=16, slot_bytes=1 << 20)
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = _ns_env()
     srv = subprocess.Popen(["ip", "netns", "exec", ns_srv, sys.executable, "-m", "ucxx_transport", "serve",
                             "--ring", ring_name, "--host", SRV_IP, "--n-ports", "2"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -131,7 +140,7 @@ def test_large_payload_over_slow_link_is_slow_not_impossible(two_hosts, make_rin
     if tbf.returncode:
         pytest.skip(f"tbf qdisc not available: {tbf.stderr.strip()}")
     ring = make_ring(slots=2, slot_bytes=13 << 20)
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = _ns_env()
     srv = subprocess.Popen(["ip", "netns", "exec", ns_srv, sys.executable, "-m", "ucxx_transport", "serve",
                             "--ring", ring_name, "--host", SRV_IP, "--n-ports", "1"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -191,7 +200,7 @@ def test_link_cuts_and_blackholes_lose_nothing(two_hosts, make_ring, ring_name):
     if shutil.which("tc") is None:
         pytest.skip("needs tc (iproute2)")
     ring = make_ring(slots=64, slot_bytes=1 << 20)
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = _ns_env()
     srv = subprocess.Popen(["ip", "netns", "exec", ns_srv, sys.executable, "-m", "ucxx_transport", "serve",
                             "--ring", ring_name, "--host", SRV_IP, "--n-ports", "2", "--ack-timeout-s", "2"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
