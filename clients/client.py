@@ -35,6 +35,7 @@ import numpy as np
 
 import shm
 from shm.frame import decode, decode_views, index_tail_range, parse_index
+from shm.views import anchored
 from ucxx_transport import engine
 from ucxx_transport.config import resolve
 from ucxx_transport.metrics import Reservoir
@@ -174,7 +175,11 @@ class TransportClient:
     def __init__(self, *, token=None, timeout=None, max_attempts=None, max_rounds=None, quarantine_s=None,
                  endpoint_max_age_s=None, pool_size=None, max_inflight=None, device="cpu",
                  local_fast_path=True, progress_mode=None, max_nbytes: int = 0, dedup_window: int = 100_000,
-                 min_rate=None, resolver=None):
+                 min_rate=None, resolver=None, tensor_type: str = "numpy"):
+        if tensor_type not in ("numpy", "torch"):
+            raise ValueError(f"tensor_type must be 'numpy' or 'torch', got {tensor_type!r}")
+        #: "torch": payload values are zero-copy torch tensors (on the GPU for device="cuda")
+        self.tensor_type = tensor_type
         self.token = token.decode() if isinstance(token, bytes) else token
         self.timeout = resolve("timeout", timeout)
         self.min_rate = resolve("min_rate", min_rate)
@@ -315,15 +320,28 @@ class TransportClient:
         ref = self._checked(ref)
         local = self._fetch_local(ref)
         if local is not None:
-            return local
-        return self._run(self._fetch_ref, ref, budget=self.call_budget(ref.nbytes))
+            return self.present(local)
+        return self.present(self._run(self._fetch_ref, ref, budget=self.call_budget(ref.nbytes)))
 
     async def afetch(self, ref: shm.SlotRef) -> shm.Payload:
         ref = self._checked(ref)
         local = self._fetch_local(ref)
         if local is not None:
-            return local
-        return await self._arun(self._fetch_ref, ref)
+            return self.present(local)
+        return self.present(await self._arun(self._fetch_ref, ref))
+
+    def present(self, payload: shm.Payload) -> shm.Payload:
+        """``payload`` as this client hands payloads out (``tensor_type``)."""
+        if self.tensor_type == "numpy" or payload.is_raw:
+            return payload
+        return payload.with_values(payload.as_dict(torch=True, device="cuda" if self.device == "cuda" else None))
+
+    def _present_results(self, results: list) -> list:
+        if self.tensor_type != "numpy":
+            for r in results:
+                if r.payload is not None:
+                    r.payload = self.present(r.payload)
+        return results
 
     def fetch_many(self, refs: Sequence[shm.SlotRef]) -> list[FetchResult]:
         """Fetch a batch; one result per ref, in order (payload or error). Never
@@ -333,20 +351,21 @@ class TransportClient:
         total = sum(getattr(r, "nbytes", 0) if isinstance(getattr(r, "nbytes", 0), int) else 0 for r in refs)
         waves = max(1, -(-len(refs) // self.max_inflight))
         budget = (self.call_budget() * waves + self._transfer_s(min(total, 1 << 50))) * self.max_rounds
-        return self._run(self._fetch_many, refs, budget=budget)
+        return self._present_results(self._run(self._fetch_many, refs, budget=budget))
 
     async def afetch_many(self, refs: Sequence[shm.SlotRef]) -> list[FetchResult]:
-        return await self._arun(self._fetch_many, list(refs))
+        return self._present_results(await self._arun(self._fetch_many, list(refs)))
 
     def take(self, address, n: int = 1, wait: float = 0.0) -> list[shm.Payload]:
         """The next ``n`` READY payloads of a server (publish order), waiting up
         to ``wait`` seconds for the first (long-poll). ``address``: (host, ports) or a ref."""
         host, ports = self._address(address)
-        return self._run(self._take, host, ports, n, wait, budget=self.call_budget() + wait + self._transfer_s(n << 24))
+        got = self._run(self._take, host, ports, n, wait, budget=self.call_budget() + wait + self._transfer_s(n << 24))
+        return [self.present(p) for p in got]
 
     async def atake(self, address, n: int = 1, wait: float = 0.0) -> list[shm.Payload]:
         host, ports = self._address(address)
-        return await self._arun(self._take, host, ports, n, wait)
+        return [self.present(p) for p in await self._arun(self._take, host, ports, n, wait)]
 
     def server_stats(self, address) -> dict:
         host, ports = self._address(address)
@@ -467,6 +486,8 @@ class TransportClient:
                 return fut
             if got is not None:
                 payload, lease = got
+                if not hold_s:
+                    lease.ack()  # consumed now; the slot stays PINNED while views of it live
                 fut.set_result(LocalDelivery(self, ref.key, payload, lease) if hold_s else payload)
                 return fut
         return asyncio.run_coroutine_threadsafe(self._fetch_ref(ref, hold_s), self._ucx_loop())
@@ -487,7 +508,11 @@ class TransportClient:
 
     def _fetch_local(self, ref: shm.SlotRef) -> shm.Payload | None:
         got = self._claim_local(ref)
-        return None if got is None else got[0]
+        if got is None:
+            return None
+        payload, lease = got
+        lease.ack()  # consumed now, like a network fetch; the slot stays PINNED while views of it live
+        return payload
 
     def _claim_local(self, ref: shm.SlotRef):
         """(payload, lease) claimed from this host's shared memory, or None."""
@@ -513,7 +538,7 @@ class TransportClient:
             self._stats["duplicates_dropped"] += 1
             raise AlreadyDeliveredError(f"{ref.key} was already delivered to this client (ACKed again, dropped)")
         try:
-            payload = decode(lease.buffer, owner=lease, on_release=lease.ack)
+            payload = lease.payload
         except shm.FrameError as exc:
             lease.nack(undecodable=True)
             raise CorruptPayloadError(f"local frame of {ref.key}: {exc}") from exc
@@ -678,10 +703,10 @@ class TransportClient:
                     raise shm.FrameError(f"frame length {total} != received {nbytes}")
                 tail = view[table_off:total].get().tobytes()
                 idx = parse_index(head, nbytes, tail=tail)
-                return decode_views(idx, view, on_release=lambda: pool.put(base))
-            p = decode(view, readonly=False, on_release=lambda: pool.put(base))
+                return decode_views(idx, view)  # device buffers are not pooled back (not anchored)
+            # the buffer goes back to the pool once no view of the payload is left
+            p = decode(view, readonly=False, on_gone=lambda: pool.put(base))
             if p.nbytes != nbytes:
-                p.release()
                 raise shm.FrameError(f"frame length {p.nbytes} != received {nbytes}")
             return p
         except shm.FrameError as exc:
@@ -890,27 +915,20 @@ class TransportClient:
     def _decode_shared(self, base, view, items: list, where: str) -> dict:
         """Payloads at ``items`` [(index, offset, nbytes)] of one received message;
         {index: Payload or CorruptPayloadError}. They share the message's pooled
-        buffer, given back when the last of them is released."""
+        buffer (one anchor): it goes back to the pool once no view of any of them is left."""
         pool = self._buffers
-        left = [len(items)]
         out: dict = {}
-
-        def release():
-            left[0] -= 1
-            if left[0] == 0:
-                pool.put(base)
-
         if not items:
             pool.put(base)
+            return out
+        u8, _ = anchored(view, readonly=False, on_gone=lambda: pool.put(base))
         for i, off, n in items:
             try:
-                p = decode(view[off:off + n], readonly=False, on_release=release)
+                p = decode(u8[off:off + n], readonly=False)
                 if p.nbytes != n:
-                    p.release()
                     raise CorruptPayloadError(f"{where}: item {i}: frame length {p.nbytes} != {n}")
                 out[i] = p
             except shm.FrameError as exc:
-                release()
                 out[i] = CorruptPayloadError(f"{where}: item {i}: {exc}")
             except CorruptPayloadError as exc:
                 out[i] = exc

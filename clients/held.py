@@ -95,8 +95,8 @@ class HeldDelivery:
 
 class LocalDelivery:
     """A payload claimed straight from this host's shared memory, not consumed yet:
-    ``settle(1)`` leaves it to the consumer (releasing the payload consumes the
-    slot), ``settle(0)`` gives the slot back (READY) and voids the payload."""
+    ``settle(1)`` consumes it (the slot stays PINNED while views of it live),
+    ``settle(0)`` gives it back (READY once the voided payload's views are gone)."""
 
     expired = False
     may_repeat = False  # the claim already checked
@@ -114,11 +114,14 @@ class LocalDelivery:
     def settle_sync(self, k: int, timeout: float = 0) -> bool:
         if not self.settled:
             self.settled = True
+            key, payload = self.items[0]
             if k <= 0:
-                key, payload = self.items[0]
-                payload._on_release = None  # voided: releasing it must not consume the slot
+                payload.release()  # voided: the slot goes back to READY when nothing views it
+                self.items = []
                 self._lease.nack()
                 self._client._delivered.pop(key, None)
+            else:
+                self._lease.ack()
         return True
 
     async def settle(self, k: int) -> bool:

@@ -70,7 +70,7 @@ class UCXXDataPackerMixin:
         out = []
         for r in results:
             if r.ok:
-                out.append(r.payload)
+                out.append(self.ucxx_client.present(r.payload))
             else:
                 self.on_rollout_fetch_failed(r.ref, r.error)
         return out

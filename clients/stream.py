@@ -206,7 +206,7 @@ class FetchStream:
                 if ok is None and d.expired and item.ref is not None:
                     # the server may have given it back: fetching the ref again tells (STALE: it was ours)
                     payload = self._refetch(item.ref, payload)
-            return payload
+            return self._client.present(payload)
         self._current = None
         return None
 

@@ -5,12 +5,14 @@
 
 What runs:
 * a ring in /dev/shm and `ucxx-transport serve` for it (a subprocess);
-* producer processes (spawned) that publish rollouts (token ids, log-probs,
-  reward) appended turn by turn, and send each ref over a multiprocessing
-  queue -- standing in for whatever control plane you already have;
-* this process: a data packer (the mixin) that prefetches batch k+1 over UCX
-  while the model trains on batch k. `--local` lets same-host refs take the
-  shared-memory fast path instead of the network.
+* producer processes (spawned) that publish multi-turn rollouts as torch
+  tensors -- per-turn token ids and bf16 log-probs as ragged lists, a reward, the
+  prompt text -- and send each ref over a multiprocessing queue, standing in for
+  whatever control plane you already have;
+* this process: a data packer (the mixin, ``tensor_type="torch"``) that prefetches
+  batch k+1 over UCX while the model trains on batch k, and packs the ragged
+  turns into padded tensors straight from zero-copy views. `--local` lets
+  same-host refs take the shared-memory fast path instead of the network.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import subprocess
 import sys
 import uuid
 
-import numpy as np
 
 import shm
 from clients import UCXXDataPackerMixin
@@ -31,16 +32,19 @@ VOCAB = 1000
 
 
 def producer(ring_name: str, refq, n: int, seed: int) -> None:
+    import torch
+
     ring = shm.RingBuffer.attach(ring_name)
-    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
     for i in range(n):
-        with ring.reserve(timeout=30) as w:
-            for _turn in range(int(rng.integers(1, 4))):
-                k = int(rng.integers(8, 64))
-                w.append("tokens", rng.integers(0, VOCAB, size=k, dtype=np.int64))
-                w.append("logprobs", (-rng.random(k)).astype(np.float32))
-            w.set("reward", np.float32(rng.standard_normal()))
-            refq.put(w.publish({"producer": seed, "i": i}).to_dict())
+        lengths = torch.randint(8, 64, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+        rollout = {
+            "turns": [torch.randint(0, VOCAB, (k,), generator=g) for k in lengths],       # ragged int64
+            "logprobs": [-torch.rand(k, generator=g).to(torch.bfloat16) for k in lengths],  # ragged bf16
+            "reward": float(torch.randn(1, generator=g)),
+            "prompt": f"task {seed}-{i}",
+        }
+        refq.put(ring.put(rollout, meta={"producer": seed, "i": i}, timeout=30).to_dict())
     ring.close()
 
 
@@ -57,16 +61,18 @@ class RolloutPacker(UCXXDataPackerMixin):
 
     @staticmethod
     def pack(payloads):
+        """Concatenate each rollout's turns and pad the batch. ``p["turns"]`` is a
+        shm.Ragged whose ``values`` is one zero-copy torch tensor of all turns."""
         import torch
 
-        n = max(len(p["tokens"]) for p in payloads)
+        n = max(len(p["turns"].values) for p in payloads)
         tokens = torch.zeros(len(payloads), n, dtype=torch.long)
         mask = torch.zeros(len(payloads), n)
         for i, p in enumerate(payloads):
-            t = torch.from_numpy(np.asarray(p["tokens"]))  # zero-copy view of the payload
+            t = p["turns"].values  # every turn, back to back, viewed in place
             tokens[i, : len(t)] = t
             mask[i, : len(t)] = 1
-        rewards = torch.tensor([float(p["reward"]) for p in payloads])
+        rewards = torch.tensor([p["reward"] for p in payloads])
         return tokens, mask, rewards
 
 
@@ -98,7 +104,7 @@ def main():
 
     model = torch.nn.Sequential(torch.nn.Embedding(VOCAB, 32), torch.nn.Linear(32, VOCAB))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    packer = RolloutPacker(local_fast_path=a.local, timeout=5.0)
+    packer = RolloutPacker(local_fast_path=a.local, timeout=5.0, tensor_type="torch")
     try:
         def next_refs():
             return [shm.SlotRef.from_dict(refq.get(timeout=60)) for _ in range(a.batch)]
@@ -116,7 +122,7 @@ def main():
             loss.backward()
             opt.step()
             for p in payloads:
-                p.release()  # give receive buffers (or local slots) back
+                p.release()  # with no view left, receive buffers (or local slots) are reused
             if step % 5 == 0 or step == a.steps - 1:
                 print(f"step {step:3d}  loss {loss.item():+.4f}  batch {len(payloads)}  "
                       f"client {packer.ucxx_client.stats().get('fetches', 0)} network / "

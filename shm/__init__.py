@@ -7,6 +7,7 @@ from .errors import (
     DeadLetterError,
     FrameError,
     InvalidRefError,
+    PayloadReleasedError,
     PayloadTooLargeError,
     RingEmptyError,
     RingError,
@@ -20,10 +21,11 @@ from .payload import Payload
 from .ref import SlotRef
 from .ring import LeaseBatch, RingBuffer, SlotLease, SlotWriter
 from .state import DEAD_LETTER_AFTER, SlotState
+from .tree import Ragged
 
 __all__ = [
     "RingBuffer", "SlotWriter", "SlotLease", "LeaseBatch", "SlotRef", "SlotState", "Payload",
     "RingError", "RingFullError", "RingEmptyError", "StaleSlotError", "SlotBusyError",
     "PayloadTooLargeError", "FrameError", "RingLayoutError", "InvalidRefError", "DeadLetterError",
-    "SlotLockTimeoutError", "DEAD_LETTER_AFTER",
+    "SlotLockTimeoutError", "DEAD_LETTER_AFTER", "PayloadReleasedError", "Ragged",
 ]

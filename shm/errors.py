@@ -82,3 +82,9 @@ class FrameError(RingError):
 
 class RingLayoutError(RingError):
     """The segment is not a ring of this format/version, or is too small."""
+
+
+class PayloadReleasedError(RingError, RuntimeError):
+    """A payload was used after :meth:`~shm.Payload.release`. Views taken from it
+    before the release stay valid (they keep its memory); the payload object
+    itself hands out nothing more."""

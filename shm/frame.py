@@ -7,7 +7,13 @@ Layout (all integers little-endian)::
                         (or, for a raw frame, the raw bytes)
     table_off           n_fields x FIELD_ENTRY (192 bytes each)
     meta_off            metadata, UTF-8 JSON, meta_len bytes
+    meta_off+meta_len   layout tree, UTF-8 JSON, tree_len bytes (version 2; absent
+                        for a flat payload: see :mod:`shm.tree`)
     total_len           end of frame
+
+A field's element type is recorded by name (:mod:`shm.dtypes`: ``"<f4"``, or
+``"bfloat16"`` for the ml_dtypes types). Version 1 frames (no tree, numpy
+dtypes only) read as before.
 
 The table and metadata come *after* the data so that a producer can append to
 fields in place, in any order, and only write the index once it publishes.
@@ -26,16 +32,20 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import dtypes, tree
 from .errors import FrameError, PayloadTooLargeError
 from .payload import Payload
+from .views import anchored
 
 # ---------------------------------------------------------------- layout ----
 FRAME_MAGIC = b"RPLF"
-FRAME_VERSION = 1
+FRAME_VERSION = 2
+#: versions this build reads (1: before dtype names and layout trees)
+READ_VERSIONS = (1, 2)
 FLAG_RAW = 0x1
 
-#: magic, version, flags, n_fields, meta_len, total_len, table_off, meta_off, raw_len
-FRAME_HEADER = struct.Struct("<4sHHIIQQQQ16x")
+#: magic, version, flags, n_fields, meta_len, total_len, table_off, meta_off, raw_len, tree_len
+FRAME_HEADER = struct.Struct("<4sHHIIQQQQQ8x")
 assert FRAME_HEADER.size == 64
 
 #: offset, nbytes, ndim, dtype_len, name_len, shape[8], dtype, name
@@ -48,9 +58,6 @@ MAX_NAME_BYTES = 64
 MAX_DTYPE_BYTES = 32
 #: a frame with more fields than this is treated as corrupt
 MAX_FIELDS = 4096
-#: numpy dtype kinds a field may have: bool, signed, unsigned, float, complex
-NUMERIC_KINDS = frozenset("biufc")
-
 EMPTY_META: dict = {}
 
 
@@ -58,25 +65,38 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
-def _check_dtype(dtype: np.dtype, name: str) -> np.dtype:
-    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-        raise TypeError(
-            f"field {name!r}: dtype {dtype} is not supported; use a numeric dtype "
-            f"(bool, int, uint, float, complex)"
-        )
-    return dtype
-
-
-def _as_array(name: str, value: Any) -> np.ndarray:
+def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name:
         raise TypeError(f"field names must be non-empty str, got {name!r}")
     if len(name.encode("utf-8")) > MAX_NAME_BYTES:
         raise ValueError(f"field name {name!r} is longer than {MAX_NAME_BYTES} UTF-8 bytes")
-    arr = np.asarray(value)
-    _check_dtype(arr.dtype, name)
+
+
+def _as_array(name: str, value: Any):
+    """The field's data as something with dtype/shape/nbytes (a numpy array or view,
+    a cupy array, or a run of arrays written back to back); no copy is made here."""
+    _check_name(name)
+    arr = value if isinstance(value, tree.Concat) else tree.leaf_array(value)
+    dtypes.check(arr.dtype, name)
     if arr.ndim > MAX_NDIM:
         raise ValueError(f"field {name!r} has {arr.ndim} dimensions; at most {MAX_NDIM} are supported")
     return arr
+
+
+def _write(dst: np.ndarray, arr) -> None:
+    """Copy ``arr`` into the slot view ``dst`` (same dtype and shape): one copy, no temporary."""
+    if isinstance(arr, np.ndarray):
+        np.copyto(dst, arr, casting="no")
+    elif isinstance(arr, tree.Concat):
+        pos = 0
+        for a in arr.arrays:
+            n = a.shape[0]
+            _write(dst[pos:pos + n], a)
+            pos += n
+    else:  # cupy: one device-to-host copy straight into the slot
+        import cupy
+
+        cupy.ascontiguousarray(arr).get(out=dst)
 
 
 def _encode_meta(meta: Mapping | None) -> bytes:
@@ -153,7 +173,7 @@ class FrameBuilder:
             raise TypeError("a raw-bytes frame has no named fields")
         self._check_new_field(name)
         off = self._alloc(arr.nbytes, f"field {name!r}")
-        np.copyto(self._view(off, arr.dtype, arr.shape), arr, casting="no")
+        _write(self._view(off, arr.dtype, arr.shape), arr)
         f = _Field(arr.dtype, arr.shape)
         f.rows = None
         f.chunks.append((off, arr.nbytes))
@@ -193,7 +213,7 @@ class FrameBuilder:
         else:
             off = self._alloc(arr.nbytes, f"field {name!r}")
             f.chunks.append((off, arr.nbytes))
-        np.copyto(self._view(off, arr.dtype, arr.shape), arr, casting="no")
+        _write(self._view(off, arr.dtype, arr.shape), arr)
         f.rows += arr.shape[0]
         self._last = name
 
@@ -211,8 +231,8 @@ class FrameBuilder:
         return self._cursor
 
     # -------------------------------------------------------------- finish --
-    def finish(self, meta: Mapping | None = None) -> int:
-        """Write the index (field table, metadata, header). Returns the frame length."""
+    def finish(self, meta: Mapping | None = None, *, layout: bytes = b"") -> int:
+        """Write the index (field table, metadata, layout tree, header). Returns the frame length."""
         meta_b = _encode_meta(meta)
         entries = []
         for name, f in self._fields.items():
@@ -229,22 +249,23 @@ class FrameBuilder:
             entries.append((name, f.dtype, shape, off, f.nbytes))
         table_off = _align(self._cursor)
         meta_off = table_off + FIELD_ENTRY.size * len(entries)
-        total = meta_off + len(meta_b)
+        total = meta_off + len(meta_b) + len(layout)
         if total > self._cap:
             raise PayloadTooLargeError(total, self._cap, "frame (data + index)")
         for i, (name, dtype, shape, off, nbytes) in enumerate(entries):
-            dt = dtype.str.encode("ascii")
+            dt = dtypes.encode_name(dtype).encode("ascii")
             nm = name.encode("utf-8")
             padded = tuple(shape) + (0,) * (MAX_NDIM - len(shape))
             FIELD_ENTRY.pack_into(
                 self._mv, table_off + i * FIELD_ENTRY.size,
                 off, nbytes, len(shape), len(dt), len(nm), *padded, dt, nm,
             )
-        self._mv[meta_off:total] = meta_b
+        self._mv[meta_off:meta_off + len(meta_b)] = meta_b
+        self._mv[meta_off + len(meta_b):total] = layout
         flags = FLAG_RAW if self._raw_len is not None else 0
         FRAME_HEADER.pack_into(
             self._mv, 0, FRAME_MAGIC, FRAME_VERSION, flags, len(entries), len(meta_b),
-            total, table_off, meta_off, self._raw_len or 0,
+            total, table_off, meta_off, self._raw_len or 0, len(layout),
         )
         return total
 
@@ -257,8 +278,14 @@ def encode_into(buf, payload: Any, meta: Mapping | None = None) -> int:
     """
     b = FrameBuilder(buf)
     if isinstance(payload, Mapping):
-        for name, value in payload.items():
+        if tree.is_flat(payload):
+            for name, value in payload.items():
+                b.set(name, value)
+            return b.finish(meta)
+        leaves, layout = tree.flatten(payload)
+        for name, value in zip(_field_names(leaves), (v for _, v in leaves)):
             b.set(name, value)
+        return b.finish(meta, layout=layout)
     elif isinstance(payload, (bytes, bytearray, memoryview)) or hasattr(payload, "__buffer__"):
         b.set_raw(payload)
     else:
@@ -273,13 +300,30 @@ def encode_into(buf, payload: Any, meta: Mapping | None = None) -> int:
     return b.finish(meta)
 
 
+def _field_names(leaves: list) -> list[str]:
+    """Key paths as field names; one that is too long or taken becomes ``#<index>``
+    (names are for people: the layout tree refers to fields by position)."""
+    names, seen = [], set()
+    for i, (path, _) in enumerate(leaves):
+        if len(path.encode("utf-8")) > MAX_NAME_BYTES or path in seen:
+            path = f"#{i}"
+        seen.add(path)
+        names.append(path)
+    return names
+
+
 def encoded_size(payload: Any, meta: Mapping | None = None) -> int:
     """Upper bound of the frame length of ``payload`` (exact for ``encode_into``)."""
     n = FRAME_HEADER.size
     if isinstance(payload, Mapping):
-        for name, v in payload.items():
+        layout = b""
+        items = list(payload.items())
+        if not tree.is_flat(payload):
+            items, layout = tree.flatten(payload)
+            items = list(zip(_field_names(items), (v for _, v in items)))
+        for name, v in items:
             n = _align(n) + _as_array(name, v).nbytes
-        n = _align(n) + FIELD_ENTRY.size * len(payload)
+        n = _align(n) + FIELD_ENTRY.size * len(items) + len(layout)
     else:
         n = _align(n) + memoryview(payload).nbytes
         n = _align(n)
@@ -290,33 +334,39 @@ def encoded_size(payload: Any, meta: Mapping | None = None) -> int:
 class FrameIndex:
     """The parsed, validated index of a frame (no views made yet)."""
 
-    __slots__ = ("total_len", "raw", "fields", "meta")
+    __slots__ = ("total_len", "raw", "fields", "meta", "layout")
 
-    def __init__(self, total_len, raw, fields, meta):
+    def __init__(self, total_len, raw, fields, meta, layout=b""):
         self.total_len = total_len
         self.raw = raw  # (offset, length) for a raw frame, else None
         self.fields = fields  # list of (name, dtype, shape, offset, nbytes)
         self.meta = meta
+        self.layout = layout  # the layout tree's JSON (b"" for a flat payload)
 
 
 def _fail(msg: str):
     raise FrameError(f"corrupt payload frame: {msg}")
 
 
-def parse_header(head) -> tuple[int, int, int, int, int, int, int]:
-    """Validate the 64-byte header; return (flags, n_fields, meta_len, total, table_off, meta_off, raw_len)."""
+def parse_header(head) -> tuple[int, int, int, int, int, int, int, int]:
+    """Validate the 64-byte header; return
+    (flags, n_fields, meta_len, total, table_off, meta_off, raw_len, tree_len)."""
     if len(head) < FRAME_HEADER.size:
         _fail(f"{len(head)} bytes is shorter than the {FRAME_HEADER.size}-byte header")
-    magic, version, flags, n, meta_len, total, table_off, meta_off, raw_len = FRAME_HEADER.unpack_from(head, 0)
+    magic, version, flags, n, meta_len, total, table_off, meta_off, raw_len, tree_len = \
+        FRAME_HEADER.unpack_from(head, 0)
     if magic != FRAME_MAGIC:
         _fail(f"bad magic {magic!r} (expected {FRAME_MAGIC!r}); not a payload frame")
-    if version != FRAME_VERSION:
-        _fail(f"frame version {version} is not supported (this build reads version {FRAME_VERSION})")
+    if version not in READ_VERSIONS:
+        _fail(f"frame version {version} is not supported (this build reads versions "
+              f"{', '.join(map(str, READ_VERSIONS))}); upgrade the reader")
+    if version == 1:
+        tree_len = 0  # bytes reserved in version 1
     if flags & ~FLAG_RAW:
         _fail(f"unknown flags 0x{flags:x}")
     if n > MAX_FIELDS:
         _fail(f"{n} fields exceeds the limit of {MAX_FIELDS}")
-    return flags, n, meta_len, total, table_off, meta_off, raw_len
+    return flags, n, meta_len, total, table_off, meta_off, raw_len, tree_len
 
 
 def parse_index(buf, length: int | None = None, *, tail=None) -> FrameIndex:
@@ -332,14 +382,14 @@ def parse_index(buf, length: int | None = None, *, tail=None) -> FrameIndex:
     size = len(mv) if length is None else length
     if tail is None and size > len(mv):
         _fail(f"declared length {size} exceeds the buffer ({len(mv)} bytes)")
-    flags, n, meta_len, total, table_off, meta_off, raw_len = parse_header(mv)
+    flags, n, meta_len, total, table_off, meta_off, raw_len, tree_len = parse_header(mv)
     if total > size:
         _fail(f"frame claims {total} bytes but only {size} are present (truncated?)")
     if total < FRAME_HEADER.size:
         _fail(f"frame length {total} is shorter than its header")
     if not (FRAME_HEADER.size <= table_off <= total) or table_off % ALIGN:
         _fail(f"field table offset {table_off} out of range or unaligned")
-    if meta_off != table_off + n * FIELD_ENTRY.size or meta_off + meta_len != total:
+    if meta_off != table_off + n * FIELD_ENTRY.size or meta_off + meta_len + tree_len != total:
         _fail("field table / metadata offsets are inconsistent with the frame length")
     if tail is None:
         tab, base = mv, 0
@@ -355,9 +405,13 @@ def parse_index(buf, length: int | None = None, *, tail=None) -> FrameIndex:
             _fail(f"metadata is not valid UTF-8 JSON ({exc})")
         if not isinstance(meta, dict):
             _fail("metadata is not a JSON object")
+    layout = b""
+    if tree_len:
+        lo = meta_off + meta_len - base
+        layout = bytes(tab[lo:lo + tree_len])
     if flags & FLAG_RAW:
-        if n:
-            _fail("a raw frame must not have fields")
+        if n or tree_len:
+            _fail("a raw frame must not have fields or a layout tree")
         if FRAME_HEADER.size + raw_len > table_off:
             _fail(f"raw length {raw_len} overruns the data area")
         return FrameIndex(total, (FRAME_HEADER.size, raw_len), None, meta)
@@ -372,7 +426,7 @@ def parse_index(buf, length: int | None = None, *, tail=None) -> FrameIndex:
         if len(_TABLES) >= _TABLES_MAX:
             _TABLES.clear()
         _TABLES[key] = fields
-    return FrameIndex(total, None, fields, meta)
+    return FrameIndex(total, None, fields, meta, layout)
 
 
 #: validated field tables: (table bytes, table offset) -> fields (bounded; cleared when full)
@@ -390,11 +444,11 @@ def _parse_fields(tab, start: int, n: int, table_off: int) -> tuple:
             _fail(f"field {i}: bad ndim/dtype/name lengths")
         try:
             name = nm_b[:nlen].decode("utf-8")
-            dtype = _dtype(dt_b[:dlen])
+            dtype = dtypes.decode_name(dt_b[:dlen])
         except (UnicodeDecodeError, TypeError, ValueError):
-            _fail(f"field {i}: undecodable name or dtype")
-        if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-            _fail(f"field {name!r}: dtype {dtype} is not a numeric dtype")
+            _fail(f"field {i}: undecodable name or dtype {bytes(dt_b[:dlen])!r}")
+        if not dtypes.is_supported(dtype):
+            _fail(f"field {name!r}: dtype {dtype} is not a field type")
         if name in seen:
             _fail(f"duplicate field name {name!r}")
         seen.add(name)
@@ -407,61 +461,56 @@ def _parse_fields(tab, start: int, n: int, table_off: int) -> tuple:
     return tuple(fields)
 
 
-_DTYPES: dict[bytes, np.dtype] = {}
-
-
-def _dtype(code: bytes) -> np.dtype:
-    dt = _DTYPES.get(code)
-    if dt is None:
-        dt = np.dtype(code.decode("ascii"))
-        if len(_DTYPES) < 1024:
-            _DTYPES[code] = dt
-    return dt
-
-
 def index_tail_range(head) -> tuple[int, int]:
     """(table_off, total_len) from a frame's 64-byte header: the byte range a
     device-memory receiver copies to host to parse the index."""
-    _, _, _, total, table_off, _, _ = parse_header(head)
+    _, _, _, total, table_off, _, _, _ = parse_header(head)
     return table_off, total
 
 
-def decode(buf, length: int | None = None, *, owner: Any = None, on_release=None,
-           readonly: bool = True) -> Payload:
+def decode(buf, length: int | None = None, *, on_gone=None, readonly: bool = True) -> Payload:
     """Decode a frame from host memory into a :class:`Payload` of zero-copy views.
 
     Raises :class:`FrameError` if anything in the frame is inconsistent with
-    the buffer. ``owner`` is kept alive by the payload; ``on_release`` is
-    called once when the payload is released.
+    the buffer. Every view is anchored (:mod:`shm.views`): ``on_gone`` runs
+    once, when the payload and every view taken from it are gone. A uint8
+    numpy array ``buf`` without ``on_gone`` is used as it is (a slice of an
+    anchored array is anchored already).
     """
-    mv = memoryview(buf).cast("B")
-    if readonly and not mv.readonly:
-        mv = mv.toreadonly()
-    idx = parse_index(mv, length)
-    if idx.raw is not None:
-        off, n = idx.raw
-        return Payload({}, idx.meta, idx.total_len, raw=mv[off : off + n], owner=(owner, buf),
-                       on_release=on_release)
-    fields = {}
-    for name, dtype, shape, off, nbytes in idx.fields:
-        if nbytes:
-            arr = np.frombuffer(mv, dtype=dtype, count=nbytes // dtype.itemsize, offset=off)
-        else:
-            arr = np.empty(0, dtype=dtype)
-            arr.flags.writeable = not readonly
-        fields[name] = arr.reshape(shape)
-    return Payload(fields, idx.meta, idx.total_len, owner=(owner, buf), on_release=on_release)
+    if isinstance(buf, np.ndarray) and on_gone is None:
+        u8 = buf if buf.dtype == np.uint8 and buf.ndim == 1 else buf.reshape(-1).view(np.uint8)
+        if readonly and u8.flags.writeable:
+            u8 = u8.view()
+            u8.flags.writeable = False
+    else:
+        u8, _ = anchored(buf, readonly=readonly, on_gone=on_gone)
+    return payload_from(parse_index(u8, length), u8)
 
 
-def decode_views(index: FrameIndex, data, *, owner: Any = None, on_release=None) -> Payload:
-    """Make views for a parsed ``index`` on ``data``, a 1-D uint8 array of any
-    array library with numpy-style slicing and ``.view`` (numpy, cupy, torch
-    via ``.view(dtype)``). Used for device-memory receive buffers."""
+def payload_from(index: FrameIndex, u8: np.ndarray) -> Payload:
+    """The payload of a parsed ``index`` over its frame bytes ``u8`` (a 1-D uint8 array)."""
     if index.raw is not None:
         off, n = index.raw
-        return Payload({}, index.meta, index.total_len, raw=data[off : off + n], owner=(owner, data),
-                       on_release=on_release)
-    fields = {}
-    for name, dtype, shape, off, nbytes in index.fields:
-        fields[name] = data[off : off + nbytes].view(dtype).reshape(shape)
-    return Payload(fields, index.meta, index.total_len, owner=(owner, data), on_release=on_release)
+        return Payload({}, index.meta, index.total_len, raw=memoryview(u8[off:off + n]))
+    arrays = [u8[off:off + nbytes].view(dtype).reshape(shape) for _, dtype, shape, off, nbytes in index.fields]
+    if index.layout:
+        fields = tree.rebuild(index.layout, arrays, _fail)
+    else:
+        fields = {f[0]: a for f, a in zip(index.fields, arrays)}
+    return Payload(fields, index.meta, index.total_len)
+
+
+def decode_views(index: FrameIndex, data, *, owner: Any = None) -> Payload:
+    """Make views for a parsed ``index`` on ``data``, a 1-D uint8 array of any
+    array library with numpy-style slicing and ``.view`` (numpy, cupy, torch
+    via ``.view(dtype)``). Used for device-memory receive buffers; ``owner`` is
+    kept alive by the payload (device views are not anchored: see docs/RING.md)."""
+    if index.raw is not None:
+        off, n = index.raw
+        return Payload({}, index.meta, index.total_len, raw=data[off : off + n], owner=(owner, data))
+    arrays = [data[off : off + nbytes].view(dtype).reshape(shape) for _, dtype, shape, off, nbytes in index.fields]
+    if index.layout:
+        fields = tree.rebuild(index.layout, arrays, _fail)
+    else:
+        fields = {f[0]: a for f, a in zip(index.fields, arrays)}
+    return Payload(fields, index.meta, index.total_len, owner=(owner, data))

@@ -1,82 +1,119 @@
-"""The decoded payload: a read-only mapping of field name -> array."""
+"""The decoded payload: a read-only mapping of field name -> value (zero-copy views)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import dtypes, tree
+from .errors import PayloadReleasedError
 
 
 class Payload(Mapping):
     """A decoded payload frame.
 
-    A read-only mapping of field name to array (zero-copy views into the
-    buffer the frame was decoded from), plus :attr:`meta` (the producer's
-    JSON-able dict) and :attr:`nbytes` (the frame's encoded length).  A payload
-    put as raw bytes has no fields; its bytes are :attr:`raw`, a read-only
+    A read-only mapping of field name to value: numpy arrays (zero-copy views
+    of the buffer the frame was decoded from; bfloat16/float8 as ml_dtypes),
+    and for structured payloads nested dicts and lists, :class:`~shm.tree.Ragged`
+    sequences, ``str``, ``bytes`` and JSON scalars. Plus :attr:`meta` (the
+    producer's JSON-able dict) and :attr:`nbytes` (the frame's encoded length).
+    A payload put as raw bytes has no fields; its bytes are :attr:`raw`, a
     memoryview.
 
-    The views are only as durable as the buffer under them: for a local lease
-    that is until the lease is acked or nacked; for a network fetch the
-    payload owns its receive buffer and returns it to the pool on
-    :meth:`release` (or when garbage collected).  Call :meth:`copy` to keep
-    data beyond that.
+    **View lifetime.** The views keep their memory: a ring slot or receive
+    buffer is reused only once no view of it is left (:mod:`shm.views`), so a
+    view never shows another payload's bytes, whatever happens to the lease.
+    :meth:`release` drops this object's references early (afterwards the
+    payload hands out nothing: :class:`~shm.errors.PayloadReleasedError`);
+    arrays you kept stay valid and keep their slot until they are gone.
+    :meth:`copy` gives owned arrays that hold no slot.
     """
 
-    __slots__ = ("_fields", "meta", "nbytes", "raw", "_owner", "_on_release", "__weakref__")
+    __slots__ = ("_fields", "meta", "nbytes", "_raw", "_owner", "__weakref__")
 
-    def __init__(
-        self,
-        fields: dict[str, Any],
-        meta: dict,
-        nbytes: int,
-        raw: memoryview | None = None,
-        owner: Any = None,
-        on_release: Callable[[], None] | None = None,
-    ):
+    def __init__(self, fields: dict[str, Any], meta: dict, nbytes: int, raw: memoryview | None = None,
+                 owner: Any = None):
         self._fields = fields
         self.meta = meta
         self.nbytes = nbytes
-        self.raw = raw
+        self._raw = raw
         self._owner = owner
-        self._on_release = on_release
+
+    def _live(self) -> dict:
+        f = self._fields
+        if f is None:
+            raise PayloadReleasedError("payload was released; keep the arrays you need, or copy() it first")
+        return f
 
     def __getitem__(self, name: str):
-        return self._fields[name]
+        return self._live()[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._fields)
+        return iter(self._live())
 
     def __len__(self) -> int:
-        return len(self._fields)
+        return len(self._live())
 
     def __repr__(self) -> str:
-        if self.raw is not None:
-            return f"Payload(raw={len(self.raw)} bytes, meta={self.meta!r})"
-        parts = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in self._fields.items())
+        if self._fields is None:
+            return f"Payload(released, meta={self.meta!r})"
+        if self._raw is not None:
+            return f"Payload(raw={len(self._raw)} bytes, meta={self.meta!r})"
+        parts = ", ".join(f"{k}: {_describe(v)}" for k, v in self._fields.items())
         return f"Payload({{{parts}}}, meta={self.meta!r}, nbytes={self.nbytes})"
 
     @property
+    def raw(self) -> memoryview | None:
+        """The bytes of a raw payload (None for a payload with fields)."""
+        self._live()
+        return self._raw
+
+    @property
     def is_raw(self) -> bool:
-        return self.raw is not None
+        return self._raw is not None
+
+    @property
+    def released(self) -> bool:
+        return self._fields is None
 
     def copy(self) -> "Payload":
         """Deep copy into fresh memory that outlives the source buffer."""
-        if self.raw is not None:
-            data = bytes(self.raw)
-            return Payload({}, dict(self.meta), self.nbytes, raw=memoryview(data))
-        return Payload({k: v.copy() for k, v in self._fields.items()}, dict(self.meta), self.nbytes)
+        fields = self._live()
+        if self._raw is not None:
+            return Payload({}, dict(self.meta), self.nbytes, raw=memoryview(bytes(self._raw)))
+        return Payload(tree.map_arrays(fields, np.copy), dict(self.meta), self.nbytes)
+
+    def as_dict(self, *, torch: bool = False, device: str | None = None) -> dict:
+        """The fields as a plain (nested) dict: numpy views, or with ``torch`` zero-copy
+        torch tensors (bf16/fp8 included; ``device="cuda"`` copies them to the GPU)."""
+        fields = self._live()
+        if not torch:
+            return dict(fields)
+        return tree.map_arrays(fields, lambda a: dtypes.to_torch(a, device))
+
+    def to_torch(self, device: str | None = None) -> dict:
+        """Shorthand for ``as_dict(torch=True, device=device)``."""
+        return self.as_dict(torch=True, device=device)
+
+    def with_values(self, fields: dict) -> "Payload":
+        """A payload with the same meta and memory but these values (e.g. torch tensors of its views)."""
+        return Payload(fields, self.meta, self.nbytes, raw=self._raw, owner=self._owner)
 
     def release(self) -> None:
-        """Give the underlying buffer back (idempotent). Views must not be used afterwards."""
-        cb, self._on_release = self._on_release, None
+        """Drop this payload's references to its memory (idempotent). The memory is
+        reused once no view of it is left; using the payload afterwards raises."""
+        self._fields = None
+        self._raw = None
         self._owner = None
-        if cb is not None:
-            cb()
 
-    def __del__(self):  # pragma: no cover - depends on GC timing
-        cb = getattr(self, "_on_release", None)
-        if cb is not None:
-            try:
-                cb()
-            except Exception:
-                pass
+
+def _describe(v) -> str:
+    if isinstance(v, np.ndarray) or hasattr(v, "shape") and hasattr(v, "dtype"):
+        return f"{v.dtype}{list(v.shape)}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_describe(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return f"list[{len(v)}]"
+    return repr(v) if not isinstance(v, (str, bytes)) or len(v) < 40 else f"{type(v).__name__}[{len(v)}]"

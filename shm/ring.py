@@ -14,6 +14,7 @@ import logging
 import stat
 import mmap
 import os
+import weakref
 import time
 from typing import Any, Mapping
 
@@ -30,7 +31,7 @@ from .errors import (
     SlotBusyError,
     StaleSlotError,
 )
-from .frame import FrameBuilder, decode, encode_into, encoded_size, parse_index
+from .frame import FrameBuilder, encode_into, encoded_size, parse_index, payload_from
 from .layout import (
     HEADER_BYTES,
     LOCK_TRANSITION,
@@ -48,6 +49,7 @@ from .layout import (
 from .payload import Payload
 from .ref import SlotRef, valid_ring_name
 from .state import DEAD, LOCK_TIMEOUT_S, READY, SlotState, SlotTable
+from .views import anchored
 
 log = logging.getLogger("shm.ring")
 
@@ -122,6 +124,8 @@ class RingBuffer:
         self._serving = False
         self._ring_id = bytes(h["ring_id"]).hex()
         self._ident = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+        #: leases whose payload views may be alive (their slots must outlive close())
+        self._viewed: "weakref.WeakSet[SlotLease]" = weakref.WeakSet()
 
     # ------------------------------------------------------------ creation --
     @classmethod
@@ -252,6 +256,12 @@ class RingBuffer:
         if self._closed:
             return
         self._closed = True
+        if any(lease.views_alive for lease in list(self._viewed)):
+            # a view of a payload of this ring is alive: its slot must stay ours (pinned)
+            # and mapped until that view is gone, so the mapping and the locks stay
+            log.info("ring %r closed while payload views are alive: their slots stay pinned until the views "
+                     "are gone (or this process exits)", self._name)
+            return
         self._table.forget_ownerships()
         self._table = None
         self._hdr = None
@@ -403,6 +413,7 @@ class RingBuffer:
         """
         self._check_open()
         t = self._table
+        t.apply_pending()
         if ref is not None:
             self._check_ref(ref)
         deadline = _deadline(timeout if ref is None else (timeout or 0), self.default_timeout)
@@ -441,6 +452,7 @@ class RingBuffer:
         ``max_nbytes``: nothing READY of at most that size; larger payloads stay
         READY). Stale/busy refs raise as in :meth:`claim`. Does not run recovery."""
         self._check_open()
+        self._table.apply_pending()
         if ref is not None:
             self._check_ref(ref)
         got = self._table.claim_ready(None if ref is None else ref.slot, None if ref is None else ref.generation,
@@ -538,6 +550,7 @@ class RingBuffer:
         return int(np.count_nonzero(self._table.state == READY))
 
     def state_counts(self) -> dict[str, int]:
+        self._table.apply_pending()
         counts = np.bincount(self._table.state, minlength=len(SlotState))
         return {s.name: int(counts[s]) for s in SlotState}
 
@@ -750,9 +763,12 @@ class SlotWriter:
 class SlotLease:
     """A READY payload held in READING by this process.
 
-    :attr:`payload` decodes lazily into zero-copy read-only views that are
-    valid until :meth:`ack` / :meth:`nack`. As a context manager the lease acks
-    on a clean exit and nacks on an exception.
+    :attr:`payload` decodes lazily into zero-copy read-only views. The views
+    never see another payload: :meth:`ack` commits the consumption at once (the
+    payload is never served again), but while any view of it is alive the slot
+    stays PINNED and is reused only once the last view is gone; a :meth:`nack`
+    with live views returns the payload to READY only then. As a context
+    manager the lease acks on a clean exit and nacks on an exception.
     """
 
     def __init__(self, ring: RingBuffer, slot: int, lease: int, generation: int, nbytes: int):
@@ -763,6 +779,8 @@ class SlotLease:
         self.nbytes = nbytes
         self._done = False
         self._payload: Payload | None = None
+        self._watch = None  # weak reference to the views' anchor, once decoded
+        self._decision: bool | None = None  # ack (True) / nack (False) waiting for the views
         #: set by ``nack(undecodable=True)`` when that moved the payload to DEAD
         self.dead_lettered = False
 
@@ -772,7 +790,8 @@ class SlotLease:
 
     @property
     def buffer(self) -> memoryview:
-        """The encoded frame, read-only, straight from shared memory."""
+        """The encoded frame, read-only, straight from shared memory (not anchored:
+        for senders; readers use :attr:`payload`)."""
         return self._ring.slot_buffer(self.slot, self.nbytes).toreadonly()
 
     def array(self, *, headroom: bool = False) -> np.ndarray:
@@ -784,40 +803,69 @@ class SlotLease:
     @property
     def payload(self) -> Payload:
         if self._done:
-            raise RingError("lease already finalised: its payload views are no longer valid")
+            raise RingError("lease already finalised: take the payload before ack/nack (views taken before "
+                            "stay valid)")
         if self._payload is None:
-            self._payload = decode(self.buffer, owner=self)
+            u8, self._watch = anchored(self._ring.slot_buffer(self.slot, self.nbytes), readonly=True,
+                                       on_gone=self._views_gone)
+            self._payload = payload_from(parse_index(u8), u8)
+            self._ring._viewed.add(self)
         return self._payload
+
+    @property
+    def views_alive(self) -> bool:
+        """Is any view of this lease's payload still referenced (the slot is kept for it)?"""
+        return self._watch is not None and self._watch() is not None
+
+    def _views_gone(self) -> None:
+        # garbage-collection callback: must not block
+        decision, table = self._decision, self._ring._table
+        if decision is not None and table is not None:
+            table.finalise_soon(self.slot, self._lease, decision)
+
+    def _finalise(self, ack: bool, lock_timeout: float, undecodable: bool = False) -> bool:
+        self._payload = None  # our own reference; the caller's views keep the slot
+        table = self._ring._table
+        if not self.views_alive:
+            if ack:
+                return table.ack(self.slot, self._lease, lock_timeout)
+            return table.nack(self.slot, self._lease, lock_timeout, undecodable)
+        done = table.ack(self.slot, self._lease, lock_timeout, pinned=True) if ack else True
+        self._decision = ack
+        if not self.views_alive:  # the last view went meanwhile: its callback saw no decision
+            table.finalise_soon(self.slot, self._lease, ack)
+        return done
 
     @property
     def finalised(self) -> bool:
         return self._done
 
     def ack(self, *, lock_timeout: float = LOCK_TIMEOUT_S) -> bool:
-        """Consume the payload (READING -> FREE). Returns False (and logs) if the
-        lease was already finalised or reclaimed. Raises :class:`SlotLockTimeoutError`
-        (lease kept: try again) if the slot's lock stays busy for ``lock_timeout`` s."""
+        """Consume the payload (READING -> FREE, or PINNED while views of it are
+        alive). Returns False (and logs) if the lease was already finalised or
+        reclaimed. Raises :class:`SlotLockTimeoutError` (lease kept: try again)
+        if the slot's lock stays busy for ``lock_timeout`` s."""
         if self._done:
             return False
-        if self._ring._closed:
+        if self._ring._table is None:
             self._done = True
             log.warning("ack of slot %d after its ring handle was closed: the slot is recovered to READY "
                         "(not consumed) when this process exits", self.slot)
             return False
-        done = self._ring._table.ack(self.slot, self._lease, lock_timeout)
+        done = self._finalise(True, lock_timeout)
         self._done = True
         return done
 
     def nack(self, *, undecodable: bool = False, lock_timeout: float = LOCK_TIMEOUT_S) -> bool:
-        """Give the payload back (READING -> READY). ``undecodable``: the reader
-        could not decode it; after DEAD_LETTER_AFTER such NACKs it goes to DEAD
-        (:attr:`dead_lettered`) so it never blocks other payloads."""
+        """Give the payload back (READING -> READY; while views of it are alive, once
+        they are gone). ``undecodable``: the reader could not decode it; after
+        DEAD_LETTER_AFTER such NACKs it goes to DEAD (:attr:`dead_lettered`)."""
         if self._done:
             return False
-        if self._ring._closed:
+        if self._ring._table is None:
             self._done = True
             return False
-        done = self._ring._table.nack(self.slot, self._lease, lock_timeout, undecodable)
+        done = self._finalise(False, lock_timeout, undecodable)
         self._done = True
         if done and undecodable:
             self.dead_lettered = self._ring._table.state[self.slot] == DEAD

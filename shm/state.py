@@ -4,9 +4,17 @@
 
     FREE --claim_free--> WRITING --publish (generation+1)--> READY
     READY --claim_ready--> READING --ack--> FREE
+    READING --ack while views of it are alive--> PINNED --last view gone / owner died--> FREE
     WRITING --abort / owner died--> FREE
     READING --nack / owner died--> READY
     READING --nack(undecodable) x DEAD_LETTER_AFTER--> DEAD --discard_dead--> FREE
+
+PINNED is a consumed payload whose memory is still viewed by its reader (see
+:mod:`shm.views`): never served again, never rewritten until the reader's last
+view is gone. A NACK while views are alive keeps the slot READING until then.
+Those late transitions come from a garbage-collection callback, which must not
+block: :meth:`SlotTable.finalise_soon` tries once and otherwise queues them for
+the next call on this table.
 
 Every transition of slot *i* runs under slot *i*'s *transition lock*: an OFD
 write lock on one byte of the segment (atomic across processes) taken while
@@ -29,6 +37,7 @@ clobber.
 
 from __future__ import annotations
 
+import collections
 import enum
 import fcntl
 import logging
@@ -51,9 +60,10 @@ class SlotState(enum.IntEnum):
     READY = 2
     READING = 3
     DEAD = 4  # failed to decode DEAD_LETTER_AFTER times: kept for inspection, never served
+    PINNED = 5  # consumed, but its reader still holds views of it: freed when they are gone
 
 
-FREE, WRITING, READY, READING, DEAD = (int(s) for s in SlotState)
+FREE, WRITING, READY, READING, DEAD, PINNED = (int(s) for s in SlotState)
 #: undecodable NACKs of one payload before it is moved to DEAD (so it never blocks others)
 DEAD_LETTER_AFTER = 3
 #: default bound of a finaliser's wait for its own slot's transition lock (seconds)
@@ -92,6 +102,8 @@ class SlotTable:
         self._ready_word = header["ready_futex"]
         self._free_word = header["free_futex"]
         self._pid = os.getpid()
+        # late finalisations (slot, lease, ack) from view callbacks, applied on the next call
+        self._soon: collections.deque = collections.deque()
 
     # ------------------------------------------------------------ locking --
     def _try_lock(self, slot: int) -> bool:
@@ -441,9 +453,70 @@ class SlotTable:
         self.state[slot] = READING
         return slot, lease, int(self.gen[slot]), int(self.nbytes[slot])
 
-    def ack(self, slot: int, lease: int, timeout: float = LOCK_TIMEOUT_S) -> bool:
-        """READING -> FREE (consumed). Logged no-op in any other state."""
+    def ack(self, slot: int, lease: int, timeout: float = LOCK_TIMEOUT_S, *, pinned: bool = False) -> bool:
+        """READING -> FREE (consumed); with ``pinned`` (views of it are alive) READING ->
+        PINNED, freed by :meth:`finalise_soon` once they are gone. Logged no-op in any other state."""
+        if pinned:
+            self._lock_or_raise(slot, timeout, "ack")
+            try:
+                if self.state[slot] != READING or self.lease[slot] != lease:
+                    log.warning("ack of slot %d ignored: state %s, lease %d (ours %d)", slot,
+                                SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
+                    return False
+                self.state[slot] = PINNED
+                self.ctrl["consumed"][slot] += 1
+            finally:
+                self._unlock(slot)
+            return True
         return self._finalise("ack", slot, lease, READING, FREE, timeout)
+
+    def finalise_soon(self, slot: int, lease: int, ack: bool) -> None:
+        """The last view of a leased slot is gone: PINNED -> FREE, or apply a finaliser
+        that waited for the views (READING -> FREE on ``ack``, else -> READY). Safe in a
+        garbage-collection callback: never blocks; queued for the next call if the
+        slot's lock (or this table's thread lock) is busy."""
+        if not self._apply_soon(slot, lease, ack):
+            self._soon.append((slot, lease, ack))
+
+    def _apply_soon(self, slot: int, lease: int, ack: bool) -> bool:
+        if not self._tlock.acquire(blocking=False):
+            return False
+        try:
+            try:
+                fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _sync.flock_bytes(fcntl.F_WRLCK, LOCK_SLOT_BASE + slot))
+            except OSError:
+                return False
+            try:
+                st = int(self.state[slot])
+                if self.lease[slot] != lease or st not in (PINNED, READING):
+                    return True  # recovered or finalised meanwhile: nothing left to do
+                to = FREE if st == PINNED or ack else READY
+                self.state[slot] = to
+                if st == READING and ack:
+                    self.ctrl["consumed"][slot] += 1
+                self.owner[slot] = 0
+                _OWNED.pop((*self._ident, slot), None)
+                _sync.lock_release(self._fd, LOCK_OWNER_BASE + slot)
+            finally:
+                fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _sync.flock_bytes(fcntl.F_UNLCK, LOCK_SLOT_BASE + slot))
+        finally:
+            self._tlock.release()
+        _sync.futex_wake(self.free_addr if to == FREE else self.ready_addr)
+        self._bump(self._free_word if to == FREE else self._ready_word)
+        return True
+
+    def apply_pending(self) -> None:
+        """Apply queued late finalisations (called at the start of ring operations)."""
+        if not self._soon:
+            return
+        for _ in range(len(self._soon)):
+            try:
+                item = self._soon.popleft()
+            except IndexError:
+                return
+            if not self._apply_soon(*item):
+                self._soon.append(item)
+                return
 
     def nack(self, slot: int, lease: int, timeout: float = LOCK_TIMEOUT_S, undecodable: bool = False) -> bool:
         """READING -> READY (payload kept, publish order kept). No-op otherwise.
@@ -473,16 +546,17 @@ class SlotTable:
         return _sync.lock_held_elsewhere(self._fd, LOCK_OWNER_BASE + slot)
 
     def recover(self) -> int:
-        """Reclaim slots whose owner died: WRITING -> FREE, READING -> READY.
-        Never waits: a slot whose lock is busy is looked at next time."""
+        """Reclaim slots whose owner died: WRITING -> FREE, READING -> READY,
+        PINNED -> FREE. Never waits: a slot whose lock is busy is looked at next time."""
+        self.apply_pending()
         freed = readied = 0
-        busy = np.flatnonzero((self.state == WRITING) | (self.state == READING))
+        busy = np.flatnonzero((self.state == WRITING) | (self.state == READING) | (self.state == PINNED))
         for slot in map(int, busy):
             if not self._try_lock(slot):
                 continue
             try:
                 st = int(self.state[slot])
-                if st not in (WRITING, READING) or self.owner_alive(slot):
+                if st not in (WRITING, READING, PINNED) or self.owner_alive(slot):
                     continue
                 pid = int(self.owner[slot])
                 if st == WRITING:
@@ -490,6 +564,11 @@ class SlotTable:
                     self.nbytes[slot] = 0
                     freed += 1
                     log.warning("recovered slot %d: writer pid %d died mid-write -> FREE", slot, pid)
+                elif st == PINNED:
+                    self.state[slot] = FREE
+                    freed += 1
+                    log.info("recovered slot %d: reader pid %d died holding views of a consumed payload -> FREE",
+                             slot, pid)
                 else:
                     self.state[slot] = READY
                     readied += 1

@@ -14,6 +14,9 @@ DTYPES = ["int8", "uint8", "int16", "int32", "int64", "uint64", "float16", "floa
           "complex64", "bool"]
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def checksum(payload) -> int:
     crc = 0
     for name in sorted(payload):

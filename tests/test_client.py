@@ -178,10 +178,14 @@ def test_local_fast_path_and_network_same_bytes(make_ring, ring_name, serve):
     with TransportClient() as c:
         local = c.fetch(r1)
         assert c.stats().get("local_fetches") == 1 and c.stats().get("connects", 0) == 0
-        assert ring.state_counts()["READING"] == 1  # held until released
-        a_local = local["a"].copy()
+        # consumed at hand-out, like a network fetch; the slot is kept (PINNED) while views live
+        assert ring.state_counts()["PINNED"] == 1 and ring.state_counts()["READING"] == 0
+        a_view = local["a"]
         local.release()
-        assert ring.state_counts()["READING"] == 0
+        assert ring.state_counts()["PINNED"] == 1  # a view is still alive: the slot is not reused
+        a_local = a_view.copy()
+        del a_view
+        assert ring.state_counts()["PINNED"] == 0 and ring.state_counts()["FREE"] == 7
     with TransportClient(local_fast_path=False) as c:
         net = c.fetch(r2)
         assert c.stats().get("local_fetches") is None and c.stats()["connects"] == 1

@@ -272,7 +272,7 @@ def test_create_refuses_existing_segment_and_attach_refuses_foreign(ring_name, t
     try:
         out = subprocess.run([sys.executable, "-m", "ucxx_transport", "serve", "--ring", ring_name, "--create",
                               "--host", "127.0.0.1"], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 2 and "already exists" in out.stderr and "--attach-existing" in out.stderr
+        assert out.returncode == 5 and "already exists" in out.stderr and "--attach-existing" in out.stderr  # RING
         os.chmod(path, 0o666)  # world-writable: anyone could have planted or may read it
         with pytest.raises(PermissionError, match="0666"):
             shm.RingBuffer.attach(ring_name)
@@ -328,11 +328,12 @@ def test_stream_close_gives_back_what_was_not_handed_out(make_ring, ring_name, s
         # let the fetcher run ahead (it fills its queue) before the consumer leaves
         helpers.wait_until(lambda: ring.state_counts()["READY"] <= 12 - 1 - 4, timeout=5)
         s.close()
+        first_i = int(first["i"][()])
         first.release()
         assert helpers.wait_until(lambda: ring.state_counts()["READY"] == 11, timeout=10), ring.state_counts()
         # what came back is fetchable again, by anyone
         rest = c.take(srv.address, n=11, wait=1.0) if mode == "take" else \
-            [r.payload for r in c.fetch_many([r for r in refs if r.key != refs[int(first["i"])].key])]
+            [r.payload for r in c.fetch_many([r for r in refs if r.key != refs[first_i].key])]
         assert len(rest) == 11 and all(helpers.checksum(p) == p.meta["crc"] for p in rest if p is not None)
 
 

@@ -49,7 +49,7 @@ def test_slot_data_is_page_aligned(make_ring):
 
 def test_legal_transitions(make_ring):
     r = make_ring(slots=2)
-    assert r.state_counts() == {"FREE": 2, "WRITING": 0, "READY": 0, "READING": 0, "DEAD": 0}
+    assert r.state_counts() == {"FREE": 2, "WRITING": 0, "READY": 0, "READING": 0, "DEAD": 0, "PINNED": 0}
     w = r.reserve()
     assert r.state_counts()["WRITING"] == 1
     w.set("x", np.ones(4))

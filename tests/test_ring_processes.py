@@ -45,7 +45,7 @@ def test_4_producers_2_consumers_exactly_once(make_ring, ring_name, spawn):
     assert len(ids) == len(set(ids)) == 4 * per, "every payload exactly once"
     keys = {(d["slot"], d["generation"]) for d in published}
     assert keys == {(s, g) for _, _, s, g in seen}
-    assert ring.state_counts() == {"FREE": 16, "WRITING": 0, "READY": 0, "READING": 0, "DEAD": 0}
+    assert ring.state_counts() == {"FREE": 16, "WRITING": 0, "READY": 0, "READING": 0, "DEAD": 0, "PINNED": 0}
     assert ring.stats()["published"] == ring.stats()["consumed"] == 4 * per
 
 

@@ -141,7 +141,7 @@ def test_malformed_requests_error_or_close_server_survives(make_ring, ring_name,
         r = c2.request(Request(Op.GET, 3, 0, 1, text="other-ring"))
         assert r.status == Status.BAD_REQUEST
     assert srv.proc.poll() is None
-    assert ring.state_counts() == {"FREE": 1, "WRITING": 0, "READY": 1, "READING": 0, "DEAD": 0}
+    assert ring.state_counts() == {"FREE": 1, "WRITING": 0, "READY": 1, "READING": 0, "DEAD": 0, "PINNED": 0}
 
 
 def test_huge_take_is_capped(make_ring, ring_name, serve):
@@ -239,7 +239,7 @@ def test_server_sigkilled_mid_send_restart_recovers(make_ring, ring_name, serve)
     finally:
         c.close()
     srv2 = serve(ring_name)  # restart on the same ring: recovery at start
-    assert ring.state_counts() == {"FREE": 1, "WRITING": 0, "READY": 3, "READING": 0, "DEAD": 0}
+    assert ring.state_counts() == {"FREE": 1, "WRITING": 0, "READY": 3, "READING": 0, "DEAD": 0, "PINNED": 0}
     from clients import TransportClient
 
     with TransportClient(local_fast_path=False) as client:
@@ -416,5 +416,5 @@ def test_second_server_on_same_ring_is_refused_clearly(make_ring, ring_name, ser
     serve(ring_name)
     out = subprocess.run([sys.executable, "-m", "ucxx_transport", "serve", "--ring", ring_name, "--host",
                           "127.0.0.1"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "already served by a live process" in out.stderr
+    assert out.returncode == 5 and "already served by a live process" in out.stderr  # ExitCode.RING
     assert "Traceback" not in out.stderr

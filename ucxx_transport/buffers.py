@@ -32,6 +32,9 @@ class BufferPool:
         self._free: dict[int, list] = collections.defaultdict(list)
         self._cached = 0
         self._lock = threading.Lock()
+        # buffers given back, not filed yet: put() runs in garbage-collection callbacks
+        # (when the last view of a payload goes), so it must not take a lock
+        self._returned: collections.deque = collections.deque()
         self.allocations = 0
         self.reuses = 0
         if device == "cuda":
@@ -52,6 +55,7 @@ class BufferPool:
         """A 1-D uint8 buffer of at least ``nbytes`` (its base, to give back with :meth:`put`)."""
         c = size_class(nbytes)
         with self._lock:
+            self._file_returned()
             lst = self._free.get(c)
             if lst:
                 self._cached -= c
@@ -60,13 +64,19 @@ class BufferPool:
         return self._alloc(c)
 
     def put(self, buf) -> None:
-        c = buf.nbytes
-        with self._lock:
+        """Give ``buf`` back (never blocks: safe in a garbage-collection callback)."""
+        self._returned.append(buf)
+
+    def _file_returned(self) -> None:
+        while self._returned:
+            buf = self._returned.popleft()
+            c = buf.nbytes
             if self._cached + c <= self.max_cached:
                 self._free[c].append(buf)
                 self._cached += c
 
     def clear(self) -> None:
         with self._lock:
+            self._returned.clear()
             self._free.clear()
             self._cached = 0

@@ -2,11 +2,18 @@
 
 Every knob also reads its ``UCXX_TRANSPORT_*`` environment variable; the
 help of each subcommand lists them with their defaults.
+
+An expected failure (bad flag, unreachable server, refused token, missing
+ring...) ends the command with one line on stderr,
+``ucxx-transport: error: <what happened>; <what to do>``, and an
+:class:`ExitCode`; only a bug shows a traceback (``--log-level DEBUG`` logs
+one for expected failures too).
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import logging
 import os
@@ -22,14 +29,106 @@ EPILOG_ENV = "Every option also reads an environment variable UCXX_TRANSPORT_<OP
              "the command line wins over the environment."
 
 
+class ExitCode(enum.IntEnum):
+    """Exit status of every command; documented in docs/OPERATIONS.md ("Exit codes")."""
+
+    OK = 0
+    #: an expected failure not listed below (a port in use, a missing optional package,
+    #: a busy server); ``doctor``: it found a problem
+    ERROR = 1
+    #: a bad flag, option value or environment variable (argparse's own code)
+    USAGE = 2
+    #: no server answered at the address: connection refused, timed out or lost; no address known
+    UNREACHABLE = 3
+    #: the server refused our token (or wants one)
+    AUTH = 4
+    #: the ring is missing, not ours, already exists (``--create``), or of another layout
+    RING = 5
+    #: interrupted (Ctrl-C)
+    INTERRUPTED = 130
+
+
+class CommandError(Exception):
+    """An expected failure with its exit code and what to do (``hint``; None when
+    the message already says it)."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.ERROR, hint: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.hint = hint
+
+
+def _expected_failures() -> tuple:
+    """The one table of expected failures: (exception types, exit code, what to do),
+    first match wins. Anything else is a bug and keeps its traceback."""
+    import shm
+    from clients.errors import (
+        AuthError,
+        CallTimeoutError,
+        ConnectionLostError,
+        NoAddressError,
+        TransientTransportError,
+        TransportError,
+    )
+
+    return (
+        (CommandError, None, None),  # carries its own code and hint
+        (ConfigError, ExitCode.USAGE, "see `ucxx-transport {cmd} --help`"),
+        (AuthError, ExitCode.AUTH,
+         "pass the token the server was started with: --token-file FILE (or UCXX_TRANSPORT_TOKEN_FILE)"),
+        ((ConnectionLostError, CallTimeoutError, NoAddressError), ExitCode.UNREACHABLE, _UNREACHABLE_HINT),
+        (TransientTransportError, ExitCode.ERROR, "the server is busy or restarting: try again"),
+        (TransportError, ExitCode.ERROR, "see the server's log (--log-level DEBUG)"),
+        (shm.RingLayoutError, ExitCode.RING, _RING_LAYOUT_HINT),
+        (shm.RingError, ExitCode.ERROR, None),
+        (ValueError, ExitCode.USAGE, "see `ucxx-transport {cmd} --help`"),
+        ((ImportError, OSError), ExitCode.ERROR, None),
+    )
+
+
+_UNREACHABLE_HINT = "check that `ucxx-transport serve` runs there, that the port is one it printed, and " \
+                    "that no firewall blocks it"
+_RING_LAYOUT_HINT = "serve it with the ucxx-transport version that made it, or remove /dev/shm/RING (if no " \
+                    "process uses it) and serve --create a new one"
+
+
+def _expected_types() -> tuple:
+    return tuple(t for types, _, _ in _expected_failures() for t in (types if isinstance(types, tuple) else (types,)))
+
+
+def describe_failure(exc: BaseException, cmd: str) -> tuple[ExitCode, str]:
+    """The exit code and the one stderr line for an expected failure."""
+    code, hint = ExitCode.ERROR, None
+    for types, c, h in _expected_failures():
+        if isinstance(exc, types):
+            code, hint = (exc.code, exc.hint) if isinstance(exc, CommandError) else (c, h)
+            break
+    what = " ".join(str(exc).split()) or type(exc).__name__
+    line = f"ucxx-transport: error: {what}"
+    if hint:
+        line += "; " + hint.replace("{cmd}", cmd)
+    return code, line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line error (argparse prints the usage first)."""
+
+    def error(self, message):
+        sys.stderr.write(f"ucxx-transport: error: {' '.join(message.split())}; see `{self.prog} --help`\n")
+        sys.exit(ExitCode.USAGE)
+
+
 def _add(p: argparse.ArgumentParser, name: str, **kw):
     k = KNOBS[name]
     p.add_argument(k.flag, dest=name, default=None, help=help_text(name), **kw)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-LOG_LEVEL_HELP = "one of DEBUG (logs every request), INFO, WARNING, ERROR, CRITICAL; before or after the " \
-                 "command [env UCXX_TRANSPORT_LOG_LEVEL; default INFO]"
+#: commands that print a result or one error line: their logs start at ERROR unless asked
+QUIET_COMMANDS = ("status", "doctor")
+LOG_LEVEL_HELP = "one of DEBUG (logs every request, and the traceback of an error), INFO, WARNING, ERROR, " \
+                 "CRITICAL; before or after the command [env UCXX_TRANSPORT_LOG_LEVEL; default INFO, ERROR for " \
+                 "status and doctor]"
 
 
 def _log_level(text: str) -> str:
@@ -49,15 +148,7 @@ def cmd_serve(a) -> int:
 
     from . import engine
 
-    token = None
-    tf = resolve("token_file", a.token_file)
-    if tf:
-        try:
-            token = open(tf, "rb").read().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --token-file {tf!r}: {exc}") from None
-        if not token:
-            raise ConfigError(f"--token-file {tf!r} is empty")
+    token = _read_token(resolve("token_file", a.token_file))
     # every flag and variable is validated before anything is created
     knobs = {name: resolve(name, getattr(a, name)) for name in (
         "slots", "slot_bytes", "on_full", "ports", "n_ports", "ack_timeout_s", "idle_timeout_s", "max_take",
@@ -70,12 +161,14 @@ def cmd_serve(a) -> int:
             ring = shm.RingBuffer.create(a.ring, slots=knobs["slots"], slot_bytes=knobs["slot_bytes"],
                                          on_full=knobs["on_full"])
         except FileExistsError:
-            raise FileExistsError(
-                f"ring {a.ring!r} already exists (/dev/shm/{a.ring}): --create only makes a new ring. Serve the "
-                f"existing one with --attach-existing (it must be yours, mode 0600), or remove it first "
-                f"if no process uses it") from None
+            raise CommandError(
+                f"ring {a.ring!r} already exists (/dev/shm/{a.ring}): --create only makes a new ring",
+                ExitCode.RING, "serve the existing one with --attach-existing (it must be yours, mode 0600), or "
+                "remove it first if no process uses it") from None
+        except (shm.RingError, OSError) as exc:
+            raise _ring_error(exc, a.ring) from exc
     else:
-        ring = shm.RingBuffer.attach(a.ring)
+        ring = _attach_ring(a.ring)
     try:
         return _serve(a, ring, token, knobs)
     finally:
@@ -84,7 +177,40 @@ def cmd_serve(a) -> int:
             shm.RingBuffer.unlink_name(a.ring)
 
 
+def _read_token(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise CommandError(f"cannot read --token-file {path!r}: {exc.strerror or exc}", ExitCode.USAGE,
+                           "check the path and its permissions (or UCXX_TRANSPORT_TOKEN_FILE)") from None
+    if not token:
+        raise CommandError(f"--token-file {path!r} is empty", ExitCode.USAGE, "put the server's token in it")
+    return token
+
+
+def _ring_error(exc: BaseException, name: str) -> CommandError:
+    import shm
+
+    # shm's own messages say what to do, except for a layout it cannot read
+    hint = _RING_LAYOUT_HINT.replace("RING", name) if isinstance(exc, shm.RingLayoutError) else None
+    return CommandError(str(exc), ExitCode.RING, hint)
+
+
+def _attach_ring(name: str):
+    import shm
+
+    try:
+        return shm.RingBuffer.attach(name)
+    except (shm.RingError, OSError) as exc:
+        raise _ring_error(exc, name) from exc
+
+
 def _serve(a, ring, token, knobs) -> int:
+    import shm
+
     from .server import TransportServer, is_loopback
 
     srv = TransportServer(ring, host=a.host, ports=knobs["ports"], n_ports=a.n_ports, token=token,
@@ -99,7 +225,10 @@ def _serve(a, ring, token, knobs) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    ports = srv.start()
+    try:
+        ports = srv.start()
+    except shm.RingError as exc:  # another live server owns the ring
+        raise _ring_error(exc, ring.name) from exc
     host, _ = srv.address
     if token is None:
         # ucxx's Python API binds listeners on every interface whatever --host says
@@ -115,7 +244,7 @@ def _serve(a, ring, token, knobs) -> int:
         while not stop.wait(0.5):
             if not srv.running:
                 log.error("server thread exited unexpectedly")
-                return 1
+                return ExitCode.ERROR
     finally:
         srv.stop()
     return 0
@@ -130,7 +259,11 @@ def _start_metrics(srv, port: int):
 
     reg = CollectorRegistry()
     reg.register(prometheus_collector(srv.snapshot))
-    start_http_server(port, registry=reg)
+    try:
+        start_http_server(port, registry=reg)
+    except OSError as exc:
+        raise CommandError(f"cannot serve metrics on port {port}: {exc.strerror or exc}", ExitCode.ERROR,
+                           "pick a free --metrics-port (or 0 for any)") from exc
     log.info("Prometheus metrics on :%d/metrics", port)
 
 
@@ -139,9 +272,7 @@ def cmd_status(a) -> int:
     if bool(a.ring) == bool(a.address):
         raise ConfigError("status needs exactly one of --ring NAME (local) or --address HOST:PORT (remote)")
     if a.ring:
-        import shm
-
-        with shm.RingBuffer.attach(a.ring) as ring:
+        with _attach_ring(a.ring) as ring:
             info = ring.stats()
             info["stuck_slots"] = ring.stuck_slots()
             addr = ring.server_address()
@@ -149,15 +280,21 @@ def cmd_status(a) -> int:
             info["slots_detail"] = ring.slot_info()
     else:
         host, _, port = a.address.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"--address must be HOST:PORT, got {a.address!r}")
         from clients.client import TransportClient
+        from clients.errors import CallTimeoutError, ConnectionLostError
 
-        token = None
-        if a.token_file:
-            token = open(a.token_file, "rb").read().strip()
-        with TransportClient(token=token, local_fast_path=False) as c:
-            info = c.server_stats((host, [int(port)]))
+        token = _read_token(resolve("token_file", a.token_file))
+        # a refused connection fails in milliseconds; a silent host at --timeout
+        with TransportClient(token=token, timeout=a.timeout, local_fast_path=False) as c:
+            try:
+                info = c.server_stats((host, [int(port)]))
+            except (ConnectionLostError, CallTimeoutError) as exc:
+                why = f"no answer within {c.timeout:g} s" if isinstance(exc, CallTimeoutError) else \
+                    "connection refused or lost"
+                raise CommandError(f"no ucxx-transport server answered at {host}:{port} ({why})",
+                                   ExitCode.UNREACHABLE, _UNREACHABLE_HINT) from exc
     if a.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -200,21 +337,22 @@ def cmd_doctor(a) -> int:
         print(json.dumps(report, indent=1))
     else:
         print(doctor.format_report(report))
-    return 0 if not report["problems"] else 1
+    return ExitCode.OK if not report["problems"] else ExitCode.ERROR
 
 
 # ------------------------------------------------------------------ main ----
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ucxx-transport",
         description="Zero-copy UCXX transport for RL rollout payloads: serve a shared-memory ring over UCX, "
                     "inspect it, benchmark it.",
         epilog="Quick start: ucxx-transport serve --ring rollouts --create --slots 64 --slot-bytes 64MiB\n"
-               "             ucxx-transport bench --quick\n" + EPILOG_ENV,
+               "             ucxx-transport bench --quick\n" + EPILOG_ENV + "\n"
+               "Exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode) +
+               " (docs/OPERATIONS.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--log-level", type=_log_level, default=os.environ.get("UCXX_TRANSPORT_LOG_LEVEL", "INFO"),
-                   help=LOG_LEVEL_HELP)
+    p.add_argument("--log-level", type=_log_level, default=None, help=LOG_LEVEL_HELP)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="serve a ring over UCX until SIGTERM/SIGINT",
@@ -238,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show a ring's slots (--ring) or a running server's metrics (--address)")
     st.add_argument("--ring", help="local ring name: slot states, generations, drops, owner pids")
     st.add_argument("--address", help="HOST:PORT of a running server: its metrics")
-    st.add_argument("--token-file", help="token for a server that requires one")
+    _add(st, "token_file")
+    _add(st, "timeout")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
     st.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP)
@@ -254,21 +393,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import shm
-
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        level = _log_level(a.log_level)
+        level = _log_level(a.log_level or os.environ.get("UCXX_TRANSPORT_LOG_LEVEL")
+                           or ("ERROR" if a.cmd in QUIET_COMMANDS else "INFO"))
     except argparse.ArgumentTypeError as exc:  # from the environment variable
         parser.error(f"UCXX_TRANSPORT_LOG_LEVEL: {exc}")
     _setup_logging(level)
     try:
         return int(a.func(a) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError, PermissionError, ValueError, ImportError, OSError,
-            shm.RingError) as exc:
-        print(f"ucxx-transport {a.cmd}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("ucxx-transport: error: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except _expected_types() as exc:
+        log.debug("%s failed", a.cmd, exc_info=exc)
+        code, line = describe_failure(exc, a.cmd)
+        print(line, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -11,6 +11,19 @@ Progress modes (``UCXX_TRANSPORT_PROGRESS_MODE``):
 Rules this module enforces: initialise once per process, never fork after
 (spawn children instead); teardown cancels in-flight requests, stops the
 progress driver and resets ucxx so interpreter exit never segfaults.
+
+Coexistence with the application's own ucxx use (ucxx has one context per
+process, ``ucxx.core._ctx``):
+
+* ucxx already initialised when we start (the application called
+  ``ucxx.init()`` or used ``ucxx.create_listener`` / ``create_endpoint``): we
+  share that context and run in *its* progress mode on our loop (our
+  ``adaptive`` driver would race the application's progress for completions);
+  our teardown never cancels its requests nor resets it.
+* we start first: the application's later ``ucxx.create_*`` calls share our
+  context; teardown leaves it alive while a loop of theirs still progresses it.
+  A later ``ucxx.init()`` is refused by ucxx itself ("UCX is already
+  initiated"): call it before the first client or server, or not at all.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 
 log = logging.getLogger("ucxx_transport.engine")
 
@@ -31,7 +45,13 @@ REFUSED_POLL_S = 0.005
 PROGRESS_MODES = ("adaptive", "thread", "thread-polling", "polling", "blocking")
 DEFAULT_PROGRESS_MODE = "adaptive"
 
-_state = {"mode": None, "pid": None, "driver": None}
+#: ``ctx``: the ucxx ApplicationContext in use; ``shared``: it was made by the application
+#: before us (we use its progress mode and never reset it); ``loops``: loops whose ucxx
+#: progress entry is ours (removed at teardown)
+_state = {"mode": None, "pid": None, "driver": None, "ctx": None, "shared": False, "loops": []}
+#: the context ucxx.init() made for us (weak): still ours if we find it again after a teardown
+#: that left it to the application
+_created: dict = {"ctx": None}
 _lock = threading.RLock()
 _loop_state = {"loop": None, "thread": None, "refs": 0}
 #: (request, keepalive) of requests abandoned outside the adaptive driver, kept until UCX is done
@@ -83,9 +103,15 @@ def resolve_mode(progress_mode: str | None) -> str:
 
 
 def init(progress_mode: str | None = None) -> str:
-    """Initialise ucxx in this process (idempotent for the same mode)."""
+    """Initialise ucxx in this process (idempotent for the same mode); returns the
+    progress mode in effect: the application's own when it initialised ucxx first."""
     with _lock:
         return _init_locked(resolve_mode(progress_mode))
+
+
+def _ucxx_mode(mode: str) -> str:
+    """The ucxx progress mode behind one of ours."""
+    return "polling" if mode == "adaptive" else mode
 
 
 def _init_locked(mode: str) -> str:
@@ -93,15 +119,53 @@ def _init_locked(mode: str) -> str:
         if _state["pid"] != os.getpid():
             raise RuntimeError("ucxx was initialised in a parent process and this one was forked; "
                                "start children with the 'spawn' method")
-        if _state["mode"] != mode:
+        if _state["mode"] != mode and not _state["shared"]:
             raise RuntimeError(f"ucxx already initialised in this process with progress mode "
                                f"{_state['mode']!r}, asked for {mode!r}; use one mode per process")
-        return mode
+        return _state["mode"]
     ucxx = _import_ucxx()
-    ucxx.init(progress_mode="polling" if mode == "adaptive" else mode)
-    _state.update(mode=mode, pid=os.getpid())
+    from ucxx._lib_async.application_context import ProgressTasks
+
+    existing = ucxx.core._ctx
+    mine = _created["ctx"]() if _created["ctx"] is not None else None
+    if existing is not None and not (existing is mine and existing.progress_mode == _ucxx_mode(mode)):
+        # the application initialised ucxx first: ucxx allows one context per process, so share it
+        eff = existing.progress_mode
+        log.info("ucxx is already initialised in this process (progress mode %r): sharing its context%s",
+                 eff, "" if eff == mode else f" and its progress mode instead of {mode!r}")
+        _state.update(mode=eff, pid=os.getpid(), ctx=existing, shared=True, loops=[])
+        return eff
+    loops = []
+    if existing is None:
+        ucxx.init(progress_mode=_ucxx_mode(mode))
+        existing = ucxx.core._ctx
+        _created["ctx"] = weakref.ref(existing)
+        loops = list(ProgressTasks)  # ucxx.init() attached progress to the running loop, or a fresh one
+    _state.update(mode=mode, pid=os.getpid(), ctx=existing, shared=False, loops=loops)
     log.debug("ucxx initialised, progress mode %s", mode)
     return mode
+
+
+def _context():
+    """The ucxx context we use (the application's when shared)."""
+    ctx = _state["ctx"]
+    if ctx is None:
+        return _import_ucxx().core._get_ctx()
+    return ctx
+
+
+class _SharedThreadProgress:
+    """Our loop's entry in ucxx's progress table when we share an application's context
+    in a ``thread`` mode: the worker's one progress thread already serves every loop.
+    (A ``ThreadMode`` of ours would stop that thread when it is collected.)"""
+
+    _tasks = ()
+
+    def __init__(self, loop):
+        self.event_loop = loop
+
+    def __hash__(self):
+        return hash(self.event_loop)
 
 
 def mode() -> str | None:
@@ -110,22 +174,28 @@ def mode() -> str | None:
 
 def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Make sure UCX progresses on ``loop`` (call from inside the loop)."""
-    ucxx = _import_ucxx()
-    loop = loop or asyncio.get_running_loop()
-    if _state["mode"] == "adaptive":
-        from ucxx._lib_async.application_context import ProgressTasks
+    from ucxx._lib_async.application_context import ProgressTasks
+    from ucxx._lib_async.continuous_ucx_progress import ThreadMode
 
+    loop = loop or asyncio.get_running_loop()
+    ctx = _context()
+    if loop not in _state["loops"] and loop not in ProgressTasks:
+        _state["loops"].append(loop)
+    if _state["mode"] == "adaptive":
         old = ProgressTasks.get(loop)
         if not isinstance(old, AdaptiveProgress):
             if old is not None:  # ucxx.init() attached its polling task to this loop: replace it
                 for t in old._tasks:
                     if t is not None:
                         t.cancel()
-            drv = AdaptiveProgress(ucxx.core._get_ctx().worker, loop)
+            drv = AdaptiveProgress(ctx.worker, loop)
             ProgressTasks[loop] = drv
             _state["driver"] = drv
+    elif _state["shared"] and _state["mode"].startswith("thread") and \
+            any(isinstance(t, ThreadMode) for t in ProgressTasks.values()):
+        ProgressTasks.setdefault(loop, _SharedThreadProgress(loop))
     else:
-        ucxx.core._get_ctx().continuous_ucx_progress(event_loop=loop)
+        ctx.continuous_ucx_progress(event_loop=loop)
 
 
 def progress_call_max_s() -> float | None:
@@ -226,14 +296,14 @@ async def connect(host: str, port: int, timeout: float):
     """
     import struct
 
-    ucxx = _import_ucxx()
+    _import_ucxx()
     from ucxx._lib import libucxx as ucx_api
     from ucxx._lib.arr import Array
     from ucxx._lib_async.endpoint import Endpoint
     from ucxx._lib_async.utils import hash64bits
 
     _prune_abandoned()
-    ctx = ucxx.core._get_ctx()
+    ctx = _context()
     ucx_ep = ucx_api.UCXEndpoint.create(ctx.worker, host, port, True)
     kick()
     fmt = "QQ"
@@ -302,26 +372,39 @@ def reset() -> None:
 
 
 def _reset_locked() -> None:
-    if True:
-        if _state["mode"] is None:
-            return
-        import gc
+    if _state["mode"] is None:
+        return
+    import gc
 
-        ucxx = _import_ucxx()
-        drv = _state["driver"]
-        if drv is not None:
-            drv.stop()
+    ucxx = _import_ucxx()
+    from ucxx._lib_async.application_context import ProgressTasks, clear_progress_tasks
+
+    drv = _state["driver"]
+    if drv is not None:
+        drv.stop()
+    # buffers of requests UCX may still complete: referenced until the worker is gone
+    pending = [item[2] for item in (drv._pending if drv is not None else ())]
+    pending += [keep for _, keep in _abandoned]
+    _abandoned.clear()
+    others = [lp for lp in ProgressTasks if lp not in _state["loops"] and not lp.is_closed()]
+    if _state["shared"] or others:
+        # the application's context (or ours, now progressed by the application's loops too):
+        # leave its requests and its progress alone; drop only our loops' progress entries
+        from ucxx._lib_async.continuous_ucx_progress import ThreadMode
+
+        for lp in _state["loops"]:
+            if not isinstance(ProgressTasks.get(lp), ThreadMode):  # collecting one stops the progress thread
+                ProgressTasks.pop(lp, None)
+        _orphaned.extend(pending)  # the worker outlives us: so must they
+        log.debug("ucxx context left running: %s", "the application's" if _state["shared"] else
+                  f"{len(others)} other event loop(s) use it")
+    else:
         try:
-            ucxx.core._get_ctx().worker.cancel_inflight_requests()
+            _context().worker.cancel_inflight_requests()
         except Exception as exc:  # pragma: no cover
             log.debug("cancel_inflight_requests: %s", exc)
-        from ucxx._lib_async.application_context import clear_progress_tasks
-
         clear_progress_tasks()
-        # buffers of requests UCX may still complete: referenced until the worker is gone
-        pending = [item[2] for item in (drv._pending if drv is not None else ())]
-        pending += [keep for _, keep in _abandoned]
-        _abandoned.clear()
+        _state["ctx"] = None  # ucxx.reset() refuses a context still referenced
         gc.collect()
         try:
             ucxx.reset()
@@ -331,7 +414,7 @@ def _reset_locked() -> None:
             # (e.g. an endpoint inside a caller-held exception traceback) frees it later.
             log.info("ucxx.reset(): context still referenced, freed when that reference goes (%s)",
                      str(exc).splitlines()[0][:200])
-        _state.update(mode=None, pid=None, driver=None)
+    _state.update(mode=None, pid=None, driver=None, ctx=None, shared=False, loops=[])
 
 
 # ------------------------------------------------------------ the UCX loop ---
@@ -360,7 +443,7 @@ def acquire(progress_mode: str | None = None) -> asyncio.AbstractEventLoop:
                 t.join(5)
                 raise
             _loop_state.update(loop=loop, thread=t)
-        elif _state["mode"] != mode:
+        elif _state["mode"] != mode and not _state["shared"]:
             raise RuntimeError(f"this process already runs UCX with progress mode {_state['mode']!r}; "
                                f"asked for {mode!r}: use one mode per process")
         _loop_state["refs"] += 1

@@ -1,0 +1,141 @@
+"""Element types a payload field may have, and how they are named in a frame.
+
+Every numeric numpy dtype (bool, int, uint, float, complex) is recorded by its
+``dtype.str`` (``"<f4"``). The machine-learning types numpy lacks -- bfloat16,
+the float8/float6/float4 family, int4/int2 -- come from ``ml_dtypes`` (the
+numpy extension JAX uses) and are recorded by *name* (``"bfloat16"``), so a
+reader without torch still gets a correct numpy array of the right type.
+
+Tensors of other libraries are converted here too, without copying data:
+torch CPU tensors (any dtype, non-contiguous, ``requires_grad``) become numpy
+views; :func:`to_torch` turns a numpy view back into a torch tensor sharing its
+memory (bf16/fp8 included). torch is imported only when a torch object is seen.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+#: numpy dtype kinds recorded by dtype.str: bool, signed, unsigned, float, complex
+NUMERIC_KINDS = frozenset("biufc")
+
+_ML_NAMES = (
+    "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e4m3b11fnuz",
+    "float8_e3m4", "float8_e4m3", "float8_e8m0fnu", "float6_e2m3fn", "float6_e3m2fn", "float4_e2m1fn",
+    "int4", "uint4", "int2", "uint2",
+)
+#: ml_dtypes types by the name a frame records (those this ml_dtypes version has)
+ML_DTYPES: dict[str, np.dtype] = {n: np.dtype(getattr(ml_dtypes, n)) for n in _ML_NAMES if hasattr(ml_dtypes, n)}
+_ML_BY_DTYPE = {dt: name for name, dt in ML_DTYPES.items()}
+
+#: torch dtype name -> the ml_dtypes name of the same bits (torch's own numpy() cannot export these)
+_TORCH_TO_ML = {
+    "bfloat16": "bfloat16", "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
+    "float8_e4m3fnuz": "float8_e4m3fnuz", "float8_e5m2fnuz": "float8_e5m2fnuz", "float8_e8m0fnu": "float8_e8m0fnu",
+}
+_SAME_WIDTH_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def is_supported(dtype: np.dtype) -> bool:
+    """Can a field hold elements of ``dtype``?"""
+    if dtype in _ML_BY_DTYPE:
+        return True
+    return dtype.kind in NUMERIC_KINDS and dtype.fields is None and dtype.subdtype is None
+
+
+def check(dtype: np.dtype, name: str) -> np.dtype:
+    """``dtype`` if a field may hold it, else a TypeError naming the field and what is accepted."""
+    if not is_supported(dtype):
+        raise TypeError(
+            f"field {name!r}: dtype {dtype} is not supported; use a numeric dtype (bool, int, uint, float, "
+            f"complex) or one of ml_dtypes' {', '.join(ML_DTYPES)}"
+        )
+    return dtype
+
+
+def encode_name(dtype: np.dtype) -> str:
+    """The name a frame records for ``dtype``."""
+    return _ML_BY_DTYPE.get(dtype) or dtype.str
+
+
+_DECODED: dict[bytes, np.dtype] = {}
+
+
+def decode_name(code: bytes) -> np.dtype:
+    """The dtype a frame's recorded name stands for (ValueError/TypeError if none)."""
+    dt = _DECODED.get(code)
+    if dt is None:
+        text = code.decode("ascii")
+        dt = ML_DTYPES.get(text)
+        if dt is None:
+            dt = np.dtype(text)
+            if dt.kind not in NUMERIC_KINDS:  # a bare "V2" or "O" is never a field type
+                raise TypeError(f"dtype {text!r} is not a field type")
+        if len(_DECODED) < 1024:
+            _DECODED[code] = dt
+    return dt
+
+
+# ------------------------------------------------------------------ torch --
+def is_torch(value: Any) -> bool:
+    return type(value).__module__.partition(".")[0] == "torch"
+
+
+def is_cupy(value: Any) -> bool:
+    return type(value).__module__.partition(".")[0] == "cupy"
+
+
+def torch_as_numpy(t) -> np.ndarray:
+    """A numpy view of CPU tensor ``t`` (no copy): detached, any strides, bf16/fp8 as
+    ml_dtypes. A CUDA tensor is copied to host once (use cupy for a copy straight
+    into the slot)."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg()
+    name = str(t.dtype).removeprefix("torch.")
+    ml = _TORCH_TO_ML.get(name)
+    if ml is not None:
+        if ml not in ML_DTYPES:
+            raise TypeError(f"torch dtype {t.dtype} needs a newer ml_dtypes (has {', '.join(ML_DTYPES)})")
+        dt = ML_DTYPES[ml]
+        same = getattr(torch, np.dtype(_SAME_WIDTH_INT[dt.itemsize]).name)
+        return t.view(same).numpy().view(dt)
+    try:
+        return t.numpy()
+    except TypeError as exc:
+        raise TypeError(f"torch dtype {t.dtype} cannot be stored in a payload: {exc}") from None
+
+
+def to_torch(arr: np.ndarray, device: str | None = None):
+    """A torch tensor sharing ``arr``'s memory (bf16/fp8 included); with ``device``
+    (e.g. "cuda") a copy on that device. A read-only view becomes a tensor that
+    must not be written to (torch has no read-only tensors)."""
+    import torch
+
+    if isinstance(arr, torch.Tensor):
+        return arr if device is None or device == "cpu" else arr.to(device)
+    ml = _ML_BY_DTYPE.get(arr.dtype)
+    if ml is not None:
+        tdt = getattr(torch, ml, None)
+        if tdt is None:
+            raise TypeError(f"torch has no {ml} dtype; read this field as numpy")
+        base = arr.view(_SAME_WIDTH_INT[arr.dtype.itemsize])
+    else:
+        tdt, base = None, arr
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(base)
+    if tdt is not None:
+        t = t.view(tdt)
+    if device is not None and device != "cpu":
+        t = t.to(device)
+    return t

@@ -1,0 +1,331 @@
+"""Payloads as RL frameworks have them (issue 10): every numeric dtype plus bf16/fp8,
+torch in and out, nested dicts and lists, ragged sequences, strings, scalars -- and
+views that can never show a recycled slot's bytes."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import shm
+from clients import TransportClient
+from shm import PayloadReleasedError, Ragged
+from shm.frame import FRAME_HEADER, decode, encode_into
+from tests import helpers
+
+pytestmark = pytest.mark.timeout(120)
+
+NUMERIC = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+           np.float16, np.float32, np.float64, np.complex64, np.complex128]
+ML = [ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, ml_dtypes.int4]
+DTYPES = [np.dtype(d) for d in NUMERIC + ML]
+
+
+# ----------------------------------------------------------- comparison --
+def assert_same(got, want, where="payload"):
+    """Structural equality; arrays compare dtype, shape and bytes (NaN payloads included)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and list(got) == list(want), (where, got, want)
+        for k in want:
+            assert_same(got[k], want[k], f"{where}/{k}")
+    elif isinstance(want, (list, tuple)) and not all(isinstance(x, str) for x in want):
+        assert isinstance(got, (list, Ragged)) and len(got) == len(want), (where, got, want)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}/{i}")
+    elif isinstance(want, Ragged):
+        assert_same(got, list(want), where)
+    elif isinstance(want, np.ndarray) or isinstance(want, np.generic):
+        want = np.asarray(want)
+        assert isinstance(got, np.ndarray), (where, type(got))
+        assert got.dtype == want.dtype and got.shape == want.shape, (where, got.dtype, got.shape, want.dtype,
+                                                                     want.shape)
+        assert got.tobytes() == np.ascontiguousarray(want).tobytes(), where
+    elif isinstance(want, float) and math.isnan(want):
+        assert isinstance(got, float) and math.isnan(got), where
+    else:
+        assert type(got) is type(want) and got == want, (where, got, want)
+
+
+# ----------------------------------------------------------- strategies --
+@st.composite
+def arrays(draw, dtype=None, min_ndim=0):
+    dt = draw(st.sampled_from(DTYPES)) if dtype is None else dtype
+    shape = tuple(draw(st.lists(st.integers(0, 4), min_size=min_ndim, max_size=3)))
+    n = math.prod(shape) * dt.itemsize
+    raw = draw(st.binary(min_size=n, max_size=n))
+    return np.frombuffer(raw, dt).reshape(shape).copy()
+
+
+@st.composite
+def ragged_lists(draw):
+    dt = draw(st.sampled_from(DTYPES))
+    tail = tuple(draw(st.lists(st.integers(1, 3), max_size=1)))
+    items = []
+    for _ in range(draw(st.integers(1, 4))):
+        n = draw(st.integers(0, 5))
+        raw = draw(st.binary(min_size=n * math.prod(tail) * dt.itemsize, max_size=n * math.prod(tail) * dt.itemsize))
+        items.append(np.frombuffer(raw, dt).reshape((n, *tail)).copy())
+    return items
+
+
+keys = st.text(min_size=1, max_size=8)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**62, 2**62), st.floats(allow_nan=True))
+leaves = st.one_of(arrays(), ragged_lists(), st.text(max_size=20), st.binary(max_size=20), scalars,
+                   st.lists(st.text(max_size=5), min_size=1, max_size=4))
+values = st.recursive(leaves, lambda inner: st.one_of(st.dictionaries(keys, inner, max_size=3),
+                                                      st.lists(inner, max_size=3)), max_leaves=8)
+payloads = st.dictionaries(keys, values, max_size=5)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payloads)
+def test_structured_round_trip_frame(p):
+    buf = bytearray(1 << 20)
+    n = encode_into(buf, p, meta={"k": 1})
+    got = decode(memoryview(buf)[:n])
+    assert got.meta == {"k": 1}
+    assert_same(dict(got), p)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(p=payloads)
+def test_structured_round_trip_put_claim(make_ring, p):
+    ring = getattr(test_structured_round_trip_put_claim, "ring", None)
+    if ring is None or ring._closed:
+        ring = test_structured_round_trip_put_claim.ring = make_ring(slots=2, slot_bytes=1 << 20)
+    ref = ring.put(p, timeout=5)
+    lease = ring.claim(ref, timeout=5)
+    got = dict(lease.payload)
+    lease.ack()
+    try:
+        assert_same(got, p)
+    finally:
+        del got
+        assert ring.state_counts()["FREE"] == 2
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+def test_every_dtype_flat_round_trip(dt):
+    a = np.frombuffer(np.random.default_rng(0).bytes(12 * dt.itemsize), dt).reshape(3, 4)
+    buf = bytearray(4096)
+    got = decode(memoryview(buf)[:encode_into(buf, {"x": a, "nc": a.T})])
+    assert_same(got["x"], a)
+    assert_same(got["nc"], a.T)  # non-contiguous input written correctly
+
+
+def test_what_a_payload_can_hold_reads_back_as_documented():
+    p = {
+        "tokens": np.arange(6, dtype=np.int32),
+        "obs": {"image": np.zeros((2, 2, 3), np.uint8), "depth": np.ones(4, ml_dtypes.bfloat16)},
+        "turns": [np.arange(3), np.arange(5), np.arange(0)],      # ragged -> Ragged
+        "texts": ["prompt", "réponse"],                           # list of str
+        "prompt": "hello", "blob": b"\x00\x01", "reward": 0.5, "done": True, "id": None,
+        "mixed": [np.arange(2), "x", 3],                          # a plain list
+    }
+    buf = bytearray(1 << 16)
+    got = decode(memoryview(buf)[:encode_into(buf, p)])
+    assert isinstance(got["turns"], Ragged) and [len(t) for t in got["turns"]] == [3, 5, 0]
+    assert got["turns"].offsets.tolist() == [0, 3, 8, 8]
+    assert got["turns"].padded(-1).tolist() == [[0, 1, 2, -1, -1], [0, 1, 2, 3, 4], [-1] * 5]
+    assert got["texts"] == ["prompt", "réponse"] and got["prompt"] == "hello" and got["blob"] == b"\x00\x01"
+    assert (got["reward"], got["done"], got["id"]) == (0.5, True, None)
+    assert got["obs"]["depth"].dtype == ml_dtypes.bfloat16
+    assert_same(got["mixed"], [np.arange(2), "x", 3])
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"x": object()}, "payload value at 'x' is a object"),
+    ({"x": {1: np.ones(2)}}, "keys must be non-empty str"),
+    ({"x": np.array(["a"], dtype=object)}, "dtype object is not supported"),
+    ({"x": [np.ones(2, np.float32), np.ones(2, np.int8)]}, None),  # not raggable: stored as a list
+])
+def test_unsupported_values_are_refused_clearly(make_ring, bad, msg):
+    ring = make_ring(slots=2)
+    if msg is None:
+        ref = ring.put(bad)
+        with ring.claim(ref) as lease:
+            assert isinstance(lease.payload["x"], list)
+        return
+    with pytest.raises(TypeError, match=msg):
+        ring.put(bad)
+    assert ring.state_counts()["FREE"] == 2  # nothing published, nothing leaked
+
+
+@pytest.mark.parametrize("meta", [[1, 2], {"x": object()}, "text"])
+def test_bad_meta_refused_at_put_nothing_published(make_ring, meta):
+    ring = make_ring(slots=2)
+    with pytest.raises(TypeError, match="meta must be"):
+        ring.put({"x": np.ones(2)}, meta=meta)
+    assert ring.state_counts()["FREE"] == 2
+
+
+def test_version_1_frames_still_decode_and_unknown_versions_fail_clearly():
+    buf = bytearray(4096)
+    n = encode_into(buf, {"x": np.arange(4, dtype=np.float32)}, meta={"a": 1})
+    v1 = bytearray(buf[:n])
+    v1[4:6] = (1).to_bytes(2, "little")  # a flat numpy payload is laid out as in version 1
+    got = decode(memoryview(v1))
+    assert got["x"].tolist() == [0, 1, 2, 3] and got.meta == {"a": 1}
+    v9 = bytearray(buf[:n])
+    v9[4:6] = (9).to_bytes(2, "little")
+    with pytest.raises(shm.FrameError, match="frame version 9 is not supported"):
+        decode(memoryview(v9))
+    assert FRAME_HEADER.size == 64
+
+
+# ----------------------------------------------------------------- torch --
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch", reason="torch is not installed (pip install 'ucxx-transport[torch]')")
+
+
+def test_torch_in_any_dtype_noncontiguous_requires_grad(make_ring, torch):
+    ring = make_ring(slots=2)
+    src = {
+        "logp": torch.randn(4, 6, dtype=torch.bfloat16).t(),         # non-contiguous bf16
+        "w": torch.randn(3, requires_grad=True),                      # requires_grad: detached
+        "fp8": torch.randn(5).to(torch.float8_e4m3fn),
+        "ids": torch.arange(10, dtype=torch.int64)[::2],
+        "turns": [torch.arange(3), torch.arange(2)],                  # ragged torch
+    }
+    ref = ring.put(src)
+    with ring.claim(ref) as lease:
+        p = lease.payload
+        assert p["logp"].dtype == ml_dtypes.bfloat16 and p["fp8"].dtype == ml_dtypes.float8_e4m3fn
+        t = p.to_torch()
+        assert t["logp"].dtype == torch.bfloat16 and torch.equal(t["logp"], src["logp"])
+        assert torch.equal(t["w"], src["w"].detach())
+        assert torch.equal(t["fp8"].view(torch.uint8), src["fp8"].view(torch.uint8))
+        assert torch.equal(t["ids"], src["ids"]) and torch.equal(t["turns"][1], torch.arange(2))
+        # zero-copy: the tensor's memory is the slot's
+        assert t["ids"].data_ptr() == p["ids"].ctypes.data
+
+
+def test_client_tensor_type_torch_over_the_network(make_ring, ring_name, serve, torch):
+    ring = make_ring(slots=8)
+    srv = serve(ring_name)
+    x = torch.randn(16, dtype=torch.bfloat16)
+    refs = [ring.put({"x": x, "n": {"ids": torch.arange(i + 1)}}) for i in range(4)]
+    with TransportClient(local_fast_path=False, tensor_type="torch", timeout=5) as c:
+        one = c.fetch(refs[0])
+        assert isinstance(one["x"], torch.Tensor) and one["x"].dtype == torch.bfloat16 and torch.equal(one["x"], x)
+        many = c.fetch_many(refs[1:3])
+        assert all(torch.equal(r.payload["n"]["ids"], torch.arange(i + 2)) for i, r in enumerate(many))
+        taken = c.take(srv.address, n=1, wait=1.0)
+        assert torch.equal(taken[0]["x"], x)
+    with pytest.raises(ValueError, match="tensor_type"):
+        TransportClient(tensor_type="jax")
+
+
+# ------------------------------------------------------- view lifetime ----
+PRODUCE_CONSUME = textwrap.dedent("""
+    import sys, numpy as np, shm
+    ring = shm.RingBuffer.attach(sys.argv[1])
+    pinned = int(sys.argv[2])
+    for i in range(int(sys.argv[3])):
+        ref = ring.put({"x": np.full(1024, 99, np.int64)}, timeout=5)
+        assert ref.slot != pinned, "a pinned slot was handed to a writer"
+        with ring.claim(ref, timeout=5) as lease:
+            assert int(lease.payload["x"][0]) == 99
+    print("ok")
+""")
+
+
+def test_view_kept_past_ack_never_sees_a_reused_slot(make_ring, ring_name):
+    ring = make_ring(slots=4, slot_bytes=1 << 16)
+    ref = ring.put({"x": np.arange(1024, dtype=np.int64)})
+    with ring.claim(ref) as lease:
+        view = lease.payload["x"]
+    assert ring.state_counts()["PINNED"] == 1  # consumed (never served again), memory kept
+    with pytest.raises(shm.StaleSlotError):
+        ring.claim(ref)
+    out = subprocess.run([sys.executable, "-c", PRODUCE_CONSUME, ring_name, str(ref.slot), "200"],
+                         capture_output=True, text=True, timeout=60, cwd=helpers.REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    np.testing.assert_array_equal(view, np.arange(1024))  # never [99 99 ...]
+    del view
+    assert ring.state_counts() == {**{s.name: 0 for s in shm.SlotState}, "FREE": 4}
+
+
+def test_release_then_use_raises_but_kept_views_stay_valid(make_ring):
+    ring = make_ring(slots=2)
+    ref = ring.put({"x": np.arange(8), "s": "text"})
+    lease = ring.claim(ref)
+    p = lease.payload
+    x = p["x"]
+    lease.ack()
+    p.release()
+    with pytest.raises(PayloadReleasedError):
+        p["x"]
+    with pytest.raises(PayloadReleasedError):
+        len(p)
+    assert x.tolist() == list(range(8)) and ring.state_counts()["PINNED"] == 1
+    del x
+    assert ring.state_counts()["FREE"] == 2
+
+
+def test_nack_with_live_views_returns_the_payload_only_when_they_are_gone(make_ring):
+    ring = make_ring(slots=2)
+    ref = ring.put({"x": np.arange(8)})
+    lease = ring.claim(ref)
+    view = lease.payload["x"]
+    lease.nack()
+    assert ring.state_counts()["READING"] == 1 and ring.try_claim() is None  # nobody can rewrite it yet
+    del view
+    assert ring.state_counts()["READY"] == 1
+    with ring.claim(ref) as again:
+        assert again.payload["x"].tolist() == list(range(8))
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time, shm
+    ring = shm.RingBuffer.attach(sys.argv[1])
+    lease = ring.claim(timeout=5)
+    view = lease.payload["x"]
+    lease.ack()
+    print("holding", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_process_killed_holding_views_frees_its_slots(make_ring, ring_name):
+    ring = make_ring(slots=2)
+    ring.put({"x": np.arange(8)})
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, ring_name], stdout=subprocess.PIPE, text=True,
+                            cwd=helpers.REPO)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        assert ring.state_counts()["PINNED"] == 1 and ring.recover() == 0  # alive: its slot is kept
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert ring.recover() == 1
+        assert ring.state_counts()["FREE"] == 2 and ring.stats()["consumed"] == 1  # consumed once, not redelivered
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("how", ["fetch", "fetch_many", "local"])
+def test_client_views_survive_release_and_buffer_or_slot_reuse(make_ring, ring_name, serve, how):
+    ring = make_ring(slots=4, slot_bytes=1 << 16)
+    serve(ring_name)
+    with TransportClient(local_fast_path=how == "local", timeout=5) as c:
+        first = ring.put({"x": np.arange(2048, dtype=np.int32)})
+        p = c.fetch(first) if how != "fetch_many" else c.fetch_many([first])[0].payload
+        view = p["x"]
+        p.release()
+        del p
+        for i in range(40):  # same size: the receive buffer (or the slot) would be reused
+            refs = [ring.put({"x": np.full(2048, 7, np.int32)}) for _ in range(2)]
+            got = c.fetch_many(refs) if how == "fetch_many" else [c.fetch(r) for r in refs]
+            del got
+        np.testing.assert_array_equal(view, np.arange(2048))
+        del view
+    assert helpers.wait_until(lambda: helpers.all_free(ring)), ring.state_counts()
