@@ -329,3 +329,17 @@ def test_client_views_survive_release_and_buffer_or_slot_reuse(make_ring, ring_n
         np.testing.assert_array_equal(view, np.arange(2048))
         del view
     assert helpers.wait_until(lambda: helpers.all_free(ring)), ring.state_counts()
+
+
+def test_last_view_dropped_while_the_ring_is_busy_is_applied_later(make_ring):
+    """The view callback may run inside the garbage collector, in the middle of a ring
+    call that holds the table's thread lock: it must not block, and must not be lost."""
+    ring = make_ring(slots=2)
+    ring.put({"x": np.arange(4)})
+    lease = ring.claim()
+    view = lease.payload["x"]
+    lease.ack()
+    assert ring.state_counts()["PINNED"] == 1
+    with ring._table._tlock:  # what a ring call interrupted by the collector would hold
+        del view  # the callback runs now: it must not deadlock
+    assert ring.state_counts()["PINNED"] == 0 and ring.state_counts()["FREE"] == 2  # applied on the next call
