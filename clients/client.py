@@ -40,6 +40,7 @@ from ucxx_transport import engine
 from ucxx_transport.config import resolve
 from ucxx_transport.metrics import Reservoir
 from ucxx_transport.protocol import (
+    FLAG_FIELDS,
     FLAG_ONE_MESSAGE,
     MAX_TAKE,
     RESPONSE,
@@ -61,6 +62,7 @@ from ucxx_transport.protocol import (
     one_message_layout,
     plan_batch,
     decode_response,
+    encode_fields,
     encode_request,
     ring_id_bytes,
     ring_id_hex,
@@ -313,10 +315,16 @@ class TransportClient:
                 raise
             raise InvalidRefError(str(exc)) from None
 
-    def fetch(self, ref: shm.SlotRef) -> shm.Payload:
+    def fetch(self, ref: shm.SlotRef, *, fields=None) -> shm.Payload:
         """Fetch one payload (local fast path when possible). Raises a
         :class:`TransportError` subclass when every attempt failed
-        (:class:`InvalidRefError` for a malformed ref, before any I/O)."""
+        (:class:`InvalidRefError` for a malformed ref, before any I/O).
+        ``fields``: only these top-level fields travel (see :meth:`fetch_many`)."""
+        if fields is not None:
+            r = self.fetch_many([ref], fields=fields)[0]
+            if r.error is not None:
+                raise r.error
+            return r.payload
         ref = self._checked(ref)
         local = self._fetch_local(ref)
         if local is not None:
@@ -343,29 +351,44 @@ class TransportClient:
                     r.payload = self.present(r.payload)
         return results
 
-    def fetch_many(self, refs: Sequence[shm.SlotRef]) -> list[FetchResult]:
+    def fetch_many(self, refs: Sequence[shm.SlotRef], *, fields=None) -> list[FetchResult]:
         """Fetch a batch; one result per ref, in order (payload or error). Never
         raises for one ref's sake: a malformed ref is its own result
-        (:class:`InvalidRefError`) and the rest of the batch is delivered."""
+        (:class:`InvalidRefError`) and the rest of the batch is delivered.
+
+        ``fields`` (a list of top-level field names): the server sends only those
+        fields of each payload (absent ones are skipped). The payload is still
+        consumed whole: what was not asked for is dropped with it (a payload is the
+        unit of exactly-once delivery; leaving part of it behind would let it be
+        consumed twice). Same-host refs are read in place and simply restricted;
+        with ``device="cuda"`` the whole payload travels and is restricted here."""
+        if fields is not None:
+            encode_fields(fields)  # a bad list fails here, before anything is claimed
         refs = list(refs)
         total = sum(getattr(r, "nbytes", 0) if isinstance(getattr(r, "nbytes", 0), int) else 0 for r in refs)
         waves = max(1, -(-len(refs) // self.max_inflight))
         budget = (self.call_budget() * waves + self._transfer_s(min(total, 1 << 50))) * self.max_rounds
-        return self._present_results(self._run(self._fetch_many, refs, budget=budget))
+        return self._present_results(self._run(self._fetch_many, refs, fields, budget=budget))
 
-    async def afetch_many(self, refs: Sequence[shm.SlotRef]) -> list[FetchResult]:
-        return self._present_results(await self._arun(self._fetch_many, list(refs)))
+    async def afetch_many(self, refs: Sequence[shm.SlotRef], *, fields=None) -> list[FetchResult]:
+        if fields is not None:
+            encode_fields(fields)
+        return self._present_results(await self._arun(self._fetch_many, list(refs), fields))
 
-    def take(self, address, n: int = 1, wait: float = 0.0) -> list[shm.Payload]:
+    def take(self, address, n: int = 1, wait: float = 0.0, *, fields=None) -> list[shm.Payload]:
         """The next ``n`` READY payloads of a server (publish order), waiting up
-        to ``wait`` seconds for the first (long-poll). ``address``: (host, ports) or a ref."""
+        to ``wait`` seconds for the first (long-poll). ``address``: (host, ports) or a ref.
+        ``fields``: only those top-level fields travel (see :meth:`fetch_many`)."""
         host, ports = self._address(address)
-        got = self._run(self._take, host, ports, n, wait, budget=self.call_budget() + wait + self._transfer_s(n << 24))
+        blob = None if fields is None else encode_fields(fields)
+        got = self._run(self._take, host, ports, n, wait, 0, blob,
+                        budget=self.call_budget() + wait + self._transfer_s(n << 24))
         return [self.present(p) for p in got]
 
-    async def atake(self, address, n: int = 1, wait: float = 0.0) -> list[shm.Payload]:
+    async def atake(self, address, n: int = 1, wait: float = 0.0, *, fields=None) -> list[shm.Payload]:
         host, ports = self._address(address)
-        return [self.present(p) for p in await self._arun(self._take, host, ports, n, wait)]
+        blob = None if fields is None else encode_fields(fields)
+        return [self.present(p) for p in await self._arun(self._take, host, ports, n, wait, 0, blob)]
 
     def server_stats(self, address) -> dict:
         host, ports = self._address(address)
@@ -694,23 +717,26 @@ class TransportClient:
     def _make_payload(self, base, view, nbytes: int, expected: int | None, where: str) -> shm.Payload:
         pool = self._buffers
         try:
-            if expected and nbytes != expected:
-                raise shm.FrameError(f"server sent {nbytes} bytes, the ref says {expected}")
-            if self.device == "cuda":
-                head = view[:64].get().tobytes()
-                table_off, total = index_tail_range(head)
-                if total != nbytes:
-                    raise shm.FrameError(f"frame length {total} != received {nbytes}")
-                tail = view[table_off:total].get().tobytes()
-                idx = parse_index(head, nbytes, tail=tail)
-                return decode_views(idx, view)  # device buffers are not pooled back (not anchored)
-            # the buffer goes back to the pool once no view of the payload is left
+            if (expected and nbytes != expected) or self.device == "cuda":
+                try:
+                    if expected and nbytes != expected:
+                        raise shm.FrameError(f"server sent {nbytes} bytes, the ref says {expected}")
+                    head = view[:64].get().tobytes()
+                    table_off, total = index_tail_range(head)
+                    if total != nbytes:
+                        raise shm.FrameError(f"frame length {total} != received {nbytes}")
+                    tail = view[table_off:total].get().tobytes()
+                    return decode_views(parse_index(head, nbytes, tail=tail), view)  # device buffers: not pooled
+                except shm.FrameError:
+                    pool.put(base)  # nothing views it
+                    raise
+            # the buffer goes back to the pool once no view of the payload is left (also when
+            # decoding fails: the anchor is made first, and its callback gives the buffer back once)
             p = decode(view, readonly=False, on_gone=lambda: pool.put(base))
             if p.nbytes != nbytes:
                 raise shm.FrameError(f"frame length {p.nbytes} != received {nbytes}")
             return p
         except shm.FrameError as exc:
-            pool.put(base)
             raise CorruptPayloadError(f"{where}: {exc}") from exc
 
     async def _get_once(self, ref: shm.SlotRef, host: str, port: int, hold: float = 0):
@@ -816,7 +842,7 @@ class TransportClient:
         assert last is not None
         raise last
 
-    async def _fetch_many(self, refs: list) -> list[FetchResult]:
+    async def _fetch_many(self, refs: list, fields=None) -> list[FetchResult]:
         """Layer 3: rounds; only retryable failures go to the next round. Refs of one
         server and ring travel as batches (GETV: one request, one entry table, small
         payloads coalesced, one ACK), several batches in flight at once."""
@@ -842,7 +868,8 @@ class TransportClient:
                 try:
                     local = await loop.run_in_executor(None, self._fetch_local, ref) \
                         if self._local_ring(ref) is not None else None
-                    put(i, local if local is not None else await self._fetch_ref(ref))
+                    got = local if local is not None else await self._fetch_ref(ref)
+                    put(i, got if fields is None else got.select(fields))
                 except Exception as exc:  # noqa: BLE001 - any failure is this ref's result; siblings go on
                     put(i, exc)
 
@@ -850,7 +877,7 @@ class TransportClient:
             async with sem:
                 try:
                     outs = await self._call(host, ports, lambda h, p: self._getv_once(
-                        [checked[i] for i in idxs], h, p), f"GETV {len(idxs)}")
+                        [checked[i] for i in idxs], h, p, fields), f"GETV {len(idxs)}")
                 except Exception as exc:  # noqa: BLE001 - the whole batch failed the same way
                     outs = [exc] * len(idxs)
                 for i, o in zip(idxs, outs):
@@ -954,8 +981,9 @@ class TransportClient:
         return resp, list(zip(t["status"].tolist(), t["slot"].tolist(), t["generation"].tolist(),
                               t["nbytes"].tolist()))
 
-    async def _getv_once(self, refs: list, host: str, port: int) -> list:
-        """GETV ``refs`` (one ring) from one port: per ref a Payload or an error."""
+    async def _getv_once(self, refs: list, host: str, port: int, fields=None) -> list:
+        """GETV ``refs`` (one ring) from one port: per ref a Payload or an error
+        (with ``fields``: projected by the server to those fields)."""
         n = len(refs)
         where = f"GETV {n} of {refs[0].ring} from {host}:{port}"
         if self.max_nbytes:
@@ -966,17 +994,20 @@ class TransportClient:
         sizes = [r.nbytes for r in refs]
         slots = [r.slot for r in refs]
         gens = [r.generation for r in refs]
-        one = sum(sizes) <= ONE_MESSAGE_MAX and self.device == "cpu"
+        blob = b"" if fields is None else encode_fields(fields)
+        one = sum(sizes) <= ONE_MESSAGE_MAX and self.device == "cpu" and not blob  # projected sizes are unknown
 
         async def body(pe):
             rid = next(self._ids)
             table = batch_array(n)
             table["slot"], table["generation"], table["nbytes"] = slots, gens, sizes
-            req = np.empty(REQUEST.size + batch_table_size(n), np.uint8)  # header + entry table: one message
+            end = REQUEST.size + batch_table_size(n)
+            req = np.empty(end + len(blob), np.uint8)  # header + entry table (+ field list): one message
             req[:REQUEST.size] = np.frombuffer(encode_request(Request(
-                Op.GETV, rid, n=n, text=refs[0].ring, ring_id=ring_id_bytes(refs[0].ring_id),
-                flags=FLAG_ONE_MESSAGE if one else 0)), np.uint8)
+                Op.GETV, rid, n=n, text=refs[0].ring, ring_id=ring_id_bytes(refs[0].ring_id), slot=len(blob),
+                flags=(FLAG_ONE_MESSAGE if one else 0) | (FLAG_FIELDS if blob else 0))), np.uint8)
             write_batch_array(table, req, REQUEST.size)
+            req[end:] = np.frombuffer(blob, np.uint8)
             if one:  # the whole answer is one message: receive it straight into one pooled buffer
                 offsets, size = one_message_layout(n, sizes)
                 base = self._buffers.get(size)
@@ -1007,7 +1038,7 @@ class TransportClient:
                 if (slot, gen) != (r.slot, r.generation):
                     raise ProtocolError(f"{where}: item {i} answers slot {slot}@{gen}, asked {r.slot}@{r.generation}")
                 if st == Status.OK:
-                    if nbytes != r.nbytes:
+                    if nbytes != r.nbytes and not blob:
                         raise ProtocolError(f"{where}: item {i} has {nbytes} bytes, the ref says {r.nbytes}")
                     ok.append((i, nbytes))
                 else:
@@ -1052,15 +1083,16 @@ class TransportClient:
         await engine.send(pe.ep, encode_request(req))
         pe.unconfirmed_ack = True
 
-    async def _takev_once(self, host: str, port: int, n: int, wait: float, hold: float = 0):
+    async def _takev_once(self, host: str, port: int, n: int, wait: float, hold: float = 0, fields_blob=None):
         """TAKEV from one port: the next READY payloads (or, with ``hold``, a HeldDelivery)."""
         where = f"TAKE {n} from {host}:{port}"
 
         async def body(pe):
             rid = next(self._ids)
-            await engine.send(pe.ep, encode_request(Request(Op.TAKEV, rid, n=n, wait_ms=int(wait * 1000),
-                                                    max_nbytes=self.max_nbytes, flags=FLAG_HOLD if hold else 0,
-                                                    hold_s=_hold_s(hold))))
+            req = encode_request(Request(Op.TAKEV, rid, n=n, wait_ms=int(wait * 1000), max_nbytes=self.max_nbytes,
+                                         flags=(FLAG_HOLD if hold else 0) | (FLAG_FIELDS if fields_blob else 0),
+                                         hold_s=_hold_s(hold), slot=len(fields_blob or b"")))
+            await engine.send(pe.ep, req + fields_blob if fields_blob else req)
             resp, entries = await self._recv_batch_head(pe, rid, n, where)
             if entries is None:
                 if resp.status == Status.EMPTY:
@@ -1102,7 +1134,7 @@ class TransportClient:
         except _Answered as a:
             raise a.error from None
 
-    async def _take(self, host: str, ports, n: int, wait: float, hold: float = 0):
+    async def _take(self, host: str, ports, n: int, wait: float, hold: float = 0, fields_blob=None):
         if not 1 <= n <= MAX_TAKE:
             raise ValueError(f"n must be in [1, {MAX_TAKE}], got {n}")
         if wait < 0:
@@ -1112,7 +1144,7 @@ class TransportClient:
             if attempt:
                 self._stats["retries"] += 1
             try:
-                got = await self._call(host, ports, lambda h, p: self._takev_once(h, p, n, wait, hold),
+                got = await self._call(host, ports, lambda h, p: self._takev_once(h, p, n, wait, hold, fields_blob),
                                        f"TAKE {n}")
                 self._stats["takes"] += 1
                 self._stats["bytes"] += sum(p.nbytes for p in (got.payloads if hold else got))

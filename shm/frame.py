@@ -514,3 +514,64 @@ def decode_views(index: FrameIndex, data, *, owner: Any = None) -> Payload:
     else:
         fields = {f[0]: a for f, a in zip(index.fields, arrays)}
     return Payload(fields, index.meta, index.total_len, owner=(owner, data))
+
+
+# ------------------------------------------------------------ projection ----
+def _projection(index: FrameIndex, names) -> tuple[list, bytes]:
+    """The fields (name, dtype, shape, offset, nbytes) and layout tree of ``index``'s
+    frame restricted to the top-level keys ``names`` (absent names are skipped)."""
+    wanted = set(names)
+    if not index.layout:
+        return [f for f in index.fields if f[0] in wanted], b""
+    import json
+
+    root = json.loads(index.layout.decode("utf-8"))["d"]
+    keep: list = []
+    renum: dict[int, int] = {}
+
+    def new(i: int) -> int:
+        if i not in renum:
+            renum[i] = len(keep)
+            keep.append(index.fields[i])
+        return renum[i]
+
+    def walk(t):
+        if "d" in t:
+            return {"d": {k: walk(x) for k, x in t["d"].items()}}
+        if "l" in t:
+            return {"l": [walk(x) for x in t["l"]]}
+        for kind in ("a", "s", "b"):
+            if kind in t:
+                return {kind: new(t[kind])}
+        for kind in ("r", "rs"):
+            if kind in t:
+                return {kind: [new(t[kind][0]), new(t[kind][1])]}
+        return t  # a scalar
+
+    tree_ = {"d": {k: walk(v) for k, v in root.items() if k in wanted}}
+    return keep, json.dumps(tree_, separators=(",", ":")).encode("utf-8")
+
+
+def projected_size(index: FrameIndex, names) -> int:
+    """Length of the frame :func:`project_into` writes (a raw frame is sent whole)."""
+    if index.raw is not None:
+        return index.total_len
+    fields, layout = _projection(index, names)
+    n = FRAME_HEADER.size
+    for f in fields:
+        n = _align(n) + f[4]
+    return _align(n) + FIELD_ENTRY.size * len(fields) + len(_encode_meta(index.meta)) + len(layout)
+
+
+def project_into(out, frame: np.ndarray, index: FrameIndex, names) -> int:
+    """Write into ``out`` the frame of ``frame`` (uint8, parsed as ``index``) with only
+    the top-level keys ``names``: one copy of the selected bytes. Returns its length."""
+    if index.raw is not None:
+        n = index.total_len
+        np.copyto(np.frombuffer(out, np.uint8, count=n), frame[:n])
+        return n
+    fields, layout = _projection(index, names)
+    b = FrameBuilder(out)
+    for name, dtype, shape, off, nbytes in fields:
+        b.set(name, frame[off:off + nbytes].view(dtype).reshape(shape))
+    return b.finish(index.meta, layout=layout)

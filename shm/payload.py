@@ -97,6 +97,11 @@ class Payload(Mapping):
         """Shorthand for ``as_dict(torch=True, device=device)``."""
         return self.as_dict(torch=True, device=device)
 
+    def select(self, names) -> "Payload":
+        """The same payload restricted to the top-level keys ``names`` (absent ones skipped)."""
+        fields = self._live()
+        return self.with_values({k: v for k, v in fields.items() if k in set(names)})
+
     def with_values(self, fields: dict) -> "Payload":
         """A payload with the same meta and memory but these values (e.g. torch tensors of its views)."""
         return Payload(fields, self.meta, self.nbytes, raw=self._raw, owner=self._owner)

@@ -202,6 +202,27 @@ MUTATIONS: list[Mutation] = [
         "FetchStream._give_back consumes what was never handed out",
     ),
     Mutation(
+        "ack-ignores-live-views", "shm/ring.py",
+        "        if not self.views_alive:\n            if ack:",
+        "        if True:\n            if ack:",
+        ("tests/test_payloads.py::test_view_kept_past_ack_never_sees_a_reused_slot",),
+        "an ack frees the slot while views of its payload are alive (they would show the next payload)",
+    ),
+    Mutation(
+        "pool-reuses-viewed-buffer", "clients/client.py",
+        "p = decode(view, readonly=False, on_gone=lambda: pool.put(base))",
+        "p = decode(view, readonly=False)\n            pool.put(base)",
+        ("tests/test_payloads.py::test_client_views_survive_release_and_buffer_or_slot_reuse",),
+        "a receive buffer goes back to the pool while views of its payload are alive",
+    ),
+    Mutation(
+        "projection-ignored", "ucxx_transport/server.py",
+        "        if fields is not None and held:",
+        "        if False:",
+        ("tests/test_payloads.py::test_field_selective_fetch_sends_only_those_fields_and_consumes_the_payload",),
+        "the server sends whole payloads when only some fields were asked for",
+    ),
+    Mutation(
         "frame-field-bounds-check-removed", "shm/frame.py",
         "if nbytes and (off % ALIGN or off < FRAME_HEADER.size or off + nbytes > table_off):",
         "if nbytes and (off % ALIGN or off < FRAME_HEADER.size):",

@@ -343,3 +343,39 @@ def test_last_view_dropped_while_the_ring_is_busy_is_applied_later(make_ring):
     with ring._table._tlock:  # what a ring call interrupted by the collector would hold
         del view  # the callback runs now: it must not deadlock
     assert ring.state_counts()["PINNED"] == 0 and ring.state_counts()["FREE"] == 2  # applied on the next call
+
+
+# ---------------------------------------------------- field-selective fetch --
+def test_field_selective_fetch_sends_only_those_fields_and_consumes_the_payload(make_ring, ring_name, serve):
+    ring = make_ring(slots=8, slot_bytes=2 << 20)
+    srv = serve(ring_name)
+    big = np.ones(1 << 20, np.uint8)
+    refs = [ring.put({"tokens": np.arange(i + 4), "image": big, "turns": [np.arange(2), np.arange(3)],
+                      "prompt": f"p{i}"}, meta={"i": i}) for i in range(4)]
+    with TransportClient(local_fast_path=False, timeout=5) as c:
+        before = c.server_stats(srv.address)["metrics"]["bytes_out"]
+        got = c.fetch_many(refs[:2], fields=["tokens", "turns", "missing"])
+        assert [sorted(r.payload) for r in got] == [["tokens", "turns"]] * 2
+        assert got[1].payload["tokens"].tolist() == list(range(5)) and got[1].payload.meta == {"i": 1}
+        assert [len(t) for t in got[0].payload["turns"]] == [2, 3]
+        one = c.fetch(refs[2], fields=["prompt"])
+        assert dict(one) == {"prompt": "p2"}
+        taken = c.take(srv.address, n=1, wait=1.0, fields=["tokens"])
+        assert list(taken[0]) == ["tokens"] and taken[0].meta == {"i": 3}
+        sent = c.server_stats(srv.address)["metrics"]["bytes_out"] - before
+        assert sent < 64 << 10, f"{sent} bytes sent: the 1 MiB fields travelled"
+        with pytest.raises(ValueError, match="fields must be"):
+            c.fetch_many(refs, fields=[])
+    # the whole payloads were consumed (rule: a projection consumes the payload)
+    assert helpers.wait_until(lambda: helpers.all_free(ring)), ring.state_counts()
+    with pytest.raises(shm.StaleSlotError):
+        ring.claim(refs[0])
+
+
+def test_field_selective_fetch_same_host_reads_in_place(make_ring, ring_name, serve):
+    ring = make_ring(slots=4)
+    serve(ring_name)
+    ref = ring.put({"a": np.arange(3), "b": np.zeros(4)})
+    with TransportClient(timeout=5) as c:
+        r = c.fetch_many([ref], fields=["b"])[0]
+        assert list(r.payload) == ["b"] and c.stats().get("local_fetches") == 1

@@ -11,6 +11,7 @@ truncated or stale buffer is detected, never misread. See docs/PROTOCOL.md.
 from __future__ import annotations
 
 import enum
+import json
 import struct
 import zlib
 from dataclasses import dataclass
@@ -50,6 +51,11 @@ MAX_HOLD_S = 3600
 #: ACK request flag (GETV/TAKEV): text holds one verdict per batch item: "A" consumed,
 #: "N" back to READY, "U" back to READY as undecodable (counts towards DEAD)
 FLAG_VERDICTS = 0x8
+#: GETV/TAKEV request flag: send only some top-level fields of each payload (a projection; the
+#: whole payload is still consumed by the ACK). The field list (UTF-8 JSON array of names,
+#: ``slot`` bytes long, at most MAX_FIELDS_BYTES) follows the entry table (GETV) or the header (TAKEV)
+FLAG_FIELDS = 0x10
+MAX_FIELDS_BYTES = 4096
 
 
 class Op(enum.IntEnum):
@@ -219,7 +225,31 @@ BATCH_DTYPE = np.dtype([("status", "u1"), ("_pad", "V3"), ("slot", "<u4"), ("gen
                         ("nbytes", "<u8")])
 assert BATCH_DTYPE.itemsize == 24
 #: a GETV request is one message: the request header, then its entry table
-GETV_MAX_BYTES = REQUEST.size + MAX_BATCH * BATCH_DTYPE.itemsize + 4
+GETV_MAX_BYTES = REQUEST.size + MAX_BATCH * BATCH_DTYPE.itemsize + 4 + MAX_FIELDS_BYTES
+
+
+def encode_fields(names) -> bytes:
+    """The field list of a FLAG_FIELDS request."""
+    names = list(names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"fields must be a non-empty list of field names, got {names!r:.200}")
+    blob = json.dumps(names, separators=(",", ":")).encode("utf-8")
+    if len(blob) > MAX_FIELDS_BYTES:
+        raise ValueError(f"the field list is {len(blob)} bytes encoded; at most {MAX_FIELDS_BYTES}")
+    return blob
+
+
+def decode_fields(buf, offset: int, length: int) -> frozenset:
+    """Parse a FLAG_FIELDS request's field list (ProtocolError if malformed)."""
+    if not 0 < length <= MAX_FIELDS_BYTES or offset + length > len(buf):
+        raise ProtocolError(f"field list of {length} bytes at {offset} is out of range")
+    try:
+        names = json.loads(bytes(buf[offset:offset + length]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"field list is not UTF-8 JSON: {exc}") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ProtocolError("field list must be a non-empty JSON array of names")
+    return frozenset(names)
 
 
 def batch_array(n: int) -> np.ndarray:

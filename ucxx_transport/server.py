@@ -39,6 +39,7 @@ import numpy as np
 import shm
 import shm.layout
 from shm import RingBuffer
+from shm.frame import parse_index, project_into, projected_size
 
 from . import engine
 from .buffers import BufferPool
@@ -58,6 +59,7 @@ from .protocol import (
     COALESCE_BELOW,
     FLAG_HOLD,
     FLAG_UNDECODABLE,
+    FLAG_FIELDS,
     FLAG_VERDICTS,
     MAX_BATCH,
     GETV_MAX_BYTES,
@@ -67,6 +69,7 @@ from .protocol import (
     write_batch_array,
     ONE_MESSAGE_MAX,
     one_message_layout,
+    decode_fields,
     plan_batch,
     MAX_HOLD_S,
     NO_RING_ID,
@@ -556,13 +559,16 @@ class TransportServer:
             return False
         try:
             table = read_batch_array(buf, n, REQUEST.size)
+            fields = decode_fields(buf, REQUEST.size + batch_table_size(n), req.slot) \
+                if req.flags & FLAG_FIELDS else None
         except ProtocolError as exc:
             self.metrics.count("GETV", "BAD_REQUEST")
             await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id, message=str(exc)))
             return False
         slots = table["slot"].astype(np.int64)
         if len(np.unique(slots)) != n or (req.flags & FLAG_ONE_MESSAGE
-                                           and int(table["nbytes"].sum()) > ONE_MESSAGE_MAX):
+                                           and (int(table["nbytes"].sum()) > ONE_MESSAGE_MAX
+                                                or fields is not None)):
             self.metrics.count("GETV", "BAD_REQUEST")
             await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id,
                                            message="a slot appears twice, or one message above its maximum"))
@@ -586,11 +592,17 @@ class TransportServer:
         for st in Status:
             if counts[st]:
                 self.metrics.requests[("GETV", st.name)] += int(counts[st])
-        return await self._answer_batch(ep, conn, req, table, batch)
+        return await self._answer_batch(ep, conn, req, table, batch, fields)
 
     async def _takev(self, ep, conn, req: Request, buf) -> bool:
         """TAKEV: like TAKE (oldest READY first, long-poll), answered in the batch format."""
         n = max(1, min(req.n or 1, self._max_take, MAX_BATCH))
+        try:
+            fields = decode_fields(buf, REQUEST.size, req.slot) if req.flags & FLAG_FIELDS else None
+        except ProtocolError as exc:
+            self.metrics.count("TAKEV", "BAD_REQUEST")
+            await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id, message=str(exc)))
+            return False
         batch = self.ring.claim_oldest_batch(n, req.max_nbytes)
         if not len(batch) and req.wait_ms:
             deadline = time.monotonic() + req.wait_ms / 1000.0
@@ -609,18 +621,28 @@ class TransportServer:
         table = batch_array(len(batch))
         table["status"] = Status.OK
         table["slot"], table["generation"], table["nbytes"] = batch.slots, batch.generations, batch.nbytes
-        return await self._answer_batch(ep, conn, req, table, batch)
+        return await self._answer_batch(ep, conn, req, table, batch, fields)
 
-    async def _answer_batch(self, ep, conn, req: Request, table: np.ndarray, batch) -> bool:
+    async def _answer_batch(self, ep, conn, req: Request, table: np.ndarray, batch, fields=None) -> bool:
         """Send the batch answer (header + entry table, then the payloads: with
         FLAG_ONE_MESSAGE all in that same message at the places the client expects,
         else as protocol.plan_batch lays them out: small ones coalesced through one
         staging copy, large ones straight from shared memory), then finalise every
-        lease by the client's ACK/NACK. ``batch``: the OK items, in table order."""
+        lease by the client's ACK/NACK. ``batch``: the OK items, in table order.
+        ``fields``: send each payload projected to those top-level fields (the table
+        then gives the projected sizes; every projection is one staging copy)."""
         m = self.metrics
         n = len(table)
         ok = np.flatnonzero(table["status"] == Status.OK)
         held = 0 if batch is None else len(batch)
+        indexes = None
+        if fields is not None and held:
+            try:
+                indexes = [parse_index(batch.frame(k)) for k in range(held)]
+                table["nbytes"][ok] = [projected_size(ix, fields) for ix in indexes]
+            except shm.FrameError as exc:  # validated at publish: only corruption after it gets here
+                log.warning("batch projection skipped, a frame does not parse (%s): payloads sent whole", exc)
+                indexes = None
         total = int(table["nbytes"][ok].sum())
         one = req.op == Op.GETV and req.flags & FLAG_ONE_MESSAGE
         staged = []  # pooled staging buffers: back to the pool once their send completed
@@ -645,13 +667,18 @@ class TransportServer:
                 sizes = table["nbytes"].tolist()
                 pos = {i: k for k, i in enumerate(ok.tolist())}  # table index -> batch item
                 for plan in plan_batch([(i, sizes[i]) for i in ok.tolist()]):
-                    if len(plan) == 1 and sizes[plan[0][0]] >= COALESCE_BELOW:
+                    if indexes is None and len(plan) == 1 and sizes[plan[0][0]] >= COALESCE_BELOW:
                         sends.append(engine.send(ep, batch.frame(pos[plan[0][0]])))  # zero-copy from the slot
                         continue
                     size = plan[-1][1] + sizes[plan[-1][0]]
                     staged.append(self._staging.get(size))
                     stage = staged[-1][:size]
-                    batch.copy_frames(stage, [off for _, off in plan], [pos[i] for i, _ in plan])
+                    if indexes is None:
+                        batch.copy_frames(stage, [off for _, off in plan], [pos[i] for i, _ in plan])
+                    else:
+                        for i, off in plan:
+                            k = pos[i]
+                            project_into(stage[off:off + sizes[i]], batch.frame(k), indexes[k], fields)
                     sends.append(engine.send(ep, stage))
             await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
             for b in staged:  # sent: UCX is done reading them (a failed send keeps its buffer out of the pool)
