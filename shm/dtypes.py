@@ -38,6 +38,9 @@ _TORCH_TO_ML = {
     "float8_e4m3fnuz": "float8_e4m3fnuz", "float8_e5m2fnuz": "float8_e5m2fnuz", "float8_e8m0fnu": "float8_e8m0fnu",
 }
 _SAME_WIDTH_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+#: torch dtype -> (torch int dtype of the same width, ml_dtypes dtype), or () for torch's own numpy types
+_TORCH_VIA: dict = {}
+_quiet_readonly = False
 
 
 def is_supported(dtype: np.dtype) -> bool:
@@ -100,15 +103,20 @@ def torch_as_numpy(t) -> np.ndarray:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.resolve_conj().resolve_neg()
-    name = str(t.dtype).removeprefix("torch.")
-    ml = _TORCH_TO_ML.get(name)
-    if ml is not None:
-        if ml not in ML_DTYPES:
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    via = _TORCH_VIA.get(t.dtype)
+    if via is None:
+        ml = _TORCH_TO_ML.get(str(t.dtype).removeprefix("torch."))
+        if ml is None:
+            via = _TORCH_VIA[t.dtype] = ()
+        elif ml not in ML_DTYPES:
             raise TypeError(f"torch dtype {t.dtype} needs a newer ml_dtypes (has {', '.join(ML_DTYPES)})")
-        dt = ML_DTYPES[ml]
-        same = getattr(torch, np.dtype(_SAME_WIDTH_INT[dt.itemsize]).name)
-        return t.view(same).numpy().view(dt)
+        else:
+            dt = ML_DTYPES[ml]
+            via = _TORCH_VIA[t.dtype] = (getattr(torch, np.dtype(_SAME_WIDTH_INT[dt.itemsize]).name), dt)
+    if via:
+        return t.view(via[0]).numpy().view(via[1])
     try:
         return t.numpy()
     except TypeError as exc:
@@ -131,9 +139,11 @@ def to_torch(arr: np.ndarray, device: str | None = None):
         base = arr.view(_SAME_WIDTH_INT[arr.dtype.itemsize])
     else:
         tdt, base = None, arr
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        t = torch.from_numpy(base)
+    global _quiet_readonly
+    if not _quiet_readonly:  # views of shared memory are read-only on purpose; torch has no such flag
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        _quiet_readonly = True
+    t = torch.from_numpy(base)
     if tdt is not None:
         t = t.view(tdt)
     if device is not None and device != "cpu":

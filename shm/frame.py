@@ -270,34 +270,50 @@ class FrameBuilder:
         return total
 
 
-def encode_into(buf, payload: Any, meta: Mapping | None = None) -> int:
-    """Encode ``payload`` (mapping name -> array, or bytes-like) into ``buf``.
+class Prepared:
+    """A payload made ready to encode (torch tensors viewed as numpy, structure
+    flattened) once, so that sizing it and writing it do not repeat the work."""
 
-    Returns the frame length. Raises :class:`PayloadTooLargeError` if it does
-    not fit, ``TypeError``/``ValueError`` for unsupported input.
-    """
-    b = FrameBuilder(buf)
+    __slots__ = ("items", "layout", "raw")
+
+    def __init__(self, items: list, layout: bytes = b"", raw: memoryview | None = None):
+        self.items = items  # (field name, array-like)
+        self.layout = layout
+        self.raw = raw
+
+
+def prepare(payload: Any) -> Prepared:
+    """Validate and normalise ``payload`` (mapping, or bytes-like) for :func:`encode_into`."""
+    if isinstance(payload, Prepared):
+        return payload
     if isinstance(payload, Mapping):
         if tree.is_flat(payload):
-            for name, value in payload.items():
-                b.set(name, value)
-            return b.finish(meta)
+            return Prepared([(name, _as_array(name, v)) for name, v in payload.items()])
         leaves, layout = tree.flatten(payload)
-        for name, value in zip(_field_names(leaves), (v for _, v in leaves)):
-            b.set(name, value)
-        return b.finish(meta, layout=layout)
-    elif isinstance(payload, (bytes, bytearray, memoryview)) or hasattr(payload, "__buffer__"):
-        b.set_raw(payload)
-    else:
-        try:
-            mv = memoryview(payload)
-        except TypeError:
-            raise TypeError(
-                f"payload must be a mapping of name -> numpy array or a bytes-like object, "
-                f"not {type(payload).__name__}"
-            ) from None
-        b.set_raw(mv)
-    return b.finish(meta)
+        names = _field_names(leaves)
+        return Prepared([(name, _as_array(name, v)) for name, (_, v) in zip(names, leaves)], layout)
+    try:
+        return Prepared([], raw=memoryview(payload).cast("B"))
+    except TypeError:
+        raise TypeError(
+            f"payload must be a mapping of name -> array (or a nested dict/list of arrays, str, scalars) or a "
+            f"bytes-like object, not {type(payload).__name__}"
+        ) from None
+
+
+def encode_into(buf, payload: Any, meta: Mapping | None = None) -> int:
+    """Encode ``payload`` (mapping name -> array, structured payload, bytes-like, or
+    :class:`Prepared`) into ``buf``. Returns the frame length. Raises
+    :class:`PayloadTooLargeError` if it does not fit, ``TypeError``/``ValueError``
+    for unsupported input."""
+    p = prepare(payload)
+    b = FrameBuilder(buf)
+    if p.raw is not None:
+        b.set_raw(p.raw)
+        return b.finish(meta)
+    for name, value in p.items:
+        b.set(name, value)
+    return b.finish(meta, layout=p.layout)
 
 
 def _field_names(leaves: list) -> list[str]:
@@ -314,20 +330,13 @@ def _field_names(leaves: list) -> list[str]:
 
 def encoded_size(payload: Any, meta: Mapping | None = None) -> int:
     """Upper bound of the frame length of ``payload`` (exact for ``encode_into``)."""
+    p = prepare(payload)
     n = FRAME_HEADER.size
-    if isinstance(payload, Mapping):
-        layout = b""
-        items = list(payload.items())
-        if not tree.is_flat(payload):
-            items, layout = tree.flatten(payload)
-            items = list(zip(_field_names(items), (v for _, v in items)))
-        for name, v in items:
-            n = _align(n) + _as_array(name, v).nbytes
-        n = _align(n) + FIELD_ENTRY.size * len(items) + len(layout)
-    else:
-        n = _align(n) + memoryview(payload).nbytes
-        n = _align(n)
-    return n + len(_encode_meta(meta))
+    if p.raw is not None:
+        return _align(_align(n) + p.raw.nbytes) + len(_encode_meta(meta))
+    for _, v in p.items:
+        n = _align(n) + v.nbytes
+    return _align(n) + FIELD_ENTRY.size * len(p.items) + len(p.layout) + len(_encode_meta(meta))
 
 
 # --------------------------------------------------------------- decode ----

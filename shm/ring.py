@@ -31,7 +31,7 @@ from .errors import (
     SlotBusyError,
     StaleSlotError,
 )
-from .frame import FrameBuilder, encode_into, encoded_size, parse_index, payload_from
+from .frame import FrameBuilder, encode_into, encoded_size, parse_index, payload_from, prepare
 from .layout import (
     HEADER_BYTES,
     LOCK_TRANSITION,
@@ -390,6 +390,7 @@ class RingBuffer:
         fit, :class:`RingFullError` on timeout; on any error nothing is published
         and the slot goes back to FREE.
         """
+        payload = prepare(payload)  # torch tensors viewed and structure flattened once
         need = encoded_size(payload, meta)
         if need > self._slot_bytes:
             raise PayloadTooLargeError(need, self._slot_bytes)
