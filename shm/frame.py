@@ -59,6 +59,7 @@ MAX_DTYPE_BYTES = 32
 #: a frame with more fields than this is treated as corrupt
 MAX_FIELDS = 4096
 EMPTY_META: dict = {}
+_U8 = np.dtype(np.uint8)  # builtin dtypes are singletons: ``is`` is a cheap exact test
 
 
 def _align(n: int) -> int:
@@ -387,7 +388,10 @@ def parse_index(buf, length: int | None = None, *, tail=None) -> FrameIndex:
     ``tail``: a host copy of bytes ``[table_off, total_len)`` (field table and
     metadata); see :func:`index_tail_range`.
     """
-    mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
+    if isinstance(buf, np.ndarray) and buf.dtype is _U8 and buf.ndim == 1:
+        mv = buf  # struct and slicing read a uint8 array directly (no memoryview round trip)
+    else:
+        mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
     size = len(mv) if length is None else length
     if tail is None and size > len(mv):
         _fail(f"declared length {size} exceeds the buffer ({len(mv)} bytes)")
@@ -487,7 +491,7 @@ def decode(buf, length: int | None = None, *, on_gone=None, readonly: bool = Tru
     anchored array is anchored already).
     """
     if isinstance(buf, np.ndarray) and on_gone is None:
-        u8 = buf if buf.dtype == np.uint8 and buf.ndim == 1 else buf.reshape(-1).view(np.uint8)
+        u8 = buf if buf.dtype is _U8 and buf.ndim == 1 else buf.reshape(-1).view(np.uint8)
         if readonly and u8.flags.writeable:
             u8 = u8.view()
             u8.flags.writeable = False
