@@ -131,6 +131,8 @@ def to_torch(arr: np.ndarray, device: str | None = None):
 
     if isinstance(arr, torch.Tensor):
         return arr if device is None or device == "cpu" else arr.to(device)
+    if not isinstance(arr, np.ndarray):  # device memory (cupy): shared through DLPack, no copy
+        return torch.from_dlpack(arr)
     ml = _ML_BY_DTYPE.get(arr.dtype)
     if ml is not None:
         tdt = getattr(torch, ml, None)
