@@ -75,6 +75,11 @@ class UCXXDataPackerMixin:
                 self.on_rollout_fetch_failed(r.ref, r.error)
         return out
 
+    def warm_up_ucxx_transport(self, *addresses) -> dict:
+        """Connect to the servers now (see :meth:`TransportClient.connect`) so the
+        first training step does not pay for the connections."""
+        return self.ucxx_client.connect(*addresses)
+
     def fetch_rollouts(self, refs) -> list:
         """Fetch ``refs`` now; returns the payloads that arrived, in order.
         Each failure goes to :meth:`on_rollout_fetch_failed`."""

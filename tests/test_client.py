@@ -11,6 +11,7 @@ import shm
 from clients import (
     AuthError,
     CallTimeoutError,
+    ConnectionLostError,
     FetchStream,
     StaleSlotError,
     TransportClient,
@@ -387,3 +388,24 @@ def test_closing_right_after_fetches_loses_no_ack(make_ring, ring_name, serve):
 
         stats = json.loads(conn.recv_bytes(r.nbytes).tobytes())
     assert stats["metrics"]["nacks"] == 0 and stats["metrics"]["acks"] == 144
+
+
+def test_connect_warms_up_every_port_so_the_first_fetch_does_not_connect(make_ring, ring_name, serve):
+    import socket
+
+    ring = make_ring(slots=4)
+    srv = serve(ring_name, "--n-ports", "2")
+    ref = ring.put({"x": np.arange(10)})
+    with TransportClient(local_fast_path=False, timeout=5) as c:
+        got = c.connect(srv.address)
+        assert sorted(p for _, p in got) == sorted(srv.ports) and all(rtt > 0 for rtt in got.values())
+        assert c.stats()["connects"] == 2
+        assert c.fetch(ref)["x"].tolist() == list(range(10))
+        assert c.stats()["connects"] == 2  # served on a warmed endpoint
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()
+    with TransportClient(timeout=2) as c:
+        with pytest.raises(ConnectionLostError, match="none of 1 port"):
+            c.connect(("127.0.0.1", dead))
