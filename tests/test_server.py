@@ -355,6 +355,12 @@ def test_prometheus_metrics_endpoint(make_ring, ring_name, serve):
     assert 'ucxx_transport_requests_total{op="GET",status="OK"} 1.0' in text
     assert 'ucxx_transport_slots{state="FREE"}' in text
     assert "ucxx_transport_loop_lag_seconds" in text and "ucxx_transport_bytes_out_total" in text
+    # bound to the serve host (loopback here), not to every interface
+    import psutil
+
+    bound = {c.laddr.ip for c in psutil.Process(srv.proc.pid).net_connections(kind="tcp")
+             if c.status == psutil.CONN_LISTEN and c.laddr.port == mport}
+    assert bound == {srv.host}, bound
 
 
 def test_doctor_reports_and_exits_zero():

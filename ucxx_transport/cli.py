@@ -152,7 +152,7 @@ def cmd_serve(a) -> int:
     # every flag and variable is validated before anything is created
     knobs = {name: resolve(name, getattr(a, name)) for name in (
         "slots", "slot_bytes", "on_full", "ports", "n_ports", "ack_timeout_s", "idle_timeout_s", "max_take",
-        "min_rate", "metrics_port")}
+        "min_rate", "metrics_port", "metrics_host")}
     engine.resolve_mode(resolve("progress_mode", a.progress_mode))
     if a.create and a.attach_existing:
         raise ConfigError("--create and --attach-existing exclude each other")
@@ -237,7 +237,7 @@ def _serve(a, ring, token, knobs) -> int:
                     ports, ring.name, "" if not is_loopback(host) else ", even with a loopback --host")
     try:
         if knobs["metrics_port"] is not None:
-            _start_metrics(srv, knobs["metrics_port"])
+            _start_metrics(srv, knobs["metrics_port"], knobs["metrics_host"] or host)
         sys.stdout.write(json.dumps({"ring": ring.name, "ring_id": ring.ring_id, "host": host, "ports": ports,
                                      "pid": os.getpid()}) + "\n")
         sys.stdout.flush()
@@ -250,7 +250,7 @@ def _serve(a, ring, token, knobs) -> int:
     return 0
 
 
-def _start_metrics(srv, port: int):
+def _start_metrics(srv, port: int, addr: str):
     try:
         from prometheus_client import CollectorRegistry, start_http_server
     except ImportError:
@@ -260,11 +260,11 @@ def _start_metrics(srv, port: int):
     reg = CollectorRegistry()
     reg.register(prometheus_collector(srv.snapshot))
     try:
-        start_http_server(port, registry=reg)
+        start_http_server(port, addr=addr, registry=reg)
     except OSError as exc:
-        raise CommandError(f"cannot serve metrics on port {port}: {exc.strerror or exc}", ExitCode.ERROR,
+        raise CommandError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}", ExitCode.ERROR,
                            "pick a free --metrics-port (or 0 for any)") from exc
-    log.info("Prometheus metrics on :%d/metrics", port)
+    log.info("Prometheus metrics on %s:%d/metrics", addr, port)
 
 
 # ----------------------------------------------------------------- status ---
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve an existing ring (the default without --create; it must be owned by you, mode 0600)")
     s.add_argument("--unlink-on-exit", action="store_true", help="remove the ring segment when the server exits")
     for name in ("slots", "slot_bytes", "on_full", "host", "ports", "n_ports", "token_file", "progress_mode",
-                 "metrics_port", "ack_timeout_s", "idle_timeout_s", "max_take", "min_rate"):
+                 "metrics_port", "metrics_host", "ack_timeout_s", "idle_timeout_s", "max_take", "min_rate"):
         _add(s, name)
     s.add_argument("--fault-silent-port", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     s.set_defaults(func=cmd_serve)

@@ -94,6 +94,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
          "returning the payload to READY"),
     Knob("idle_timeout_s", 120.0, _positive_duration, "seconds an idle endpoint is kept before eviction"),
     Knob("metrics_port", None, _int_range(0, 65535), "serve Prometheus metrics on this port (needs prometheus-client)"),
+    Knob("metrics_host", None, str, "address the metrics endpoint binds (default: the serve --host; 0.0.0.0 for "
+         "every interface)"),
     Knob("min_rate", 4 << 20, lambda t: _size_min(t, 1024), "bytes/s the slowest link is expected to sustain: "
          "a payload transfer's deadline is the base deadline + nbytes / min_rate (server ACK wait, client call)"),
     Knob("max_take", 64, _int_range(1, 256), "most payloads one TAKE request may return"),
