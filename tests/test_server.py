@@ -355,6 +355,9 @@ def test_prometheus_metrics_endpoint(make_ring, ring_name, serve):
     assert 'ucxx_transport_requests_total{op="GET",status="OK"} 1.0' in text
     assert 'ucxx_transport_slots{state="FREE"}' in text
     assert "ucxx_transport_loop_lag_seconds" in text and "ucxx_transport_bytes_out_total" in text
+    # latencies are histograms over fixed buckets (they add up across servers), not quantile gauges
+    assert 'ucxx_transport_handler_latency_seconds_bucket{le="+Inf"} 1.0' in text
+    assert 'ucxx_transport_handler_latency_seconds_bucket{le="0.001"}' in text and 'quantile="p99"' not in text
     # bound to the serve host (loopback here), not to every interface
     import psutil
 

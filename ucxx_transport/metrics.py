@@ -8,25 +8,46 @@ prometheus-client when it is installed.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import time
 
 import numpy as np
 
 
-class Reservoir:
-    """The last ``size`` samples, for percentiles (bounded memory)."""
+#: histogram bucket upper bounds (seconds) of latencies and loop lag: fixed, so that the
+#: histograms of many servers add up (Prometheus ``histogram_quantile`` over ``sum by (le)``)
+LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5, 5.0, 10.0)
 
-    def __init__(self, size: int = 4096):
+
+class Reservoir:
+    """The last ``size`` samples, for percentiles (bounded memory), and a histogram of
+    every sample over fixed buckets (aggregatable across servers)."""
+
+    def __init__(self, size: int = 4096, buckets: tuple = LATENCY_BUCKETS_S):
         self._buf = collections.deque(maxlen=size)
         self.count = 0
         self.max = 0.0
+        self.sum = 0.0
+        self.buckets = buckets
+        self._counts = [0] * (len(buckets) + 1)  # the last one: above every bound
 
     def add(self, v: float) -> None:
         self._buf.append(v)
         self.count += 1
+        self.sum += v
+        self._counts[bisect.bisect_left(self.buckets, v)] += 1
         if v > self.max:
             self.max = v
+
+    def histogram(self) -> dict:
+        """Cumulative counts per upper bound (Prometheus ``le``), plus sum and count."""
+        cum, out = 0, []
+        for le, n in zip(self.buckets, self._counts):
+            cum += n
+            out.append([le, cum])
+        return {"buckets": out, "sum": self.sum, "count": self.count}
 
     def percentiles(self) -> dict:
         if not self._buf:
@@ -80,12 +101,14 @@ class ServerMetrics:
             "dead_letters": self.dead_letters,
             "handler_latency_s": self.handler_latency.percentiles(),
             "loop_lag_s": self.loop_lag.percentiles(),
+            "handler_latency_hist": self.handler_latency.histogram(),
+            "loop_lag_hist": self.loop_lag.histogram(),
         }
 
 
 def prometheus_collector(snapshot_fn):
     """A prometheus-client collector exporting ``snapshot_fn()`` (server + ring)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     class Collector:
         def collect(self):
@@ -109,12 +132,11 @@ def prometheus_collector(snapshot_fn):
             yield slots
             yield CounterMetricFamily("ucxx_transport_drops", "payloads dropped (on_full=drop_oldest)",
                                       value=s["ring"]["drops"])
-            for key, label in [("handler_latency_s", "handler_latency_seconds"), ("loop_lag_s", "loop_lag_seconds")]:
-                g = GaugeMetricFamily(f"ucxx_transport_{label}", f"{label} percentiles", labels=["quantile"])
-                for q in ("p50", "p99", "max"):
-                    v = m[key][q]
-                    if v is not None:
-                        g.add_metric([q], v)
-                yield g
+            for key, label, help_ in [("handler_latency_hist", "handler_latency_seconds",
+                                       "request handling time, claim to ACK"),
+                                      ("loop_lag_hist", "loop_lag_seconds", "event-loop lag, sampled at 10 Hz")]:
+                h = m[key]
+                buckets = [(repr(float(le)), n) for le, n in h["buckets"]] + [("+Inf", h["count"])]
+                yield HistogramMetricFamily(f"ucxx_transport_{label}", help_, buckets=buckets, sum_value=h["sum"])
 
     return Collector()
