@@ -132,3 +132,27 @@ def test_exit_codes_are_documented():
     section = doc.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| (\d+) \| (\w+) \|", section, re.M))
     assert rows == {str(c.value): c.name.lower() for c in ExitCode}
+
+
+@pytest.mark.timeout(120)
+def test_log_format_json_writes_one_json_object_per_line(make_ring, ring_name):
+    import json
+    import signal
+
+    make_ring(slots=2)
+    p = subprocess.Popen([sys.executable, "-m", "ucxx_transport", "serve", "--ring", ring_name, "--host",
+                          "127.0.0.1", "--n-ports", "1", "--log-format", "json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(p.stdout.readline())["ring"] == ring_name
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines, "no log lines"
+    records = [json.loads(ln) for ln in lines]  # every line is a JSON object
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    assert any(r["message"].startswith("signal 15: stopping") for r in records)
+    bad, _ = cli("status", "--ring", ring_name, "--log-format", "yaml")
+    assert bad.returncode == ExitCode.USAGE and "invalid log format 'yaml'" in one_error_line(bad)

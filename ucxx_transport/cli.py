@@ -137,9 +137,27 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
-def _setup_logging(level: str):
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+LOG_FORMATS = ("text", "json")
+LOG_FORMAT_HELP = "text (default) or json: one JSON object per line with time, level, logger, message " \
+                  "(python-json-logger); before or after the command [env UCXX_TRANSPORT_LOG_FORMAT]"
+
+
+def _log_format(text: str) -> str:
+    if text.lower() not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(f"invalid log format {text!r}: use one of {', '.join(LOG_FORMATS)}")
+    return text.lower()
+
+
+def _setup_logging(level: str, fmt: str = "text"):
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                           rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 # ------------------------------------------------------------------ serve ---
@@ -353,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--log-level", type=_log_level, default=None, help=LOG_LEVEL_HELP)
+    p.add_argument("--log-format", type=_log_format, default=None, help=LOG_FORMAT_HELP)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="serve a ring over UCX until SIGTERM/SIGINT",
@@ -372,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fault-silent-port", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     s.set_defaults(func=cmd_serve)
     s.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP)
+    s.add_argument("--log-format", type=_log_format, default=argparse.SUPPRESS, help=LOG_FORMAT_HELP)
 
     st = sub.add_parser("status", help="show a ring's slots (--ring) or a running server's metrics (--address)")
     st.add_argument("--ring", help="local ring name: slot states, generations, drops, owner pids")
@@ -381,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
     st.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP)
+    st.add_argument("--log-format", type=_log_format, default=argparse.SUPPRESS, help=LOG_FORMAT_HELP)
 
     d = sub.add_parser("doctor", help="check UCX, transports, progress mode, /dev/shm and limits; say what to fix")
     d.add_argument("--json", action="store_true")
@@ -400,7 +421,11 @@ def main(argv=None) -> int:
                            or ("ERROR" if a.cmd in QUIET_COMMANDS else "INFO"))
     except argparse.ArgumentTypeError as exc:  # from the environment variable
         parser.error(f"UCXX_TRANSPORT_LOG_LEVEL: {exc}")
-    _setup_logging(level)
+    try:
+        fmt = _log_format(a.log_format or os.environ.get("UCXX_TRANSPORT_LOG_FORMAT") or "text")
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"UCXX_TRANSPORT_LOG_FORMAT: {exc}")
+    _setup_logging(level, fmt)
     try:
         return int(a.func(a) or 0)
     except KeyboardInterrupt:
