@@ -551,6 +551,8 @@ class RingBuffer:
         return int(np.count_nonzero(self._table.state == READY))
 
     def state_counts(self) -> dict[str, int]:
+        """Slots by state: FREE, WRITING, READY, READING, DEAD and PINNED (consumed, still
+        viewed by its reader; see docs/RING.md)."""
         self._table.apply_pending()
         counts = np.bincount(self._table.state, minlength=len(SlotState))
         return {s.name: int(counts[s]) for s in SlotState}
