@@ -422,12 +422,8 @@ class TransportClient:
 
     async def _connect_all(self, targets: list) -> dict:
         async def one(h, p):
-            async def body(pe):
-                t0 = time.perf_counter()
-                await self._request(pe, Request(Op.PING, next(self._ids)))
-                return time.perf_counter() - t0, True
             try:
-                return await self._with_endpoint(h, p, self.timeout, body, f"PING {h}:{p}")
+                return await self._ping_port(h, p)
             except Exception as exc:  # noqa: BLE001 - one port's failure is its own result
                 return exc
         outs = await asyncio.gather(*(one(h, p) for h, p in targets))
@@ -1203,15 +1199,16 @@ class TransportClient:
 
         return await self._call(host, ports, once, "STATS")
 
-    async def _ping(self, host: str, ports) -> float:
-        async def once(h, p):
-            async def body(pe):
-                t0 = time.perf_counter()
-                await self._request(pe, Request(Op.PING, next(self._ids)))
-                return time.perf_counter() - t0, True
-            return await self._with_endpoint(h, p, self.timeout, body, f"PING {h}:{p}")
+    async def _ping_port(self, h: str, p: int) -> float:
+        """Round trip (s) of one PING on a pooled endpoint to ``h:p`` (opened if needed)."""
+        async def body(pe):
+            t0 = time.perf_counter()
+            await self._request(pe, Request(Op.PING, next(self._ids)))
+            return time.perf_counter() - t0, True
+        return await self._with_endpoint(h, p, self.timeout, body, f"PING {h}:{p}")
 
-        return await self._call(host, ports, once, "PING")
+    async def _ping(self, host: str, ports) -> float:
+        return await self._call(host, ports, self._ping_port, "PING")
 
 
 #: ``body`` result flag: the endpoint stays with a HeldDelivery (no checkin, no abort)

@@ -505,12 +505,16 @@ def payload_from(index: FrameIndex, u8: np.ndarray) -> Payload:
     if index.raw is not None:
         off, n = index.raw
         return Payload({}, index.meta, index.total_len, raw=memoryview(u8[off:off + n]))
-    arrays = [u8[off:off + nbytes].view(dtype).reshape(shape) for _, dtype, shape, off, nbytes in index.fields]
+    return Payload(_values(index, u8), index.meta, index.total_len)
+
+
+def _values(index: FrameIndex, data) -> dict:
+    """The payload's top-level values: a view of ``data`` per field, rebuilt through the
+    layout tree when the frame has one."""
+    arrays = [data[off:off + nbytes].view(dtype).reshape(shape) for _, dtype, shape, off, nbytes in index.fields]
     if index.layout:
-        fields = tree.rebuild(index.layout, arrays, _fail)
-    else:
-        fields = {f[0]: a for f, a in zip(index.fields, arrays)}
-    return Payload(fields, index.meta, index.total_len)
+        return tree.rebuild(index.layout, arrays, _fail)
+    return {f[0]: a for f, a in zip(index.fields, arrays)}
 
 
 def decode_views(index: FrameIndex, data, *, owner: Any = None) -> Payload:
@@ -521,12 +525,7 @@ def decode_views(index: FrameIndex, data, *, owner: Any = None) -> Payload:
     if index.raw is not None:
         off, n = index.raw
         return Payload({}, index.meta, index.total_len, raw=data[off : off + n], owner=(owner, data))
-    arrays = [data[off : off + nbytes].view(dtype).reshape(shape) for _, dtype, shape, off, nbytes in index.fields]
-    if index.layout:
-        fields = tree.rebuild(index.layout, arrays, _fail)
-    else:
-        fields = {f[0]: a for f, a in zip(index.fields, arrays)}
-    return Payload(fields, index.meta, index.total_len, owner=(owner, data))
+    return Payload(_values(index, data), index.meta, index.total_len, owner=(owner, data))
 
 
 # ------------------------------------------------------------ projection ----

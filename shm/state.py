@@ -494,15 +494,12 @@ class SlotTable:
                 self.state[slot] = to
                 if st == READING and ack:
                     self.ctrl["consumed"][slot] += 1
-                self.owner[slot] = 0
-                _OWNED.pop((*self._ident, slot), None)
-                _sync.lock_release(self._fd, LOCK_OWNER_BASE + slot)
+                self._drop_ownership(slot)
             finally:
                 fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _sync.flock_bytes(fcntl.F_UNLCK, LOCK_SLOT_BASE + slot))
         finally:
             self._tlock.release()
-        _sync.futex_wake(self.free_addr if to == FREE else self.ready_addr)
-        self._bump(self._free_word if to == FREE else self._ready_word)
+        self.signal_free() if to == FREE else self.signal_ready()
         return True
 
     def apply_pending(self) -> None:
