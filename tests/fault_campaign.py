@@ -148,16 +148,22 @@ def _consume(ring_name: str, workdir: str, client: str, mode: str) -> None:
 
 
 def _new_refs(workdir: str, offsets: dict) -> list:
+    """Refs from the complete lines producers appended since the last call.
+
+    A producer may be mid-write while we read: only bytes up to the last newline count, and the
+    offset stays there, so a line read half-written is read whole next time (never from its middle).
+    """
     import shm
 
     out = []
     for path in glob.glob(os.path.join(workdir, "pub-*.log")):
-        with open(path) as f:
+        with open(path, "rb") as f:
             f.seek(offsets.get(path, 0))
-            for line in f:
-                if line.endswith("\n"):
-                    out.append(shm.SlotRef.from_dict(json.loads(line)["ref"]))
-            offsets[path] = f.tell()
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        offsets[path] = offsets.get(path, 0) + len(complete)
+        for line in complete.splitlines():
+            out.append(shm.SlotRef.from_dict(json.loads(line)["ref"]))
     return out
 
 
