@@ -172,16 +172,22 @@ class TransportClient:
     ``callable(ref) -> (host, ports) | None`` for refs without a usable address
     (published while no server ran, or before a server restart on new ports);
     the ring's own header is consulted first when the ring is on this host.
+    ``tensor_type``: ``"numpy"`` (default) or ``"torch"`` (zero-copy torch
+    tensors, bf16/fp8 included; on the GPU with ``device="cuda"``).
+    ``copy``: hand out owned copies instead of views, so the slot or receive
+    buffer is recycled at once whatever the caller keeps (costs one copy).
     """
 
     def __init__(self, *, token=None, timeout=None, max_attempts=None, max_rounds=None, quarantine_s=None,
                  endpoint_max_age_s=None, pool_size=None, max_inflight=None, device="cpu",
                  local_fast_path=True, progress_mode=None, max_nbytes: int = 0, dedup_window: int = 100_000,
-                 min_rate=None, resolver=None, tensor_type: str = "numpy"):
+                 min_rate=None, resolver=None, tensor_type: str = "numpy", copy: bool = False):
         if tensor_type not in ("numpy", "torch"):
             raise ValueError(f"tensor_type must be 'numpy' or 'torch', got {tensor_type!r}")
         #: "torch": payload values are zero-copy torch tensors (on the GPU for device="cuda")
         self.tensor_type = tensor_type
+        #: True: hand out owned copies; the slot or receive buffer is freed at once, whatever the caller keeps
+        self.copy = copy
         self.token = token.decode() if isinstance(token, bytes) else token
         self.timeout = resolve("timeout", timeout)
         self.min_rate = resolve("min_rate", min_rate)
@@ -331,7 +337,13 @@ class TransportClient:
             return self.present(local)
         return self.present(self._run(self._fetch_ref, ref, budget=self.call_budget(ref.nbytes)))
 
-    async def afetch(self, ref: shm.SlotRef) -> shm.Payload:
+    async def afetch(self, ref: shm.SlotRef, *, fields=None) -> shm.Payload:
+        """:meth:`fetch` for callers with their own event loop (awaits instead of blocking)."""
+        if fields is not None:
+            r = (await self.afetch_many([ref], fields=fields))[0]
+            if r.error is not None:
+                raise r.error
+            return r.payload
         ref = self._checked(ref)
         local = self._fetch_local(ref)
         if local is not None:
@@ -339,13 +351,17 @@ class TransportClient:
         return self.present(await self._arun(self._fetch_ref, ref))
 
     def present(self, payload: shm.Payload) -> shm.Payload:
-        """``payload`` as this client hands payloads out (``tensor_type``)."""
+        """``payload`` as this client hands payloads out (``copy``, ``tensor_type``)."""
+        if self.copy:
+            owned = payload.copy()
+            payload.release()  # its slot / receive buffer goes back now: nothing else holds it
+            payload = owned
         if self.tensor_type == "numpy" or payload.is_raw:
             return payload
         return payload.with_values(payload.as_dict(torch=True, device="cuda" if self.device == "cuda" else None))
 
     def _present_results(self, results: list) -> list:
-        if self.tensor_type != "numpy":
+        if self.tensor_type != "numpy" or self.copy:
             for r in results:
                 if r.payload is not None:
                     r.payload = self.present(r.payload)
@@ -371,6 +387,7 @@ class TransportClient:
         return self._present_results(self._run(self._fetch_many, refs, fields, budget=budget))
 
     async def afetch_many(self, refs: Sequence[shm.SlotRef], *, fields=None) -> list[FetchResult]:
+        """:meth:`fetch_many` for callers with their own event loop."""
         if fields is not None:
             encode_fields(fields)
         return self._present_results(await self._arun(self._fetch_many, list(refs), fields))
@@ -386,15 +403,18 @@ class TransportClient:
         return [self.present(p) for p in got]
 
     async def atake(self, address, n: int = 1, wait: float = 0.0, *, fields=None) -> list[shm.Payload]:
+        """:meth:`take` for callers with their own event loop."""
         host, ports = self._address(address)
         blob = None if fields is None else encode_fields(fields)
         return [self.present(p) for p in await self._arun(self._take, host, ports, n, wait, 0, blob)]
 
     def server_stats(self, address) -> dict:
+        """The server's STATS answer (counters, slot states, latencies) as a dict."""
         host, ports = self._address(address)
         return self._run(self._server_stats, host, ports, budget=self.call_budget())
 
     async def aserver_stats(self, address) -> dict:
+        """:meth:`server_stats` for callers with their own event loop."""
         host, ports = self._address(address)
         return await self._arun(self._server_stats, host, ports)
 

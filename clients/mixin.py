@@ -66,11 +66,12 @@ class UCXXDataPackerMixin:
             raise RuntimeError("call setup_ucxx_transport() before fetching rollouts")
         return self._ucxx_client
 
-    def _deliver(self, results: list[FetchResult]) -> list:
+    def _deliver(self, results: list[FetchResult], *, presented: bool) -> list:
+        """The payloads of ``results`` (as the client hands them out, once); failures to the hook."""
         out = []
         for r in results:
             if r.ok:
-                out.append(self.ucxx_client.present(r.payload))
+                out.append(r.payload if presented else self.ucxx_client.present(r.payload))
             else:
                 self.on_rollout_fetch_failed(r.ref, r.error)
         return out
@@ -83,7 +84,7 @@ class UCXXDataPackerMixin:
     def fetch_rollouts(self, refs) -> list:
         """Fetch ``refs`` now; returns the payloads that arrived, in order.
         Each failure goes to :meth:`on_rollout_fetch_failed`."""
-        return self._deliver(self.ucxx_client.fetch_many(list(refs)))
+        return self._deliver(self.ucxx_client.fetch_many(list(refs)), presented=True)
 
     def prefetch_rollouts(self, refs) -> PrefetchHandle:
         """Start fetching ``refs`` in the background; collect with :meth:`collect_prefetch`."""
@@ -100,7 +101,7 @@ class UCXXDataPackerMixin:
             raise TimeoutError(f"prefetch batch {handle.id} ({len(handle.refs)} refs) not done within "
                                f"{timeout} s; collect the same handle again later") from None
         handle.collected = True
-        return self._deliver(results)
+        return self._deliver(results, presented=False)  # submit_many hands out raw results
 
     def on_rollout_fetch_failed(self, ref, error: BaseException) -> None:
         """Hook: a ref could not be fetched (override to re-queue, count, alert...)."""

@@ -61,19 +61,29 @@ class RolloutPacker(UCXXDataPackerMixin):
 
     @staticmethod
     def pack(payloads):
-        """Concatenate each rollout's turns and pad the batch. ``p["turns"]`` is a
-        shm.Ragged whose ``values`` is one zero-copy torch tensor of all turns."""
+        """Pack a batch of ragged multi-turn rollouts into padded tensors.
+
+        ``p["turns"]`` and ``p["logprobs"]`` are ``shm.Ragged``: each one torch
+        tensor of every turn back to back (``.values``, viewed in place) plus
+        ``.offsets``. Returns tokens, mask, the sampler's bf16 log-probs (as
+        float32), per-token turn ids (-1 on padding) and rewards."""
         import torch
 
         n = max(len(p["turns"].values) for p in payloads)
-        tokens = torch.zeros(len(payloads), n, dtype=torch.long)
-        mask = torch.zeros(len(payloads), n)
+        b = len(payloads)
+        tokens = torch.zeros(b, n, dtype=torch.long)
+        mask = torch.zeros(b, n)
+        old_logp = torch.zeros(b, n)
+        turn_id = torch.full((b, n), -1, dtype=torch.long)
         for i, p in enumerate(payloads):
-            t = p["turns"].values  # every turn, back to back, viewed in place
-            tokens[i, : len(t)] = t
-            mask[i, : len(t)] = 1
+            turns, lp = p["turns"], p["logprobs"]
+            k = len(turns.values)
+            tokens[i, :k] = turns.values          # one copy: zero-copy view -> packed batch
+            old_logp[i, :k] = lp.values.float()   # bf16 straight from the slot
+            mask[i, :k] = 1
+            turn_id[i, :k] = torch.repeat_interleave(torch.arange(len(turns)), turns.lengths)
         rewards = torch.tensor([p["reward"] for p in payloads])
-        return tokens, mask, rewards
+        return tokens, mask, old_logp, turn_id, rewards
 
 
 def main():
@@ -114,17 +124,19 @@ def main():
             payloads = packer.collect_prefetch(handle, timeout=60)
             if step + 1 < a.steps:
                 handle = packer.prefetch_rollouts(next_refs())  # overlaps with this step's compute
-            tokens, mask, rewards = packer.pack(payloads)
+            tokens, mask, old_logp, turn_id, rewards = packer.pack(payloads)
             logits = model(tokens[:, :-1])
             logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
-            loss = -((logp * mask[:, 1:]).sum(1) * (rewards - rewards.mean())).mean()
+            ratio = torch.exp(logp - old_logp[:, 1:]).clamp(0.8, 1.2)  # importance ratio vs the sampler
+            loss = -((ratio * mask[:, 1:]).sum(1) * (rewards - rewards.mean())).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             for p in payloads:
                 p.release()  # with no view left, receive buffers (or local slots) are reused
             if step % 5 == 0 or step == a.steps - 1:
-                print(f"step {step:3d}  loss {loss.item():+.4f}  batch {len(payloads)}  "
+                print(f"step {step:3d}  loss {loss.item():+.4f}  batch {len(payloads)} "
+                      f"({int(turn_id.max()) + 1} turns max)  "
                       f"client {packer.ucxx_client.stats().get('fetches', 0)} network / "
                       f"{packer.ucxx_client.stats().get('local_fetches', 0)} local fetches")
         print(f"done: {a.steps} steps, {packer.failures} failed fetches, ring {ring.state_counts()}")

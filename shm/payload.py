@@ -79,11 +79,12 @@ class Payload(Mapping):
         return self._fields is None
 
     def copy(self) -> "Payload":
-        """Deep copy into fresh memory that outlives the source buffer."""
+        """Deep copy into fresh memory that outlives the source buffer (numpy,
+        torch and cupy values alike); the copy holds no slot or receive buffer."""
         fields = self._live()
         if self._raw is not None:
             return Payload({}, dict(self.meta), self.nbytes, raw=memoryview(bytes(self._raw)))
-        return Payload(tree.map_arrays(fields, np.copy), dict(self.meta), self.nbytes)
+        return Payload(tree.map_arrays(fields, tree.copy_array), dict(self.meta), self.nbytes)
 
     def as_dict(self, *, torch: bool = False, device: str | None = None) -> dict:
         """The fields as a plain (nested) dict: numpy views, or with ``torch`` zero-copy

@@ -73,19 +73,39 @@ class Ragged(Sequence):
     def lengths(self):
         return self.offsets[1:] - self.offsets[:-1]
 
-    def padded(self, pad_value=0, length: int | None = None) -> np.ndarray:
-        """A new ``[len, length, *tail]`` array, each item left-aligned and padded
-        with ``pad_value`` (``length`` defaults to the longest item)."""
-        lengths = self.lengths
-        width = int(lengths.max(initial=0)) if length is None else length
-        out = np.full((len(self), width, *self.values.shape[1:]), pad_value, dtype=self.values.dtype)
-        for i, n in enumerate(lengths.tolist()):
+    def padded(self, pad_value=0, length: int | None = None):
+        """A new ``[len, length, *tail]`` array of the values' own kind (numpy, torch
+        or cupy, same dtype and device), each item left-aligned and padded with
+        ``pad_value`` (``length`` defaults to the longest item)."""
+        bounds = [int(o) for o in self.offsets.tolist()]
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        width = max(lengths, default=0) if length is None else length
+        out = _full_like(self.values, (len(lengths), width, *self.values.shape[1:]), pad_value)
+        for i, n in enumerate(lengths):
             n = min(n, width)
-            out[i, :n] = self.values[int(self.offsets[i]):int(self.offsets[i]) + n]
+            out[i, :n] = self.values[bounds[i]:bounds[i] + n]
         return out
 
     def __repr__(self) -> str:
         return f"Ragged({len(self)} items, values={self.values.dtype}{list(self.values.shape)})"
+
+
+def _full_like(values, shape: tuple, fill):
+    """A new array of ``values``' kind (numpy / torch / cupy), dtype and device, filled with ``fill``."""
+    if dtypes.is_torch(values):
+        import torch
+
+        return torch.full(shape, fill, dtype=values.dtype, device=values.device)
+    if dtypes.is_cupy(values):
+        import cupy
+
+        return cupy.full(shape, fill, dtype=values.dtype)
+    return np.full(shape, fill, dtype=values.dtype)
+
+
+def is_array(value) -> bool:
+    """A numpy, torch or cupy array (what :func:`map_arrays` maps)."""
+    return isinstance(value, np.ndarray) or dtypes.is_torch(value) or dtypes.is_cupy(value)
 
 
 def leaf_array(value) -> np.ndarray:
@@ -255,8 +275,9 @@ def rebuild(tree_json: bytes, arrays: list, fail) -> dict:
 
 
 def map_arrays(value, fn):
-    """``value`` (a rebuilt payload value) with every array replaced by ``fn(array)``."""
-    if isinstance(value, np.ndarray):
+    """``value`` (a rebuilt payload value) with every array (numpy, torch or cupy)
+    replaced by ``fn(array)``."""
+    if is_array(value):
         return fn(value)
     if isinstance(value, Ragged):
         return Ragged(values=fn(value.values), offsets=fn(value.offsets))
@@ -265,3 +286,10 @@ def map_arrays(value, fn):
     if isinstance(value, list):
         return [map_arrays(v, fn) for v in value]
     return value
+
+
+def copy_array(a):
+    """An owned copy of numpy, torch or cupy array ``a`` (same kind, dtype and device)."""
+    if dtypes.is_torch(a):
+        return a.clone()
+    return a.copy()

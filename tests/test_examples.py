@@ -1,7 +1,13 @@
 """The README's examples run as documented."""
 
+import json
+import os
+import re
+import shlex
 import subprocess
 import sys
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -23,11 +29,69 @@ def test_trainer_loop_example():
     assert "done: 4 steps, 0 failed fetches" in r.stdout and "'FREE': 64" in r.stdout
 
 
-def test_readme_payload_section_runs_as_written():
-    import re
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 
-    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
-    section = text[text.index("## What a payload can hold"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+def _blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def _section(name: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(name)
+    end = text.find("\n## ", start + len(name))
+    return text[start:end if end > 0 else None]
+
+
+def test_readme_tour_runs_as_written(tmp_path):
+    """Every block of the tour, in order: the bash block's `serve` line is started as written
+    (ring renamed so parallel runs do not collide), then the python blocks run in one namespace."""
+    tour = _section("## Five-minute tour")
+    ring = f"tour-{uuid.uuid4().hex[:8]}"
+    [bash] = _blocks(tour, "bash")
+    [line] = [ln for ln in bash.splitlines() if ln.startswith("ucxx-transport serve")]
+    args = shlex.split(line.replace("rollouts", ring).rstrip("& "))
+    server = subprocess.Popen([sys.executable, "-m", "ucxx_transport", *args[1:]], stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(server.stdout.readline())
+        assert info["ring"] == ring and info["host"] == "127.0.0.1" and len(info["ports"]) == 2
+        namespace: dict = {}
+        pythons = _blocks(tour, "python")
+        assert len(pythons) >= 3
+        for i, code in enumerate(pythons):
+            exec(compile(code.replace('"rollouts"', repr(ring)), f"README.md#tour-{i}", "exec"), namespace)
+        ns = namespace
+        assert ns["payload"]["tokens"].size == 300 and ns["payload"].meta == {"turns": 3}
+        assert [r.payload["tokens"].size for r in ns["results"]] == [16, 32] and len(ns["batch"]) == 1
+        assert ns["steps"] == [0, 1, 2] and len(ns["many"]) == 3
+        assert ns["ring"].ready_count() == 0
+        for name in ("payload", "results", "batch", "one", "many", "tokens", "lease"):
+            ns.pop(name, None)
+        ns["ring"].close()
+    finally:
+        server.terminate()
+        assert server.wait(20) == 0
+    assert not os.path.exists(f"/dev/shm/{ring}")  # --unlink-on-exit, as the tour says
+
+
+def test_readme_payload_section_runs_as_written():
+    [code] = _blocks(_section("## What a payload can hold"), "python")[:1]
     exec(compile(code, "README.md#what-a-payload-can-hold", "exec"), {})
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_documented_command_line_parses(doc):
+    """Each `ucxx-transport ...` line in a bash block of README.md and docs/ is a valid command
+    (subcommand, flags and their values as the CLI's own parser reads them)."""
+    from ucxx_transport.cli import build_parser
+
+    for block in _blocks(doc.read_text(), "bash"):
+        for line in block.replace("\\\n", " ").splitlines():  # continuation lines joined
+            if not line.startswith("ucxx-transport "):
+                continue
+            argv = shlex.split(line.split(" #")[0].split(" &&")[0].rstrip("& "))[1:]
+            try:
+                build_parser().parse_args(argv)
+            except SystemExit as exc:
+                pytest.fail(f"{doc.name}: {line!r} does not parse (exit {exc.code})")

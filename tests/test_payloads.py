@@ -379,3 +379,98 @@ def test_field_selective_fetch_same_host_reads_in_place(make_ring, ring_name, se
     with TransportClient(timeout=5) as c:
         r = c.fetch_many([ref], fields=["b"])[0]
         assert list(r.payload) == ["b"] and c.stats().get("local_fetches") == 1
+
+
+# ------------------------------------------- round trips over the network --
+class _NetRig:
+    """One server + client reused across hypothesis examples (a server per example would cost seconds)."""
+
+    def __init__(self, make_ring, ring_name, serve):
+        self.ring = make_ring(slots=4, slot_bytes=1 << 20)
+        self.server = serve(ring_name)
+        self.client = TransportClient(local_fast_path=False, timeout=10)
+
+
+def _net_rig(fn, make_ring, ring_name, serve) -> _NetRig:
+    rig = getattr(fn, "rig", None)
+    if rig is None or rig.ring._closed:
+        if rig is not None:
+            rig.client.close()
+        rig = fn.rig = _NetRig(make_ring, ring_name, serve)
+    return rig
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(p=payloads, how=st.sampled_from(["fetch", "fetch_many", "take"]))
+def test_structured_round_trip_over_the_network(make_ring, ring_name, serve, p, how):
+    rig = _net_rig(test_structured_round_trip_over_the_network, make_ring, ring_name, serve)
+    ref = rig.ring.put(p, timeout=5)
+    if how == "fetch":
+        got = rig.client.fetch(ref)
+    elif how == "fetch_many":
+        [r] = rig.client.fetch_many([ref])
+        assert r.ok, r.error
+        got = r.payload
+    else:
+        [got] = rig.client.take(rig.server.address, n=1, wait=5.0)
+    assert got.meta == {} or got.meta is not None
+    assert_same(dict(got), p)
+    got.release()
+    assert rig.ring.ready_count() == 0
+
+
+def test_client_copy_true_hands_out_owned_arrays_and_frees_the_slot_at_once(make_ring, ring_name, serve):
+    ring = make_ring(slots=4)
+    serve(ring_name)
+    refs = [ring.put({"x": np.arange(16) + i, "r": [np.arange(i + 1)]}) for i in range(3)]
+    with TransportClient(copy=True, timeout=5) as local, TransportClient(copy=True, local_fast_path=False,
+                                                                          timeout=5) as net:
+        kept = [local.fetch(refs[0]), net.fetch(refs[1]), net.fetch_many([refs[2]])[0].payload]
+        # the caller still holds every array, yet no slot is pinned by them: they are owned copies
+        assert ring.state_counts()["PINNED"] == 0 and ring.state_counts()["FREE"] == 4
+        for i, p in enumerate(kept):
+            assert p["x"].flags.owndata and p["x"].tolist() == list(range(i, 16 + i))
+            assert p["r"][0].tolist() == list(range(i + 1))
+        for i in range(8):  # every slot reused: the copies never change
+            with ring.claim(ring.put({"x": np.full(16, -1)})) as lease:
+                assert lease.payload["x"][0] == -1
+        assert [p["x"][0] for p in kept] == [0, 1, 2]
+
+
+def test_pinned_slots_show_in_ring_stats(make_ring):
+    ring = make_ring(slots=2)
+    lease = ring.claim(ring.put({"x": np.arange(4)}))
+    view = lease.payload["x"]
+    lease.ack()
+    assert ring.stats()["states"]["PINNED"] == 1
+    del view
+    assert ring.stats()["states"]["PINNED"] == 0
+
+
+def test_torch_values_pad_copy_and_write_like_numpy(make_ring, torch):
+    ring = make_ring(slots=2)
+    with ring.reserve() as w:  # the incremental writer takes torch tensors too (bf16 included)
+        w.set("ids", torch.arange(6)[::2])
+        w.append("logp", torch.ones(2, dtype=torch.bfloat16))
+        w.append("logp", torch.zeros(3, dtype=torch.bfloat16))
+        ref = w.publish()
+    ring2_ref = ring.put({"turns": [torch.arange(3), torch.arange(1)],
+                          "lp": [torch.ones(2, dtype=torch.bfloat16), torch.ones(1, dtype=torch.bfloat16)]})
+    with ring.claim(ref) as lease:
+        t = lease.payload.to_torch()
+        assert t["ids"].tolist() == [0, 2, 4] and t["logp"].dtype == torch.bfloat16
+        assert t["logp"].float().tolist() == [1, 1, 0, 0, 0]
+        del t
+    with ring.claim(ring2_ref) as lease:
+        p = lease.payload
+        tt = p.to_torch()
+        padded = tt["turns"].padded(pad_value=-1)  # torch in, torch out: no numpy detour
+        assert isinstance(padded, torch.Tensor) and padded.tolist() == [[0, 1, 2], [0, -1, -1]]
+        lp = tt["lp"].padded(length=3)
+        assert lp.dtype == torch.bfloat16 and lp.float().tolist() == [[1, 1, 0], [1, 0, 0]]
+        owned = p.with_values(tt).copy()  # torch values copied, not aliased
+        assert owned["turns"].values.data_ptr() != tt["turns"].values.data_ptr()
+        assert owned["lp"][0].dtype == torch.bfloat16
+        del tt, padded, lp, p
+    assert ring.state_counts()["FREE"] == 2
+    assert owned["turns"][0].tolist() == [0, 1, 2]
