@@ -81,7 +81,9 @@ def ucx_settings() -> dict:
         {k: v for k, v in os.environ.items() if k.startswith(("UCX_", "UCXX_"))}
 
 
-def _import_ucxx():
+def import_ucxx():
+    """The ucxx module, imported with our UCX defaults (:data:`UCX_DEFAULTS`) in the
+    environment; ImportError says how to install it."""
     for key, value in UCX_DEFAULTS.items():
         os.environ.setdefault(key, value)  # before UCX reads its configuration; never over the user's
     try:
@@ -123,7 +125,7 @@ def _init_locked(mode: str) -> str:
             raise RuntimeError(f"ucxx already initialised in this process with progress mode "
                                f"{_state['mode']!r}, asked for {mode!r}; use one mode per process")
         return _state["mode"]
-    ucxx = _import_ucxx()
+    ucxx = import_ucxx()
     from ucxx._lib_async.application_context import ProgressTasks
 
     existing = ucxx.core._ctx
@@ -150,7 +152,7 @@ def _context():
     """The ucxx context we use (the application's when shared)."""
     ctx = _state["ctx"]
     if ctx is None:
-        return _import_ucxx().core._get_ctx()
+        return import_ucxx().core._get_ctx()
     return ctx
 
 
@@ -296,7 +298,7 @@ async def connect(host: str, port: int, timeout: float):
     """
     import struct
 
-    _import_ucxx()
+    import_ucxx()
     from ucxx._lib import libucxx as ucx_api
     from ucxx._lib.arr import Array
     from ucxx._lib_async.endpoint import Endpoint
@@ -376,7 +378,7 @@ def _reset_locked() -> None:
         return
     import gc
 
-    ucxx = _import_ucxx()
+    ucxx = import_ucxx()
     from ucxx._lib_async.application_context import ProgressTasks, clear_progress_tasks
 
     drv = _state["driver"]
