@@ -118,6 +118,10 @@ def test_serve_create_existing_ring_is_ring_error(make_ring, ring_name):
     (["serve", "--ring", "x", "--slots", "0"], "--slots"),
     (["serve"], "--ring"),
     (["--log-level", "LOUD", "doctor"], "invalid log level"),
+    (["doctor", "--log-level", "LOUD"], "invalid log level"),
+    (["bench", "--log-format", "yaml"], "invalid log format"),
+    (["status", "--ring", "x", "--count", "2"], "--count needs --watch"),
+    (["status", "--ring", "x", "--watch", "0"], "--watch must be > 0"),
     (["teleport"], "invalid choice"),
 ])
 def test_usage_errors_are_one_line_exit_2(args, says):

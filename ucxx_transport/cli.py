@@ -13,6 +13,7 @@ one for expected failures too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import json
 import logging
@@ -21,6 +22,7 @@ import signal
 import sys
 import threading
 
+from . import doctor, logs, status
 from .config import KNOBS, ConfigError, help_text, resolve
 
 log = logging.getLogger("ucxx_transport.cli")
@@ -120,44 +122,18 @@ class _Parser(argparse.ArgumentParser):
 
 def _add(p: argparse.ArgumentParser, name: str, **kw):
     k = KNOBS[name]
+    if k.choices:  # validated by resolve() like the environment variable; listed in the usage line
+        kw.setdefault("metavar", "{" + ",".join(k.choices()) + "}")
     p.add_argument(k.flag, dest=name, default=None, help=help_text(name), **kw)
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: commands that print a result or one error line: their logs start at ERROR unless asked
 QUIET_COMMANDS = ("status", "doctor")
-LOG_LEVEL_HELP = "one of DEBUG (logs every request, and the traceback of an error), INFO, WARNING, ERROR, " \
-                 "CRITICAL; before or after the command [env UCXX_TRANSPORT_LOG_LEVEL; default INFO, ERROR for " \
-                 "status and doctor]"
 
 
-def _log_level(text: str) -> str:
-    if text.upper() not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"invalid log level {text!r}: use one of {', '.join(LOG_LEVELS)}")
-    return text.upper()
-
-
-LOG_FORMATS = ("text", "json")
-LOG_FORMAT_HELP = "text (default) or json: one JSON object per line with time, level, logger, message " \
-                  "(python-json-logger); before or after the command [env UCXX_TRANSPORT_LOG_FORMAT]"
-
-
-def _log_format(text: str) -> str:
-    if text.lower() not in LOG_FORMATS:
-        raise argparse.ArgumentTypeError(f"invalid log format {text!r}: use one of {', '.join(LOG_FORMATS)}")
-    return text.lower()
-
-
-def _setup_logging(level: str, fmt: str = "text"):
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        from pythonjsonlogger.json import JsonFormatter
-
-        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
-                                           rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+def _add_log_flags(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--log-level", type=logs.log_level, default=default, help=logs.LOG_LEVEL_HELP)
+    p.add_argument("--log-format", type=logs.log_format, default=default, help=logs.LOG_FORMAT_HELP)
 
 
 # ------------------------------------------------------------------ serve ---
@@ -286,70 +262,67 @@ def _start_metrics(srv, port: int, addr: str):
 
 
 # ----------------------------------------------------------------- status ---
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def cmd_status(a) -> int:
     if bool(a.ring) == bool(a.address):
         raise ConfigError("status needs exactly one of --ring NAME (local) or --address HOST:PORT (remote)")
-    if a.ring:
-        with _attach_ring(a.ring) as ring:
-            info = ring.stats()
-            info["stuck_slots"] = ring.stuck_slots()
-            addr = ring.server_address()
-            info["server"] = {"host": addr[0], "ports": list(addr[1])} if addr else None
-            info["slots_detail"] = ring.slot_info()
-    else:
-        host, _, port = a.address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"--address must be HOST:PORT, got {a.address!r}")
-        from clients.client import TransportClient
-        from clients.errors import CallTimeoutError, ConnectionLostError
-
-        token = _read_token(resolve("token_file", a.token_file))
-        # a refused connection fails in milliseconds; a silent host at --timeout
-        with TransportClient(token=token, timeout=a.timeout, local_fast_path=False) as c:
-            try:
-                info = c.server_stats((host, [int(port)]))
-            except (ConnectionLostError, CallTimeoutError) as exc:
-                why = f"no answer within {c.timeout:g} s" if isinstance(exc, CallTimeoutError) else \
-                    "connection refused or lost"
-                raise CommandError(f"no ucxx-transport server answered at {host}:{port} ({why})",
-                                   ExitCode.UNREACHABLE, _UNREACHABLE_HINT) from exc
+    if a.count is not None and a.watch is None:
+        raise ConfigError("--count needs --watch")
+    with contextlib.ExitStack() as stack:
+        sample = _ring_sampler(a.ring, stack, detail=a.watch is None) if a.ring else _server_sampler(a, stack)
+        if a.watch is not None:
+            return status.watch(sample, a.watch, a.count, sys.stdout, as_json=a.json)
+        info = sample()
     if a.json:
         print(json.dumps(info, indent=1))
-        return 0
-    if a.ring:
-        print(f"ring {info['ring']}: {info['slots']} slots x {info['slot_bytes']} bytes, on_full={info['on_full']}")
-        print("  states: " + ", ".join(f"{k}={v}" for k, v in info["states"].items()))
-        print(f"  ring id {info['ring_id']}: published={info['published']} consumed={info['consumed']} "
-              f"drops={info['drops']} recovered={info['recovered']} dead_letters={info['dead_letters']}")
-        for d in info["dead"]:
-            print(f"  DEAD slot {d['slot']} generation {d['generation']} ({d['nbytes']} bytes): undecodable "
-                  f"{d['failures']}x; RingBuffer.read_dead / discard_dead")
-        if info["stuck_slots"]:
-            print(f"  stuck slots {info['stuck_slots']}: their lock is held by a frozen process (SIGSTOP, a "
-                  f"debugger); other slots keep serving. Resume or kill that process.")
-        print(f"  server: {info['server'] or 'none running'}")
-        for s in info["slots_detail"]:
-            if s["state"] != "FREE":
-                print(f"  slot {s['slot']:5d} {s['state']:8s} gen={s['generation']} nbytes={s['nbytes']} "
-                      f"owner_pid={s['owner_pid']}")
     else:
-        m = info["metrics"]
-        print(f"server {info['server']}")
-        r = info["ring"]
-        print(f"  ring states: {r['states']}  drops={r['drops']}  dead_letters={r['dead_letters']}  "
-              f"stuck_slots={r['stuck_slots']}  deferred_finalisers={r['deferred_finalisers']}")
-        print(f"  requests: {m['requests']}")
-        print(f"  bytes_out={m['bytes_out']} payloads_out={m['payloads_out']} inflight={m['inflight']} "
-              f"endpoints={m['endpoints']} ack_timeouts={m['ack_timeouts']}")
-        print(f"  handler latency: {m['handler_latency_s']}")
-        print(f"  loop lag: {m['loop_lag_s']}")
+        print(status.format_ring(info) if a.ring else status.format_server(info))
     return 0
+
+
+def _ring_sampler(name: str, stack: contextlib.ExitStack, detail: bool):
+    ring = stack.enter_context(_attach_ring(name))
+
+    def sample() -> dict:
+        info = ring.stats()
+        info["stuck_slots"] = ring.stuck_slots()
+        addr = ring.server_address()
+        info["server"] = {"host": addr[0], "ports": list(addr[1])} if addr else None
+        if detail:
+            info["slots_detail"] = ring.slot_info()
+        return info
+    return sample
+
+
+def _server_sampler(a, stack: contextlib.ExitStack):
+    host, _, port = a.address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--address must be HOST:PORT, got {a.address!r}")
+    from clients.client import TransportClient
+    from clients.errors import CallTimeoutError, ConnectionLostError
+
+    token = _read_token(resolve("token_file", a.token_file))
+    # a refused connection fails in milliseconds; a silent host at --timeout
+    c = stack.enter_context(TransportClient(token=token, timeout=a.timeout, local_fast_path=False))
+
+    def sample() -> dict:
+        try:
+            return c.server_stats((host, [int(port)]))
+        except (ConnectionLostError, CallTimeoutError) as exc:
+            why = f"no answer within {c.timeout:g} s" if isinstance(exc, CallTimeoutError) else \
+                "connection refused or lost"
+            raise CommandError(f"no ucxx-transport server answered at {host}:{port} ({why})",
+                               ExitCode.UNREACHABLE, _UNREACHABLE_HINT) from exc
+    return sample
 
 
 # ----------------------------------------------------------------- doctor ---
 def cmd_doctor(a) -> int:
-    from . import doctor
-
     report = doctor.run()
     if a.json:
         print(json.dumps(report, indent=1))
@@ -364,14 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ucxx-transport",
         description="Zero-copy UCXX transport for RL rollout payloads: serve a shared-memory ring over UCX, "
                     "inspect it, benchmark it.",
-        epilog="Quick start: ucxx-transport serve --ring rollouts --create --slots 64 --slot-bytes 64MiB\n"
+        epilog="Quick start: ucxx-transport serve --ring rollouts --create --slots 16 --slot-bytes 4MiB\n"
+               "             (a ring takes about slots x (slot_bytes + 4 KiB) of /dev/shm: 64 MiB here)\n"
+               "             ucxx-transport status --ring rollouts --watch\n"
                "             ucxx-transport bench --quick\n" + EPILOG_ENV + "\n"
                "Exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode) +
                " (docs/OPERATIONS.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--log-level", type=_log_level, default=None, help=LOG_LEVEL_HELP)
-    p.add_argument("--log-format", type=_log_format, default=None, help=LOG_FORMAT_HELP)
+    _add_log_flags(p, None)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="serve a ring over UCX until SIGTERM/SIGINT",
@@ -390,26 +364,34 @@ def build_parser() -> argparse.ArgumentParser:
         _add(s, name)
     s.add_argument("--fault-silent-port", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     s.set_defaults(func=cmd_serve)
-    s.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP)
-    s.add_argument("--log-format", type=_log_format, default=argparse.SUPPRESS, help=LOG_FORMAT_HELP)
 
-    st = sub.add_parser("status", help="show a ring's slots (--ring) or a running server's metrics (--address)")
+    st = sub.add_parser("status", help="show a ring's slots (--ring) or a running server's metrics (--address); "
+                                       "--watch for a live view",
+                        description=status.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("--ring", help="local ring name: slot states, generations, drops, owner pids")
     st.add_argument("--address", help="HOST:PORT of a running server: its metrics")
     _add(st, "token_file")
     _add(st, "timeout")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--json", action="store_true", help="machine-readable output (with --watch: one JSON object "
+                                                        "per refresh and line)")
+    st.add_argument("--watch", nargs="?", type=status.watch_interval, const=status.WATCH_DEFAULT_S, default=None,
+                    metavar="SECONDS", help=f"refresh a live view every SECONDS (default {status.WATCH_DEFAULT_S:g}) "
+                                            "until Ctrl-C")
+    st.add_argument("--count", type=_positive_int, default=None, metavar="N",
+                    help="with --watch: stop after N refreshes")
     st.set_defaults(func=cmd_status)
-    st.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP)
-    st.add_argument("--log-format", type=_log_format, default=argparse.SUPPRESS, help=LOG_FORMAT_HELP)
 
-    d = sub.add_parser("doctor", help="check UCX, transports, progress mode, /dev/shm and limits; say what to fix")
-    d.add_argument("--json", action="store_true")
+    d = sub.add_parser("doctor", help="check UCX, transports, progress mode, /dev/shm and limits; say what to fix",
+                       description=doctor.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--json", action="store_true",
+                   help="the same report as one JSON object (problems, warnings and notes as lists)")
     d.set_defaults(func=cmd_doctor)
 
     from benchmarks import end_to_end as bench  # the CLI is the one place that wires layers together
 
     bench.add_parser(sub)
+    for command in sub.choices.values():  # the logging flags may also follow any command
+        _add_log_flags(command, argparse.SUPPRESS)
     return p
 
 
@@ -417,15 +399,15 @@ def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        level = _log_level(a.log_level or os.environ.get("UCXX_TRANSPORT_LOG_LEVEL")
+        level = logs.log_level(a.log_level or os.environ.get("UCXX_TRANSPORT_LOG_LEVEL")
                            or ("ERROR" if a.cmd in QUIET_COMMANDS else "INFO"))
     except argparse.ArgumentTypeError as exc:  # from the environment variable
         parser.error(f"UCXX_TRANSPORT_LOG_LEVEL: {exc}")
     try:
-        fmt = _log_format(a.log_format or os.environ.get("UCXX_TRANSPORT_LOG_FORMAT") or "text")
+        fmt = logs.log_format(a.log_format or os.environ.get("UCXX_TRANSPORT_LOG_FORMAT") or "text")
     except argparse.ArgumentTypeError as exc:
         parser.error(f"UCXX_TRANSPORT_LOG_FORMAT: {exc}")
-    _setup_logging(level, fmt)
+    logs.setup(level, fmt)
     try:
         return int(a.func(a) or 0)
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .engine import DEFAULT_PROGRESS_MODE, PROGRESS_MODES
 from .units import parse_duration, parse_size
 
 
@@ -47,12 +48,22 @@ def _positive_duration(text) -> float:
     return v
 
 
-def _choice(*choices: str) -> Callable[[str], str]:
+def _choice(choices: Callable[[], tuple[str, ...]]) -> Callable[[str], str]:
     def parse(text):
-        if text not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}")
+        if text not in choices():
+            raise ValueError(f"must be one of {', '.join(choices())}")
         return text
     return parse
+
+
+def _progress_modes() -> tuple[str, ...]:
+    return PROGRESS_MODES  # the engine defines the modes it runs
+
+
+def _on_full_policies() -> tuple[str, ...]:
+    from shm.layout import ON_FULL_CODES  # the ring defines its policies (imports shm: only when asked)
+
+    return tuple(ON_FULL_CODES)
 
 
 def _bool(text) -> bool:
@@ -72,6 +83,8 @@ class Knob:
     default: Any
     parse: Callable[[Any], Any]
     help: str
+    #: the accepted values of a choice knob, from the module that defines them
+    choices: Callable[[], tuple[str, ...]] | None = None
 
     @property
     def flag(self) -> str:
@@ -88,8 +101,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
     Knob("ports", None, _ports, "comma-separated listener ports; 0 = any free port (overrides --n-ports)"),
     Knob("n_ports", 4, _int_range(1, 16), "number of listener ports when --ports is not given (any free ports)"),
     Knob("token_file", None, str, "file holding the shared-secret token clients must present (HELLO)"),
-    Knob("progress_mode", "adaptive", _choice("adaptive", "thread", "thread-polling", "polling", "blocking"),
-         "UCX progress mode (adaptive: poll under load, sleep when idle; see docs/PROGRESS_MODES.md)"),
+    Knob("progress_mode", DEFAULT_PROGRESS_MODE, _choice(_progress_modes),
+         "UCX progress mode (adaptive: poll under load, sleep when idle; see docs/PROGRESS_MODES.md)",
+         _progress_modes),
     Knob("ack_timeout_s", 10.0, _positive_duration, "seconds a handler waits for a client's ACK before "
          "returning the payload to READY"),
     Knob("idle_timeout_s", 120.0, _positive_duration, "seconds an idle endpoint is kept before eviction"),
@@ -101,7 +115,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
     Knob("max_take", 64, _int_range(1, 256), "most payloads one TAKE request may return"),
     Knob("slots", 64, _int_range(1, 65536), "ring slots (with --create)"),
     Knob("slot_bytes", 64 << 20, lambda t: _size_min(t, 4096), "bytes per slot, e.g. 64MiB (with --create)"),
-    Knob("on_full", "block", _choice("block", "error", "drop_oldest"), "writer policy when no slot is FREE"),
+    Knob("on_full", "block", _choice(_on_full_policies), "writer policy when no slot is FREE", _on_full_policies),
     # client
     Knob("timeout", 5.0, _positive_duration, "client: deadline of one network call (seconds)"),
     Knob("max_attempts", 2, _int_range(1, 20), "client: attempts per ref for transient errors"),
@@ -143,5 +157,7 @@ def resolve(name: str, value: Any = None, *, env: dict | None = None) -> Any:
 
 
 def help_text(name: str) -> str:
+    """The ``--help`` line of knob ``name``: what it does, its choices, variable and default."""
     k = KNOBS[name]
-    return f"{k.help} [env {k.env}; default {k.default}]"
+    choices = f"; one of {', '.join(k.choices())}" if k.choices else ""
+    return f"{k.help}{choices} [env {k.env}; default {k.default}]"
