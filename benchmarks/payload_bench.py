@@ -16,6 +16,8 @@ ring (``RingBuffer.create(..., slots=4, slot_bytes=S + 64 KiB)``):
          Both read the same bf16 payload; the touch (one element) is the same for both, so the
          figure is the access overhead (claim, decode, view, ack), not compute. Refilling the
          ring is not timed.
+  pack   numpy         as read, then ``np.copyto(dst, x)``: every byte copied into a batch buffer
+         to_torch      as read, then ``dst_t.copy_(x)``: what a data packer does with the tensor
 
 Every variant runs in every repetition, interleaved (noise on a shared box hits all alike);
 a repetition's figure is the median over ``--seconds`` of single operations. Reported: the
@@ -26,6 +28,7 @@ Ratios (each names what it divides; all are "torch speed relative to numpy", tar
   put  torch-bf16/np-bf16   = put GB/s of the torch bf16 tensor / put GB/s of the ml_dtypes bf16 array
   read to_torch/numpy       = reads/s through to_torch() / reads/s through the numpy view
                             = (numpy read us) / (to_torch read us)
+  pack to_torch/numpy       = (numpy pack us) / (to_torch pack us)
 
 Without torch the torch columns read "n/a" (and the run still exits 0).
 """
@@ -118,6 +121,17 @@ def measure(size: int, reps: int, seconds: float) -> dict:
                 x = lease.payload.to_torch()["x"]
                 _touch(x)
 
+        pack_np = np.empty(size // 2, ml_dtypes.bfloat16)
+        pack_t = torch.empty(size // 2, dtype=torch.bfloat16) if torch is not None else None
+
+        def pack_numpy():
+            with ring.claim(timeout=0) as lease:
+                np.copyto(pack_np, lease.payload["x"])
+
+        def pack_torch():
+            with ring.claim(timeout=0) as lease:
+                pack_t.copy_(lease.payload.to_torch()["x"])
+
         nothing = lambda: None  # noqa: E731
         variants = {
             "memcpy": (lambda: np.copyto(dst, src), nothing, "put"),
@@ -129,6 +143,9 @@ def measure(size: int, reps: int, seconds: float) -> dict:
         variants["read_numpy"] = (read_numpy, refill, "read")
         if p_torch is not None:
             variants["read_to_torch"] = (read_torch, refill, "read")
+        variants["pack_numpy"] = (pack_numpy, refill, "read")
+        if p_torch is not None:
+            variants["pack_to_torch"] = (pack_torch, refill, "read")
 
         # sanity: the torch put round-trips to the same bits, and to_torch is zero-copy bf16
         if p_torch is not None:
@@ -162,7 +179,7 @@ def _summary(row: dict) -> dict:
     s: dict = {"size": size}
     for k, v in t.items():
         v = np.asarray(v)
-        if k.startswith("read"):
+        if k.startswith(("read", "pack")):
             s[k] = (v.min() * 1e6, v.min() * 1e6, v.max() * 1e6)  # us: best, min, max
         else:
             g = size / v / 1e9
@@ -180,6 +197,7 @@ def _summary(row: dict) -> dict:
     s["ratio_put_np_bf16_vs_numpy_f32"] = ratio("put_np_bf16", "put_numpy_f32")
     s["ratio_put_numpy_f32_vs_memcpy"] = ratio("put_numpy_f32", "memcpy")
     s["ratio_read_to_torch_vs_numpy"] = ratio("read_to_torch", "read_numpy")
+    s["ratio_pack_to_torch_vs_numpy"] = ratio("pack_to_torch", "pack_numpy")
     return s
 
 
@@ -201,6 +219,9 @@ COLUMNS = [
     ("read numpy us", "read_numpy", ".1f"),
     ("read to_torch us", "read_to_torch", ".1f"),
     ("read to_torch/numpy (reads/s)", "ratio_read_to_torch_vs_numpy", ".2f"),
+    ("pack numpy us", "pack_numpy", ".1f"),
+    ("pack to_torch us", "pack_to_torch", ".1f"),
+    ("pack to_torch/numpy (packs/s)", "ratio_pack_to_torch_vs_numpy", ".2f"),
 ]
 
 
@@ -243,6 +264,8 @@ def print_ratios(summaries: list[dict]) -> None:
               f"{_verdict(s['ratio_put_torch_vs_np_bf16'])}")
         print(f"ratio read {sz:>6}: to_torch reads/s / numpy reads/s = numpy us / to_torch us = "
               f"{_verdict(s['ratio_read_to_torch_vs_numpy'])}")
+        print(f"ratio pack {sz:>6}: to_torch+copy_ packs/s / numpy+copyto packs/s = "
+              f"{_verdict(s['ratio_pack_to_torch_vs_numpy'])}")
 
 
 def machine() -> str:

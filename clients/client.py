@@ -583,6 +583,52 @@ class TransportClient:
         lease.ack()  # consumed now, like a network fetch; the slot stays PINNED while views of it live
         return payload
 
+    def _fetch_local_many(self, ring: shm.RingBuffer, refs: list) -> list:
+        """Same-host refs of one ring, claimed and acked together (one lock syscall
+        each way): per ref its Payload or the error it would have raised. Refs that
+        the batch cannot settle (a slot named twice, a slot busy right now, a repeat
+        delivery) go through :meth:`_fetch_local` one by one, with its retries."""
+        t0 = time.perf_counter()
+        out: list = [_ALONE] * len(refs)
+        first: dict[int, int] = {}  # slot -> index of the first ref naming it
+        for j, r in enumerate(refs):
+            if r.key not in self._delivered and r.slot not in first:
+                first[r.slot] = j
+        idx = list(first.values())
+        try:
+            claims = ring.claim_many([refs[j].slot for j in idx], [refs[j].generation for j in idx])
+        except ValueError:  # a slot beyond this ring's size: each ref gets its own error below
+            claims = [_ALONE] * len(idx)
+        leases = []
+        for j, got in zip(idx, claims):
+            if isinstance(got, shm.StaleSlotError):
+                self._stats["stale"] += 1
+                out[j] = StaleSlotError(f"local claim of {refs[j].key}: {got}")
+            elif isinstance(got, shm.SlotLease):
+                try:
+                    out[j] = got.payload
+                except shm.FrameError as exc:
+                    got.nack(undecodable=True)
+                    out[j] = CorruptPayloadError(f"local frame of {refs[j].key}: {exc}")
+                    continue
+                leases.append((j, got))
+        if leases and not ring.try_finalise_many([le for _, le in leases], True):
+            for _, le in leases:  # some slot's lock is busy: one by one, each waits up to its timeout
+                le.ack()
+        per = (time.perf_counter() - t0) / max(1, len(leases))
+        for j, le in leases:
+            self._remember(refs[j].key)
+            self._stats["local_fetches"] += 1
+            self._stats["bytes"] += le.nbytes
+            self._latency.add(per)
+        for j, o in enumerate(out):
+            if o is _ALONE:
+                try:
+                    out[j] = self._fetch_local(refs[j])
+                except (TransportError, shm.RingError) as exc:
+                    out[j] = exc
+        return out
+
     def _claim_local(self, ref: shm.SlotRef):
         """(payload, lease) claimed from this host's shared memory, or None."""
         ring = self._local_ring(ref)
@@ -919,6 +965,16 @@ class TransportClient:
                 except Exception as exc:  # noqa: BLE001 - any failure is this ref's result; siblings go on
                     put(i, exc)
 
+        async def local_batch(idxs, ring):
+            async with sem:
+                try:
+                    outs = await loop.run_in_executor(None, self._fetch_local_many, ring,
+                                                      [checked[i] for i in idxs])
+                except Exception as exc:  # noqa: BLE001 - the whole batch failed the same way
+                    outs = [exc] * len(idxs)
+                for i, o in zip(idxs, outs):
+                    put(i, o if fields is None or isinstance(o, BaseException) else o.select(fields))
+
         async def batch(idxs, host, ports):
             async with sem:
                 try:
@@ -941,11 +997,16 @@ class TransportClient:
                 await asyncio.sleep(min(0.05 * rnd, 0.5))
             tasks = []
             groups: dict = collections.defaultdict(list)
+            here: dict = {}  # id(ring) -> (ring, indices): same-host refs, claimed a ring at a time
             for i in pending:
                 ref = checked[i]
                 try:
-                    if self.device != "cpu" or self._local_ring(ref) is not None:
+                    if self.device != "cpu":
                         tasks.append(one(i))
+                        continue
+                    ring = self._local_ring(ref)
+                    if ring is not None:
+                        here.setdefault(id(ring), (ring, []))[1].append(i)
                         continue
                     host, ports = self._where(ref)
                 except Exception as exc:  # noqa: BLE001 - e.g. no address: this ref's result
@@ -955,6 +1016,8 @@ class TransportClient:
                     tasks.append(one(i))
                     continue
                 groups[(host, tuple(ports), ref.ring, ref.ring_id)].append(i)
+            for ring, idxs in here.values():
+                tasks.append(local_batch(idxs, ring))
             for (host, ports, _, _), idxs in groups.items():
                 for chunk in _chunks(idxs, [checked[i].nbytes for i in idxs], len(ports) * self._pool.pool_size):
                     tasks.append(batch(chunk, host, list(ports)))
@@ -1233,6 +1296,7 @@ class TransportClient:
 
 #: ``body`` result flag: the endpoint stays with a HeldDelivery (no checkin, no abort)
 _HELD = object()
+_ALONE = object()  # a same-host ref the batch leaves to the one-by-one path
 
 
 #: a batch of more bytes than this is cut into several GETV requests in flight at once

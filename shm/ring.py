@@ -517,17 +517,33 @@ class RingBuffer:
     def try_finalise_many(self, leases: list, ack) -> bool:
         """Ack (``ack`` true) or nack many leases of this ring with one lock syscall,
         never waiting. ``ack``: a bool, or one bool per lease; leases already
-        finalised are skipped. False (nothing changed) when some slot's lock is
-        busy: finalise those leases one by one instead."""
+        finalised are skipped. A lease whose payload views are still alive is
+        treated as :meth:`SlotLease.ack` / :meth:`SlotLease.nack` treat it (PINNED
+        until the views are gone; a nack applied only then). False (nothing
+        changed) when some slot's lock is busy: finalise those leases one by one."""
         acks = np.broadcast_to(np.asarray(ack, bool), (len(leases),))
         live = [i for i, le in enumerate(leases) if not le._done]
         if not live or self._closed:
             return not live
-        if self._table.finalise_many(np.array([leases[i].slot for i in live], np.int64),
-                                     np.array([leases[i]._lease for i in live], np.uint64), acks[live]) < 0:
+        held = [leases[i] for i in live]
+        pinned: list[bool] = []
+
+        def views_alive() -> list[bool]:  # run under the batch's locks: nothing can fail after it
+            for le in held:
+                le._payload = None  # our own reference; the caller's views keep the slot
+            pinned.extend(le.views_alive for le in held)
+            return pinned
+
+        if self._table.finalise_many(np.array([le.slot for le in held], np.int64),
+                                     np.array([le._lease for le in held], np.uint64), acks[live],
+                                     views_alive) < 0:
             return False
-        for i in live:
-            leases[i]._done = True
+        for le, a, p in zip(held, acks[live].tolist(), pinned):
+            le._done = True
+            if p:
+                le._decision = a
+                if not le.views_alive:  # the last view went meanwhile: its callback saw no decision
+                    self._table.finalise_soon(le.slot, le._lease, a)
         return True
 
     def wait_ready(self, timeout: float) -> bool:

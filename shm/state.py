@@ -414,10 +414,14 @@ class SlotTable:
             self._unlock_range(lo, hi)
         return out
 
-    def finalise_many(self, slots: np.ndarray, leases: np.ndarray, ack: np.ndarray) -> int:
+    def finalise_many(self, slots: np.ndarray, leases: np.ndarray, ack: np.ndarray, pinned=None) -> int:
         """For each READING slot still under its lease: ack -> FREE (consumed), else
-        -> READY; others are a logged no-op. Never waits: returns -1 (nothing
-        changed) when the batch's lock range is busy, else how many were finalised."""
+        -> READY; others are a logged no-op. ``pinned``: a callable, run once the
+        batch's locks are held, giving per item whether views of it are alive: an
+        ack then goes to PINNED (consumed, ownership kept until
+        :meth:`finalise_soon`), a nack leaves the slot READING for the views' owner
+        to settle. Never waits: returns -1 (nothing changed, ``pinned`` not called)
+        when the batch's lock range is busy, else how many were finalised."""
         slots = np.asarray(slots, np.int64)
         if not len(slots):
             return 0
@@ -430,15 +434,19 @@ class SlotTable:
                 log.warning("batch finalise: %d of %d slots no longer held (recovered?): left alone",
                             int((~valid).sum()), len(slots))
             ack = np.asarray(ack, bool)
-            freed, readied = slots[valid & ack], slots[valid & ~ack]
+            kept = np.zeros(len(slots), bool) if pinned is None else np.asarray(pinned(), bool)
+            freed, readied = slots[valid & ack & ~kept], slots[valid & ~ack & ~kept]
+            held = slots[valid & ack & kept]
             self.state[freed] = FREE
             self.ctrl["consumed"][freed] += 1
             self.state[readied] = READY
-            mine = slots[valid]
-            self.owner[mine] = 0
-            for start, n in _sync.runs(np.sort(mine).tolist()):
+            self.state[held] = PINNED
+            self.ctrl["consumed"][held] += 1
+            released = slots[valid & ~kept]
+            self.owner[released] = 0
+            for start, n in _sync.runs(np.sort(released).tolist()):
                 _sync.lock_release(self._fd, LOCK_OWNER_BASE + start, n)
-            for sl in mine.tolist():
+            for sl in released.tolist():
                 _OWNED.pop((*self._ident, sl), None)
         finally:
             self._unlock_range(lo, hi)

@@ -277,14 +277,16 @@ def rebuild(tree_json: bytes, arrays: list, fail) -> dict:
 def map_arrays(value, fn):
     """``value`` (a rebuilt payload value) with every array (numpy, torch or cupy)
     replaced by ``fn(array)``."""
-    if is_array(value):
+    if isinstance(value, np.ndarray):  # the common case first: this runs per field per payload
         return fn(value)
-    if isinstance(value, Ragged):
-        return Ragged(values=fn(value.values), offsets=fn(value.offsets))
     if isinstance(value, dict):
         return {k: map_arrays(v, fn) for k, v in value.items()}
+    if isinstance(value, Ragged):
+        return Ragged(values=fn(value.values), offsets=fn(value.offsets))
     if isinstance(value, list):
         return [map_arrays(v, fn) for v in value]
+    if is_array(value):  # torch / cupy
+        return fn(value)
     return value
 
 

@@ -9,6 +9,7 @@ import pytest
 
 import shm
 from clients import (
+    AlreadyDeliveredError,
     AuthError,
     CallTimeoutError,
     ConnectionLostError,
@@ -409,3 +410,27 @@ def test_connect_warms_up_every_port_so_the_first_fetch_does_not_connect(make_ri
     with TransportClient(timeout=2) as c:
         with pytest.raises(ConnectionLostError, match="none of 1 port"):
             c.connect(("127.0.0.1", dead))
+
+
+def test_local_batch_gives_each_ref_its_own_outcome(make_ring, ring_name):
+    """fetch_many of same-host refs claims a ring's refs together; each ref still gets exactly
+    its own result: payload, STALE, a duplicate in the batch, a slot busy elsewhere, a repeat."""
+    ring = make_ring(slots=8)
+    refs = [ring.put({"x": np.full(4, i)}) for i in range(5)]
+    with ring.claim(refs[0]):
+        pass  # consumed: its ref is STALE now
+    busy = ring.claim(refs[1])  # leased by another reader right now
+    with TransportClient(timeout=2.0, max_attempts=1, max_rounds=1) as c:
+        res = c.fetch_many([refs[0], refs[1], refs[2], refs[2], refs[3], refs[4]])
+        assert isinstance(res[0].error, StaleSlotError)
+        assert res[1].error is not None and getattr(res[1].error, "retryable", False)
+        assert res[2].payload["x"].tolist() == [2] * 4
+        assert isinstance(res[3].error, (AlreadyDeliveredError, StaleSlotError))  # the same ref twice
+        assert [r.payload["x"][0] for r in res[4:]] == [3, 4]
+        assert c.stats()["local_fetches"] == 3 and c.stats().get("fetches", 0) == 0
+        busy.nack()
+        again = c.fetch_many([refs[1], refs[4]])
+        assert again[0].payload["x"].tolist() == [1] * 4
+        assert isinstance(again[1].error, (AlreadyDeliveredError, StaleSlotError))
+        del res, again
+    assert ring.state_counts()["FREE"] == 8

@@ -467,3 +467,32 @@ def test_fuzzed_requests_raise_protocol_error_or_decode():
             b = b[:cut] if cut < len(b) else b + bytes(cut - len(b) + 1)
             assert _decode_request_checked(b) is None
     assert accepted > 0  # resealed mutations of fields the parser need not reject were accepted
+
+
+def test_batch_ack_with_live_views_pins_the_slot_like_a_single_ack(make_ring):
+    """A batch finaliser must honour view lifetime exactly as SlotLease.ack/nack do: a view
+    alive at the batch ACK keeps its slot PINNED (never rewritten under it); a batch NACK
+    with a live view returns the payload to READY only once the view is gone."""
+    ring = make_ring(slots=4)
+    refs = [ring.put({"x": np.full(8, i)}) for i in range(3)]
+    leases = ring.claim_many([r.slot for r in refs], [r.generation for r in refs])
+    kept = leases[0].payload["x"]          # a view alive at the ACK
+    leases[1].payload                      # decoded, nothing kept
+    assert ring.try_finalise_many(leases, True)
+    counts = ring.state_counts()
+    assert counts["PINNED"] == 1 and counts["FREE"] == 3 and ring.stats()["consumed"] == 3
+    for _ in range(12):  # every other slot reused many times: the pinned one is never handed out
+        with ring.claim(ring.put({"x": np.full(8, -1)})) as lease:
+            assert lease.slot != refs[0].slot
+    assert kept.tolist() == [0] * 8
+    del kept
+    assert ring.state_counts()["FREE"] == 4
+
+    ref = ring.put({"x": np.full(8, 5)})
+    (lease,) = ring.claim_many([ref.slot], [ref.generation])
+    view = lease.payload["x"]
+    assert ring.try_finalise_many([lease], False)
+    assert ring.state_counts()["READING"] == 1 and ring.try_claim() is None  # held for the view
+    del view
+    with ring.claim(ref) as again:
+        assert again.payload["x"].tolist() == [5] * 8
