@@ -76,8 +76,12 @@ def test_readme_tour_runs_as_written(tmp_path):
 
 
 def test_readme_payload_section_runs_as_written():
-    [code] = _blocks(_section("## What a payload can hold"), "python")[:1]
-    exec(compile(code, "README.md#what-a-payload-can-hold", "exec"), {})
+    numpy_block, torch_block = _blocks(_section("## What a payload can hold"), "python")
+    exec(compile(numpy_block, "README.md#what-a-payload-can-hold", "exec"), {})
+    pytest.importorskip("torch", reason="the torch example needs torch")
+    ns: dict = {}
+    exec(compile(torch_block, "README.md#what-a-payload-can-hold-torch", "exec"), ns)
+    assert ns["owned"]["turns"][1].tolist() == list(range(5))
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))

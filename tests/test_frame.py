@@ -174,3 +174,28 @@ def test_random_byte_flips_never_escape(pos, val):
     for v in p.values():
         if v.nbytes:
             assert base <= v.ctypes.data and v.ctypes.data + v.nbytes <= base + len(b)
+
+
+TREES = [b"", b"\xff", b"[]", b"{}", b'{"d": []}', b'{"d": {"x": {}}}', b'{"d": {"x": {"a": 9}}}',
+         b'{"d": {"x": {"a": "0"}}}', b'{"d": {"x": {"a": -1}}}', b'{"d": {"x": {"r": [0]}}}',
+         b'{"d": {"x": {"r": [0, 0]}}}', b'{"d": {"x": {"rs": [1, 0]}}}', b'{"l": [{"a": 0}]}',
+         b'{"d": {"x": {"zz": 1}}}', b'{"d": {"x": {"s": 0}}}', b'{"d": {"x": {"l": {}}}}',
+         b'{"d": {"x": {"v": [1, 2]}}}', b'{"d": {"x": {"d": {"y": {"a": true}}}}}',
+         b'{"d": {"x": ' + b'{"l": [' * 80 + b'{"a": 0}' + b"]}" * 80 + b"}}"]
+
+
+@pytest.mark.parametrize("tree_json", TREES, ids=range(len(TREES)))
+def test_corrupt_layout_tree_is_a_frame_error_never_a_crash(tree_json):
+    """The layout tree of a structured frame is input like any other: every malformed tree
+    (bad JSON, wrong node kinds, field indices out of range or of the wrong type, offsets
+    that do not fit, nesting too deep) is a FrameError, never another exception or a view
+    past its field."""
+    from shm import tree
+
+    arrays = [np.arange(4, dtype=np.int64), np.array([0, 5], np.int64)]
+
+    def fail(msg):
+        raise FrameError(msg)
+
+    with pytest.raises(FrameError):
+        tree.rebuild(tree_json, arrays, fail)

@@ -58,3 +58,23 @@ def test_take_into_device_memory(make_ring, ring_name, serve):
     assert len(got) == 2
     np.testing.assert_array_equal(cupy.asnumpy(got[0]["x"]), np.arange(1000, dtype=np.float32))
     assert cupy.asnumpy(got[1].raw).tobytes() == b"raw bytes on the gpu"
+
+
+def test_torch_tensors_on_the_gpu_and_cupy_input(make_ring, ring_name, serve):
+    """tensor_type="torch" with device="cuda" hands out CUDA torch tensors (DLPack, no copy);
+    a cupy array put into the ring is copied device-to-host straight into the slot."""
+    cupy = _cupy()
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    from clients import TransportClient
+
+    ring = make_ring(slots=4, slot_bytes=1 << 20)
+    serve(ring_name)
+    src = cupy.arange(1000, dtype=cupy.int32)
+    ref = ring.put({"ids": src, "r": [np.arange(3), np.arange(2)]})
+    with TransportClient(device="cuda", tensor_type="torch", local_fast_path=False) as c:
+        p = c.fetch(ref)
+        assert isinstance(p["ids"], torch.Tensor) and p["ids"].is_cuda
+        assert p["ids"].cpu().tolist() == list(range(1000))
+        assert p["r"].padded(-1).cpu().tolist() == [[0, 1, 2], [0, 1, -1]]
