@@ -12,7 +12,9 @@ Process layout (spawned, never forked), kept alive across sizes:
 
 Every system runs the same sizes with the same number of client processes;
 each row reports payloads/s, GB/s, latency p50/p99/p99.9 and CPU%/RSS per
-role, and every "ours" row its ratio to each baseline.
+role (the median of --reps repetitions, with min-max), and every "ours" row its
+ratio to each baseline on a line that names both systems, the size, the metric
+and the process layout.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import uuid
 
 import numpy as np
 
+from ucxx_transport.config import help_text, resolve
 from ucxx_transport.units import format_size, parse_duration, parse_size
 
 log = logging.getLogger("benchmarks.end_to_end")
@@ -36,6 +39,9 @@ log = logging.getLogger("benchmarks.end_to_end")
 QUICK_SIZES = "4KiB,1MiB"
 DEFAULT_SIZES = "4KiB,64KiB,1MiB,16MiB,64MiB"
 LAT_SAMPLES = 50_000
+#: timed repetitions of each (system, size) phase, and of each case in batch mode (--reps)
+DEFAULT_REPS = 1
+BATCH_REPS = 3
 FRAME_OVERHEAD = 64 + 192 + 64  # header + one field entry + alignment slack
 
 
@@ -441,20 +447,8 @@ def run_bench(a) -> dict:
                 for _, c in clients:
                     _recv(c, 60, kind)
                 for size in sizes:
-                    for _, pc in prods:
-                        pc.send(("fill", size, mode in ("get", "local")))
-                    row = _phase(kind, size, clients, duration, warmup,
-                                 {"server": [sp.pid], "producers": [p.pid for p, _ in prods]})
-                    for _, pc in prods:
-                        pc.send(("stop",))
-                    pstats = [_recv(pc, 60, "producer") for _, pc in prods]
-                    _drain(refq, ring)
-                    sconn.send(("lag", max(1, int((duration + warmup) * 10))))
-                    row["server_loop_lag_p99_ms"] = (lambda v: None if v is None else v * 1e3)(_recv(sconn, 30, "server"))
-                    puts = sum(s["puts"] for s in pstats)
-                    put_s = sum(s["put_s"] for s in pstats)
-                    row["put_gbps"] = (puts * size / put_s / 1e9) if put_s else None
-                    rows.append(row)
+                    rows.append(_combine([_ours_phase(kind, mode, size, clients, prods, refq, ring, sconn, sp,
+                                                      duration, warmup) for _ in range(a.reps)]))
                     progress.update(1)
                 for _, c in clients:
                     c.send(("exit",))
@@ -467,12 +461,12 @@ def run_bench(a) -> dict:
         if "raw-ucxx" in baselines:  # the server sends from host memory, as ours does from the ring
             _run_baseline(ctx, procs, progress, rows, "raw-ucxx", sizes, duration, warmup, a.clients,
                           (_raw_server_worker, a.progress_mode, max_size),
-                          {"progress_mode": a.progress_mode, "device": a.device})
+                          {"progress_mode": a.progress_mode, "device": a.device}, a.reps)
         if "zmq" in baselines:
             _run_baseline(ctx, procs, progress, rows, "zmq", sizes, duration, warmup, a.clients,
-                          (_zmq_server_worker, max_size), {})
+                          (_zmq_server_worker, max_size), {}, a.reps)
         if "memcpy" in baselines:
-            _run_baseline(ctx, procs, progress, rows, "memcpy", sizes, duration, warmup, a.clients, None, {})
+            _run_baseline(ctx, procs, progress, rows, "memcpy", sizes, duration, warmup, a.clients, None, {}, a.reps)
         progress.close()
     finally:
         for p in procs:
@@ -481,15 +475,47 @@ def run_bench(a) -> dict:
                 p.kill()
         ring.close()
         ring.unlink()
+    config = {"sizes": sizes, "duration_s": duration, "warmup_s": warmup, "reps": a.reps, "producers": a.producers,
+              "clients": a.clients, "ports": a.ports, "modes": modes, "device": a.device,
+              "progress_mode": a.progress_mode, "baselines": baselines}
     return {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": "ucxx-transport bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
-            "config": {"sizes": sizes, "duration_s": duration, "warmup_s": warmup, "producers": a.producers,
-                       "clients": a.clients, "ports": a.ports, "modes": modes, "device": a.device,
-                       "progress_mode": a.progress_mode, "baselines": baselines},
-            "notes": notes, "results": rows, "ratios": _ratios(rows)}
+            "config": config, "notes": notes, "results": rows, "ratios": _ratios(rows, config)}
 
 
-def _run_baseline(ctx, procs, progress, rows, kind, sizes, duration, warmup, n_clients, server, client_args):
+def _ours_phase(kind, mode, size, clients, prods, refq, ring, sconn, sp, duration, warmup) -> dict:
+    """One repetition of one of our modes at one size: producers fill the ring (and
+    queue refs for get/local) while the clients measure."""
+    for _, pc in prods:
+        pc.send(("fill", size, mode in ("get", "local")))
+    row = _phase(kind, size, clients, duration, warmup,
+                 {"server": [sp.pid], "producers": [p.pid for p, _ in prods]})
+    for _, pc in prods:
+        pc.send(("stop",))
+    pstats = [_recv(pc, 60, "producer") for _, pc in prods]
+    _drain(refq, ring)
+    sconn.send(("lag", max(1, int((duration + warmup) * 10))))
+    lag = _recv(sconn, 30, "server")
+    row["server_loop_lag_p99_ms"] = None if lag is None else lag * 1e3
+    puts = sum(st["puts"] for st in pstats)
+    put_s = sum(st["put_s"] for st in pstats)
+    row["put_gbps"] = (puts * size / put_s / 1e9) if put_s else None
+    return row
+
+
+def _combine(reps: list[dict]) -> dict:
+    """One row from the repetitions of a phase: the figures of the median repetition (by
+    GB/s), with the min and max of throughput and latency over all of them."""
+    row = dict(sorted(reps, key=lambda r: r["gbps"])[len(reps) // 2])
+    row["reps"] = len(reps)
+    for k in ("payloads_per_s", "gbps", "lat_p50_us", "lat_p99_us"):
+        vals = [r[k] for r in reps if r[k] is not None]
+        row[f"{k}_min"], row[f"{k}_max"] = (min(vals), max(vals)) if vals else (None, None)
+    return row
+
+
+def _run_baseline(ctx, procs, progress, rows, kind, sizes, duration, warmup, n_clients, server, client_args,
+                  reps=1):
     """Spawn the baseline's server (``(target, *args)`` or None) and clients; measure every size."""
     sp = sconn = None
     cargs = dict(client_args)
@@ -502,7 +528,8 @@ def _run_baseline(ctx, procs, progress, rows, kind, sizes, duration, warmup, n_c
     for _, c in clients:
         _recv(c, 60, f"{kind} client")
     for size in sizes:
-        rows.append(_phase(kind, size, clients, duration, warmup, {"server": [sp.pid]} if sp else None))
+        rows.append(_combine([_phase(kind, size, clients, duration, warmup, {"server": [sp.pid]} if sp else None)
+                              for _ in range(reps)]))
         progress.update(1)
     for _, c in clients:
         c.send(("exit",))
@@ -571,9 +598,41 @@ def _phase(kind: str, size: int, clients, duration: float, warmup: float, others
                        **{role: after[role][1] / 2**20 for role in others}}}
 
 
-def _ratios(rows: list[dict]) -> list[dict]:
+#: what each of our systems measures (ratio lines name it)
+SYSTEM_WHAT = {"ours-get": "GET by ref over UCX", "ours-take": "TAKE over UCX", "ours-local": "same-host local path",
+               "raw-ucxx": "raw ucxx tag send/recv", "zmq": "pyzmq REQ/REP tcp", "memcpy": "np.copyto"}
+
+
+def layout(config: dict, system: str) -> str:
+    """The process layout behind a system's figures."""
+    clients, producers = _n(config["clients"], "client process"), _n(config["producers"], "producer")
+    if system == "ours-local":
+        return f"{clients}, {producers}, same host (shared memory, no server hop)"
+    if system.startswith("ours"):
+        return f"{clients}, 1 server ({config['ports']} ports), {producers}"
+    if system == "put":
+        return f"{producers} vs {_n(config['clients'], 'np.copyto process')}, GB/s per process"
+    if system == "memcpy":
+        return _n(config["clients"], "np.copyto process")
+    return f"{clients}, 1 server"
+
+
+def _n(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "es" if what.endswith("s") else "s")
+
+
+def _ratios(rows: list[dict], config: dict) -> list[dict]:
+    """Ours over each baseline at the same size. Every entry's ``label`` says what it
+    compares (the two systems, the size, the metric) and ``layout`` the processes; no two
+    entries share a label."""
     by = {(r["system"], r["size"]): r for r in rows}
     out = []
+
+    def add(ours: str, base: str, size: int, metric: str, ratio: float, lay: str):
+        label = f"{ours} / {base} at {format_size(size)}, {metric}"
+        out.append({"size": size, "ours": ours, "baseline": base, "metric": metric, "ratio": ratio,
+                    "label": label, "layout": lay})
+
     for r in rows:
         if not r["system"].startswith("ours"):
             continue
@@ -581,10 +640,12 @@ def _ratios(rows: list[dict]) -> list[dict]:
         for b in base:
             other = by.get((b, r["size"]))
             if other and other["payloads_per_s"] > 0:
-                out.append({"size": r["size"], "ours": r["system"], "baseline": b,
-                            "ratio": r["payloads_per_s"] / other["payloads_per_s"]})
+                add(r["system"], b, r["size"], "payloads/s", r["payloads_per_s"] / other["payloads_per_s"],
+                    f"{layout(config, r['system'])}; {b}: {layout(config, b)}")
+        # the producers' put speed while this mode ran, per process, against one np.copyto process
         if r.get("put_gbps") and (m := by.get(("memcpy", r["size"]))) and m["gbps"] > 0:
-            out.append({"size": r["size"], "ours": "put", "baseline": "memcpy", "ratio": r["put_gbps"] / m["gbps"]})
+            add(f"put (during {r['system']})", "memcpy", r["size"], "GB/s",
+                r["put_gbps"] / (m["gbps"] / config["clients"]), layout(config, "put"))
     return out
 
 
@@ -608,17 +669,24 @@ def _progress(total: int, quick: bool):
 def format_table(report: dict) -> str:
     st = report["machine"].get("ucx_settings", {})
     lines = ["UCX: " + " ".join(f"{k}={v}" for k, v in sorted(st.items()) if k.startswith("UCX_TCP"))]
-    lines += [f"{'system':>11} {'size':>7} {'payloads/s':>11} {'GB/s':>7} {'p50 us':>8} {'p99 us':>8} "
-             f"{'p99.9 us':>9} {'cli CPU%':>8} {'srv CPU%':>8} {'loop lag p99 ms':>15}"]
+    reps = report["config"].get("reps", 1)
+    if reps > 1:
+        lines.append(f"each row: the median of {reps} repetitions (by GB/s); GB/s min-max over all of them")
+    lines += [f"{'system':>11} {'size':>7} {'payloads/s':>11} {'GB/s':>7} " + (f"{'GB/s min-max':>13} " if reps > 1
+                                                                               else "") +
+              f"{'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} {'cli CPU%':>8} {'srv CPU%':>8} {'loop lag p99 ms':>15}"]
     for r in report["results"]:
         lag = r.get("server_loop_lag_p99_ms")
-        lines.append(f"{r['system']:>11} {format_size(r['size']):>7} {r['payloads_per_s']:11.0f} {r['gbps']:7.3f} "
+        spread = f"{r['gbps_min']:.3f}-{r['gbps_max']:.3f}" if reps > 1 else ""
+        lines.append(f"{r['system']:>11} {format_size(r['size']):>7} {r['payloads_per_s']:11.0f} {r['gbps']:7.3f} " +
+                     (f"{spread:>13} " if reps > 1 else "") +
                      f"{_f(r['lat_p50_us']):>8} {_f(r['lat_p99_us']):>8} {_f(r['lat_p999_us']):>9} "
                      f"{r['cpu_pct']['clients']:8.0f} {_f(r['cpu_pct'].get('server')):>8} {_f(lag, 2):>15}")
     lines.append("")
-    lines.append("ratios (ours / baseline, payloads per second at the same size):")
+    lines.append("ratios at the same size (ours / baseline; each line names its metric and process layout):")
+    width = max((len(q["label"]) for q in report["ratios"]), default=0)
     for q in report["ratios"]:
-        lines.append(f"  {q['ours']:>10} / {q['baseline']:<8} {format_size(q['size']):>7}: {q['ratio']:.2f}x")
+        lines.append(f"  {q['label']:<{width}}: {q['ratio']:6.2f}x  [{q['layout']}]")
     for n in report.get("notes", []):
         lines.append(f"note: {n}")
     return "\n".join(lines)
@@ -628,7 +696,9 @@ def _f(v, nd=0):
     return "-" if v is None else f"{v:.{nd}f}"
 
 
-def plot(report: dict, path: str) -> None:
+def plot(report: dict, path: str):
+    """Write a PNG: GB/s vs payload size (min-max bars over repetitions) and latency p50/p99;
+    returns the matplotlib Figure."""
     try:
         import matplotlib
 
@@ -636,22 +706,40 @@ def plot(report: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("--plot needs matplotlib: pip install 'ucxx-transport[bench]'") from None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    systems = sorted({r["system"] for r in report["results"]})
-    for s in systems:
-        rs = sorted((r for r in report["results"] if r["system"] == s), key=lambda r: r["size"])
-        ax.plot([r["size"] for r in rs], [r["gbps"] for r in rs], marker="o", label=s)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("payload size (bytes)")
-    ax.set_ylabel("GB/s")
-    m = report["machine"]
-    ax.set_title(f"ucxx-transport bench ({m.get('cpus')} CPUs, UCX {m.get('ucx', '?')}, "
-                 f"{report['config']['progress_mode']})", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    results = report["results"]
+    sizes = sorted({r["size"] for r in results})
+    fig, (ax, axl) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, system in enumerate(sorted({r["system"] for r in results})):
+        rs = sorted((r for r in results if r["system"] == system), key=lambda r: r["size"])
+        x, y = [r["size"] for r in rs], [r["gbps"] for r in rs]
+        # min-max over the repetitions (none drawn with one repetition)
+        err = [[v - r.get("gbps_min", v) for v, r in zip(y, rs)], [r.get("gbps_max", v) - v for v, r in zip(y, rs)]]
+        color = f"C{i}"
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=color, label=f"{system} ({SYSTEM_WHAT[system]})")
+        lat = [(r["size"], r["lat_p50_us"], r["lat_p99_us"]) for r in rs if r["lat_p50_us"] is not None]
+        if lat:
+            axl.plot([v[0] for v in lat], [v[1] for v in lat], marker="o", color=color, label=f"{system} p50")
+            axl.plot([v[0] for v in lat], [v[2] for v in lat], marker="x", linestyle="--", color=color,
+                     label=f"{system} p99")
+    for a_ in (ax, axl):
+        a_.set_xscale("log", base=2)
+        a_.set_yscale("log")
+        a_.set_xticks(sizes, [format_size(n) for n in sizes])
+        a_.minorticks_off()
+        a_.set_xlabel("payload size")
+        a_.grid(True, which="both", alpha=0.3)
+    ax.set_ylabel("GB/s" + (f" (median of {report['config'].get('reps')} reps, bars: min-max)"
+                            if report["config"].get("reps", 1) > 1 else ""))
+    axl.set_ylabel("latency per payload (us)")
+    axl.set_title("latency p50 (solid) and p99 (dashed)", fontsize=9)
+    m, c = report["machine"], report["config"]
+    ax.set_title(f"ucxx-transport bench ({m.get('cpus')} CPUs, UCX {m.get('ucx', '?')}, {c['progress_mode']}; "
+                 f"{layout(c, 'ours-get')})", fontsize=9)
+    ax.legend(fontsize=7)
+    axl.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig
 
 
 # ================================================================ CLI ========
@@ -672,22 +760,27 @@ def add_parser(sub) -> None:
     b.add_argument("--mode", default=None, help="our path(s): get, take, local, comma-separated (default get; "
                                                 "--quick: get,local)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="receive into host or GPU memory")
-    b.add_argument("--progress-mode", default=os.environ.get("UCXX_TRANSPORT_PROGRESS_MODE", "adaptive"),
-                   help="UCX progress mode for ours and raw ucxx [env UCXX_TRANSPORT_PROGRESS_MODE; default adaptive]")
+    b.add_argument("--progress-mode", default=None, help="for ours and raw ucxx: " + help_text("progress_mode"))
     b.add_argument("--baselines", default="raw-ucxx,zmq,memcpy", help="comma-separated (default all)")
     b.add_argument("--batch", nargs="?", const="256x4KiB,256x64KiB,64x1MiB,8x64MiB", default=None, metavar="CASES",
                    help="batch mode: one trainer pulls COUNTxSIZE payloads (fetch_many, take) vs pyzmq PUSH/PULL "
                         "and raw ucxx pipelined, timed request to last byte (default cases "
                         "256x4KiB,256x64KiB,64x1MiB,8x64MiB; with --quick 256x4KiB)")
-    b.add_argument("--reps", type=int, default=3, help="batch mode: timed repetitions per case, best kept (default 3)")
+    b.add_argument("--reps", type=int, default=None,
+                   help=f"timed repetitions: per size and system, the median kept with min-max bars (default "
+                        f"{DEFAULT_REPS}); batch mode: per case, the best kept (default {BATCH_REPS})")
     b.add_argument("--json", help="write every figure and the machine description to this file")
     b.add_argument("--plot", help="write a PNG of GB/s vs payload size (needs matplotlib)")
     b.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(a) -> int:
+    a.progress_mode = resolve("progress_mode", a.progress_mode)
+    if a.reps is not None and a.reps < 1:
+        raise ValueError("--reps must be >= 1")
     if a.batch is not None:
         return _cmd_batch(a)
+    a.reps = a.reps or DEFAULT_REPS
     a.sizes = a.sizes or (QUICK_SIZES if a.quick else DEFAULT_SIZES)
     a.duration = parse_duration(a.duration or ("1.5s" if a.quick else "10s"), what="--duration")
     a.warmup = parse_duration(a.warmup or ("0.3s" if a.quick else "1s"), what="--warmup")
@@ -724,7 +817,7 @@ def _cmd_batch(a) -> int:
     from benchmarks import batch
 
     cases = batch.parse_cases(batch.QUICK_CASES if a.quick and a.batch == batch.DEFAULT_CASES else a.batch)
-    report = batch.run(cases, reps=max(1, a.reps), baselines=[x for x in a.baselines.split(",") if x != "memcpy"])
+    report = batch.run(cases, reps=a.reps or BATCH_REPS, baselines=[x for x in a.baselines.split(",") if x != "memcpy"])
     print(batch.header(report))
     print(batch.format_table(report))
     if a.json:
