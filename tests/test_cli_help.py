@@ -66,3 +66,19 @@ def test_log_flags_validated_after_every_command(cmd, flag, value, says, capsys)
         cli.build_parser().parse_args([cmd, *BASE_ARGS.get(cmd, []), flag, value])
     assert e.value.code == cli.ExitCode.USAGE
     assert says in capsys.readouterr().err
+
+
+def test_quick_start_rings_are_laptop_sized_and_their_memory_is_stated():
+    import pathlib
+    import re
+
+    from shm.layout import segment_size
+    from ucxx_transport.units import parse_size
+
+    ops = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "OPERATIONS.md").read_text()
+    for where, text in (("ucxx-transport --help", cli.build_parser().epilog), ("docs/OPERATIONS.md", ops)):
+        m = re.search(r"ucxx-transport serve [^\n]*--slots (\d+) --slot-bytes (\S+)", text)
+        total = segment_size(int(m[1]), parse_size(m[2]))[0]
+        assert total <= 256 << 20, f"{where}: the first serve example takes {total >> 20} MiB of /dev/shm"
+        assert f"{round(total / 2**20)} MiB" in text, where
+    assert "not there yet" not in ops
