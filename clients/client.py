@@ -215,7 +215,6 @@ class TransportClient:
         self._local_addrs = _local_addresses()
         self._stats = collections.Counter()
         self._latency = Reservoir()
-        self._round_hook = None  # tests: called as hook(round_index, pending_refs) before rounds > 0
 
     # ----------------------------------------------------------- lifetime --
     def _ucx_loop(self) -> asyncio.AbstractEventLoop:
@@ -990,8 +989,6 @@ class TransportClient:
             if not pending:
                 break
             if rnd:
-                if self._round_hook is not None:
-                    self._round_hook(rnd, [refs[i] for i in pending])
                 self._stats["rounds_retried"] += 1
                 log.info("batch round %d: retrying %d ref(s)", rnd + 1, len(pending))
                 await asyncio.sleep(min(0.05 * rnd, 0.5))

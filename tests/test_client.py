@@ -20,6 +20,7 @@ from clients import (
     UCXXDataPackerMixin,
 )
 from tests import helpers
+from tests.fake_peers import SilentPeer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,10 +45,18 @@ def test_rotation_successive_calls_successive_ports(make_ring, ring_name, serve)
     assert counts[:3] == [2, 2, 2] and counts[3] == 3
 
 
-def test_wedged_port_quarantined_skipped_then_eligible(make_ring, ring_name, serve):
+@pytest.fixture
+def silent_peer():
+    peer = SilentPeer()  # accepts, never answers: a wedged port (tests/fake_peers.py)
+    yield peer
+    peer.stop()
+
+
+def test_wedged_port_quarantined_skipped_then_eligible(make_ring, ring_name, serve, silent_peer):
     ring = make_ring(slots=16)
-    srv = serve(ring_name, "--n-ports", "2", "--fault-silent-port", "0")
-    refs = put_many(ring, 6)
+    srv = serve(ring_name, "--n-ports", "1")
+    ports = [silent_peer.port, srv.ports[0]]  # the server's port 0 is wedged
+    refs = [with_ports(r, "127.0.0.1", ports) for r in put_many(ring, 6)]
     with TransportClient(local_fast_path=False, timeout=0.5, quarantine_s=1.5) as c:
         t0 = time.monotonic()
         assert c.fetch(refs[0])["i"] == 0  # port 0 times out -> quarantined -> port 1 serves
@@ -58,14 +67,14 @@ def test_wedged_port_quarantined_skipped_then_eligible(make_ring, ring_name, ser
             c.fetch(r)
         assert c.stats()["attempts"] - attempts == 3 and c.stats()["quarantines"] == 1
         time.sleep(1.6)  # quarantine expiry is a matter of time, not of an event
-        assert not c._pool.is_quarantined("127.0.0.1", srv.ports[0])
+        assert not c._pool.is_quarantined("127.0.0.1", silent_peer.port)
         c.fetch(refs[4])  # may start on port 0 again -> timeout -> quarantined again -> port 1
         c.fetch(refs[5])
         assert c.stats()["quarantines"] == 2
         # every port quarantined: the call uses them all anyway (never starve)
-        for p in srv.ports:
+        for p in ports:
             c._pool.quarantine("127.0.0.1", p, "test")
-        ref = ring.put({"x": np.ones(3)})
+        ref = with_ports(ring.put({"x": np.ones(3)}), "127.0.0.1", ports)
         got = 0
         for _ in range(2):
             try:
@@ -104,23 +113,27 @@ def test_stale_tried_exactly_once(make_ring, ring_name, serve):
     assert reqs.get("GET:STALE") == 1
 
 
-def test_transient_failure_in_round_1_succeeds_in_round_2(make_ring, ring_name, serve):
+def test_transient_failure_in_round_1_succeeds_in_round_2(make_ring, ring_name, serve, monkeypatch):
     ring = make_ring(slots=8)
     serve(ring_name)
     refs = put_many(ring, 3)
     lease = ring.claim(refs[1])  # BUSY over the network while we hold it
     rounds = []
 
-    def release_before_round(rnd, pending):
-        rounds.append((rnd, [r.key for r in pending]))
-        if lease is not None and not lease.finalised:
-            lease.nack()
-
     with TransportClient(local_fast_path=False, max_attempts=1, max_rounds=3) as c:
-        c._round_hook = release_before_round
+        real_getv = c._getv_once
+
+        async def getv_then_release(batch, *args, **kw):  # wraps the exchange: the holder lets go after it
+            out = await real_getv(batch, *args, **kw)
+            rounds.append([r.key for r in batch])
+            if not lease.finalised:
+                lease.nack()
+            return out
+
+        monkeypatch.setattr(c, "_getv_once", getv_then_release)
         res = c.fetch_many(refs)
     assert [r.ok for r in res] == [True, True, True]
-    assert rounds == [(1, [refs[1].key])]
+    assert rounds == [[r.key for r in refs], [refs[1].key]]  # round 2 asked again for the BUSY one only
     assert [int(r.payload["i"]) for r in res] == [0, 1, 2]
 
 
@@ -312,11 +325,11 @@ class Packer(UCXXDataPackerMixin):
         self.failed.append((ref, error))
 
 
-def test_mixin_timed_out_batch_never_fills_the_next(make_ring, ring_name, serve):
+def test_mixin_timed_out_batch_never_fills_the_next(make_ring, ring_name, serve, silent_peer):
     ring = make_ring(slots=16)
-    srv = serve(ring_name, "--n-ports", "2", "--fault-silent-port", "0")
+    serve(ring_name, "--n-ports", "2")
     refs = put_many(ring, 6)
-    wedged = [with_ports(r, "127.0.0.1", [srv.ports[0]]) for r in refs[:2]]  # only the silent port
+    wedged = [with_ports(r, "127.0.0.1", [silent_peer.port]) for r in refs[:2]]  # only a silent port
     good = refs[2:5]
     packer = Packer(local_fast_path=False, timeout=1.0, max_attempts=1, max_rounds=1)
     try:

@@ -209,8 +209,7 @@ def _serve(a, ring, token, knobs) -> int:
 
     srv = TransportServer(ring, host=a.host, ports=knobs["ports"], n_ports=a.n_ports, token=token,
                           ack_timeout_s=knobs["ack_timeout_s"], idle_timeout_s=knobs["idle_timeout_s"],
-                          progress_mode=a.progress_mode, max_take=knobs["max_take"], min_rate=knobs["min_rate"],
-                          _fault={"silent_port_index": a.fault_silent_port} if a.fault_silent_port is not None else None)
+                          progress_mode=a.progress_mode, max_take=knobs["max_take"], min_rate=knobs["min_rate"])
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -362,7 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("slots", "slot_bytes", "on_full", "host", "ports", "n_ports", "token_file", "progress_mode",
                  "metrics_port", "metrics_host", "ack_timeout_s", "idle_timeout_s", "max_take", "min_rate"):
         _add(s, name)
-    s.add_argument("--fault-silent-port", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     s.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("status", help="show a ring's slots (--ring) or a running server's metrics (--address); "

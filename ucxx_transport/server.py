@@ -160,7 +160,7 @@ class TransportServer:
     """
 
     def __init__(self, ring, *, host=None, ports=None, n_ports=None, token=None, ack_timeout_s=None,
-                 idle_timeout_s=None, progress_mode=None, max_take=None, min_rate=None, _fault=None):
+                 idle_timeout_s=None, progress_mode=None, max_take=None, min_rate=None):
         self._own_ring = isinstance(ring, str)
         self.ring: RingBuffer = RingBuffer.attach(ring) if isinstance(ring, str) else ring
         self._host = resolve("host", host) or default_host()
@@ -179,7 +179,6 @@ class TransportServer:
         self._idle_timeout = resolve("idle_timeout_s", idle_timeout_s)
         self._mode = resolve("progress_mode", progress_mode)
         self._max_take = min(resolve("max_take", max_take), MAX_TAKE)
-        self._fault = _fault or {}
         self.metrics = ServerMetrics()
         self._ring_id = bytes.fromhex(self.ring.ring_id)
         self._min_rate = resolve("min_rate", min_rate)
@@ -410,8 +409,6 @@ class TransportServer:
         authed = self._token is None
         buf = np.empty(GETV_MAX_BYTES, np.uint8)  # a request, or a GETV with its entry table
         try:
-            if self._fault.get("silent_port_index") == port_index:
-                await asyncio.sleep(3600)  # fault injection: accept, never answer
             while True:
                 conn.phase, conn.deadline = "idle", time.monotonic() + self._idle_timeout
                 buf[:] = 0  # a short message must never leave the previous request to be parsed again
