@@ -995,13 +995,17 @@ class TransportClient:
             tasks = []
             groups: dict = collections.defaultdict(list)
             here: dict = {}  # id(ring) -> (ring, indices): same-host refs, claimed a ring at a time
+            rings: dict = {}  # (ring, ring id, host) -> this host's ring or None: looked up once a round
             for i in pending:
                 ref = checked[i]
                 try:
                     if self.device != "cpu":
                         tasks.append(one(i))
                         continue
-                    ring = self._local_ring(ref)
+                    where = (ref.ring, ref.ring_id, ref.host)
+                    if where not in rings:
+                        rings[where] = self._local_ring(ref)
+                    ring = rings[where]
                     if ring is not None:
                         here.setdefault(id(ring), (ring, []))[1].append(i)
                         continue

@@ -58,7 +58,6 @@ MAX_NAME_BYTES = 64
 MAX_DTYPE_BYTES = 32
 #: a frame with more fields than this is treated as corrupt
 MAX_FIELDS = 4096
-EMPTY_META: dict = {}
 _U8 = np.dtype(np.uint8)  # builtin dtypes are singletons: ``is`` is a cheap exact test
 
 
@@ -410,7 +409,7 @@ def parse_index(buf, length: int | None = None, *, tail=None) -> FrameIndex:
         tab, base = memoryview(tail).cast("B"), table_off
         if len(tab) < total - table_off:
             _fail("index tail shorter than the field table and metadata")
-    meta = EMPTY_META
+    meta: dict = {}  # a fresh dict per payload: a reader may modify its meta
     if meta_len:
         try:
             meta = json.loads(bytes(tab[meta_off - base : meta_off - base + meta_len]).decode("utf-8"))

@@ -199,3 +199,13 @@ def test_corrupt_layout_tree_is_a_frame_error_never_a_crash(tree_json):
 
     with pytest.raises(FrameError):
         tree.rebuild(tree_json, arrays, fail)
+
+
+def test_meta_of_one_payload_is_its_own():
+    """A payload without meta gets a fresh {} (a shared one, modified by one reader, once
+    showed up as every later payload's meta)."""
+    buf = bytearray(4096)
+    n = encode_into(buf, {"x": np.arange(2)})
+    a, b = decode(memoryview(buf)[:n]), decode(memoryview(buf)[:n])
+    a.meta["seen"] = True
+    assert b.meta == {} and decode(memoryview(buf)[:n]).meta == {}
