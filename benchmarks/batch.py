@@ -9,6 +9,9 @@ Systems (each a separate process pair, spawned; same loopback, same UCX settings
 * ours fetch_many : the ring holds the B payloads (published before the clock starts);
   a trainer process calls ``TransportClient.fetch_many(refs)`` (local fast path off);
 * ours take       : the trainer calls ``take(n=...)`` until it has all B;
+* ours local      : the same trainer process, same host, ``fetch_many`` with the local fast
+  path on: the B payloads claimed from shared memory, decoded and acked (no network);
+  compared with ``memcpy`` (B copies of S bytes between warm buffers in one process);
 * pyzmq           : PUSH/PULL over tcp loopback, ``copy=False`` both ways: the receiver asks
   (one message), the sender pushes the same B x S bytes;
 * raw ucxx        : one request, the server sends B tag messages pipelined over one endpoint
@@ -65,16 +68,17 @@ def _trainer(address, conn) -> None:
     import shm
     from clients import TransportClient
 
-    with TransportClient(local_fast_path=False, timeout=30.0) as c:
+    with TransportClient(local_fast_path=False, timeout=30.0) as c, \
+            TransportClient(local_fast_path=True, timeout=30.0) as local:
         c.ping(address)  # connect before the clock runs: the first call's connect is not the batch
         while True:
             cmd = conn.recv()
             if cmd[0] == "stop":
                 break
-            if cmd[0] == "fetch_many":
+            if cmd[0] in ("fetch_many", "local"):
                 refs = [shm.SlotRef.from_dict(d) for d in cmd[1]]
                 t0 = time.perf_counter()
-                res = c.fetch_many(refs)
+                res = (c if cmd[0] == "fetch_many" else local).fetch_many(refs)
                 dt = time.perf_counter() - t0
                 bad = [r.error for r in res if not r.ok]
                 got = [r.payload for r in res if r.ok]
@@ -109,7 +113,7 @@ class _Ours:
 
     def run(self, mode: str) -> float:
         refs = [self.ring.put(self.payload).to_dict() for _ in range(self.b)]  # before the clock
-        self.tp.send((mode, refs if mode == "fetch_many" else self.b))
+        self.tp.send((mode, refs if mode in ("fetch_many", "local") else self.b))
         dt, nbytes, errors = self.tp.recv()
         if errors:
             raise RuntimeError(f"{mode}: {errors}")
@@ -282,6 +286,8 @@ def run(cases, reps: int = 5, baselines=("zmq", "raw-ucxx")) -> dict:
                 for rep in range(reps + 1):
                     for name, fn in (("fetch_many", lambda: ours.run("fetch_many")),
                                      ("take", lambda: ours.run("take")),
+                                     ("local", lambda: ours.run("local")),
+                                     ("memcpy", lambda: _memcpy(b, s)),
                                      ("zmq", (lambda: zmq_sys.run(b, s)) if zmq_sys else None),
                                      ("raw_ucxx", (lambda: raw_sys.run(b, s)) if raw_sys else None)):
                         if fn is not None:
@@ -300,6 +306,7 @@ def run(cases, reps: int = 5, baselines=("zmq", "raw-ucxx")) -> dict:
                 for base in ("zmq", "raw_ucxx"):
                     if f"{base}_s" in row:
                         row[f"{mode}_vs_{base}"] = row[f"{base}_s"] / row[f"{mode}_s"]
+            row["local_vs_memcpy"] = row["memcpy_s"] / row["local_s"]
             rows.append(row)
     finally:
         if zmq_sys:
@@ -325,7 +332,23 @@ def format_table(report: dict) -> str:
                     f"{r.get(f'{mode}_vs_raw_ucxx', float('nan')):5.2f}x)")
         lines.append(f"{r['case']:<16} {cell('fetch_many'):<34} {cell('take'):<28} "
                      f"{r.get('zmq_GBps', float('nan')):8.3f}  {r.get('raw_ucxx_GBps', float('nan')):8.3f}")
+    lines.append("same host      local fetch_many ms (claimed, decoded, acked)   memcpy ms (B copies of S)   "
+                 "local / memcpy (speed)")
+    for r in report["rows"]:
+        lines.append(f"{r['case']:<16} {r['local_s'] * 1e3:10.3f}{'':38} {r['memcpy_s'] * 1e3:10.3f}"
+                     f"{'':17} {r['local_vs_memcpy']:5.2f}x")
     return "\n".join(lines)
+
+
+def _memcpy(b: int, s: int) -> float:
+    """B separate copies of S bytes between warm buffers: the bytes a same-host batch reads."""
+    src = np.full((b, s), 7, np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # warm
+    t0 = time.perf_counter()
+    for i in range(b):
+        np.copyto(dst[i], src[i])
+    return time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
