@@ -27,8 +27,9 @@ class HeldDelivery:
     #: a payload this client already returned once may be among the items (TAKE after a crash)
     may_repeat = True
 
-    def __init__(self, client, pe, rid: int, items: list, hold_s: float):
-        self._client = client
+    def __init__(self, ledger, net, pe, rid: int, items: list, hold_s: float):
+        self._ledger = ledger  # clients.ledger.Ledger: what this client delivered
+        self._net = net  # clients.endpoints.Connector: confirms the settle, takes the endpoint back
         self._pe = pe
         self._rid = rid
         #: [(key, payload)] in delivery order
@@ -68,19 +69,19 @@ class HeldDelivery:
         if self.settled or self._pe is None:
             return self._settle_empty(k)
         self.settled = True
-        c, pe = self._client, self._pe
+        pe = self._pe
         n = len(self.items)
         k = max(0, min(k, n))
         # what the caller got is its, whatever becomes of the ACK: if the server never applies
         # it and serves those payloads again, this client must drop them (exactly once per client)
         for key, _ in self.items[:k]:
-            c._remember(key)
+            self._ledger.remember(key)
         for _, p in self.items[k:]:
             p.release()
         req = Request(Op.ACK, self._rid, n=0 if k == n else k) if k else Request(Op.NACK, self._rid)
         try:
             await engine.send(pe.ep, encode_request(req))
-            await c._confirm(pe)
+            await self._net.confirm(pe)
         except BaseException as exc:  # noqa: BLE001 - any failure (or our deadline) leaves it to the server
             log.info("settling request %d (%d of %d consumed) not confirmed: %r", self._rid, k, n, exc)
             pe.abort()
@@ -89,7 +90,7 @@ class HeldDelivery:
             return None
         finally:
             self._pe = None
-        c._pool.checkin(pe)
+        self._net.pool.checkin(pe)
         return True
 
 
@@ -101,8 +102,8 @@ class LocalDelivery:
     expired = False
     may_repeat = False  # the claim already checked
 
-    def __init__(self, client, key, payload, lease):
-        self._client = client
+    def __init__(self, ledger, key, payload, lease):
+        self._ledger = ledger
         self.items = [(key, payload)]
         self._lease = lease
         self.settled = False
@@ -119,7 +120,7 @@ class LocalDelivery:
                 payload.release()  # voided: the slot goes back to READY when nothing views it
                 self.items = []
                 self._lease.nack()
-                self._client._delivered.pop(key, None)
+                self._ledger.forget(key)
             else:
                 self._lease.ack()
         return True

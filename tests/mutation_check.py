@@ -59,12 +59,12 @@ class Mutation:
 
 MUTATIONS: list[Mutation] = [
     Mutation(
-        "client-dedup-disabled", "clients/client.py",
+        "client-dedup-disabled", "clients/ledger.py",
         '        """Record a delivered payload; False if it was delivered before (a duplicate)."""\n',
         '        """Record a delivered payload; False if it was delivered before (a duplicate)."""\n'
         "        return True\n",
         (REL + "test_get_redelivered_after_crash_is_not_returned_twice",),
-        "TransportClient._remember always True (and records nothing)",
+        "Ledger.remember always True (and records nothing)",
     ),
     Mutation(
         "server-peer-death-callback-noop", "ucxx_transport/server.py",
@@ -75,27 +75,27 @@ MUTATIONS: list[Mutation] = [
         "TransportServer._on_ep_closed does nothing",
     ),
     Mutation(
-        "client-acks-corrupt-get", "clients/client.py",
+        "client-acks-corrupt-get", "clients/exchanges.py",
         "Request(Op.NACK, rid, resp.slot, resp.generation,\n"
         "                                                                flags=FLAG_UNDECODABLE)",
         "Request(Op.ACK, rid)",
         (MECH + "test_corrupt_payload_fetched_by_get_is_nacked_then_dead_lettered_never_consumed",),
-        "_get_once ACKs a payload it could not decode",
+        "Exchanges.get_once ACKs a payload it could not decode",
     ),
     Mutation(
-        "client-acks-corrupt-batch", "clients/client.py",
+        "client-acks-corrupt-batch", "clients/exchanges.py",
         "if all(not isinstance(p, BaseException) for p in got.values()):",
         "if True:",
         (REL + "test_undecodable_payload_is_dead_lettered_not_blocking",),
-        "_ack_batch (TAKE/GETV) ACKs every item, undecodable ones included",
+        "Exchanges.ack_batch (TAKE/GETV) ACKs every item, undecodable ones included",
     ),
     Mutation(
-        "client-acks-corrupt-held-take", "clients/client.py",
+        "client-acks-corrupt-held-take", "clients/exchanges.py",
         "Request(Op.NACK, rid, e[1], e[2],\n"
         "                                                                    flags=FLAG_UNDECODABLE)",
         "Request(Op.ACK, rid)",
         (MECH + "test_corrupt_payload_in_a_held_take_is_nacked_not_consumed",),
-        "_takev_once (held, as streams fetch ahead) ACKs a batch holding an undecodable payload",
+        "Exchanges.takev_once (held, as streams fetch ahead) ACKs a batch holding an undecodable payload",
     ),
     Mutation(
         "finaliser-lease-check-removed", "shm/state.py",
@@ -209,7 +209,14 @@ MUTATIONS: list[Mutation] = [
         "an ack frees the slot while views of its payload are alive (they would show the next payload)",
     ),
     Mutation(
-        "pool-reuses-viewed-buffer", "clients/client.py",
+        "batch-ack-ignores-live-views", "shm/ring.py",
+        "            pinned.extend(le.views_alive for le in held)",
+        "            pinned.extend(False for le in held)",
+        (MECH + "test_batch_ack_with_live_views_pins_the_slot_like_a_single_ack",),
+        "the batch finaliser (same-host fetch_many) frees slots whose payload views are alive",
+    ),
+    Mutation(
+        "pool-reuses-viewed-buffer", "clients/exchanges.py",
         "p = decode(view, readonly=False, on_gone=lambda: pool.put(base))",
         "p = decode(view, readonly=False)\n            pool.put(base)",
         ("tests/test_payloads.py::test_client_views_survive_release_and_buffer_or_slot_reuse",),

@@ -121,7 +121,7 @@ def test_transient_failure_in_round_1_succeeds_in_round_2(make_ring, ring_name, 
     rounds = []
 
     with TransportClient(local_fast_path=False, max_attempts=1, max_rounds=3) as c:
-        real_getv = c._getv_once
+        real_getv = c._exchanges.getv_once
 
         async def getv_then_release(batch, *args, **kw):  # wraps the exchange: the holder lets go after it
             out = await real_getv(batch, *args, **kw)
@@ -130,7 +130,7 @@ def test_transient_failure_in_round_1_succeeds_in_round_2(make_ring, ring_name, 
                 lease.nack()
             return out
 
-        monkeypatch.setattr(c, "_getv_once", getv_then_release)
+        monkeypatch.setattr(c._exchanges, "getv_once", getv_then_release)
         res = c.fetch_many(refs)
     assert [r.ok for r in res] == [True, True, True]
     assert rounds == [[r.key for r in refs], [refs[1].key]]  # round 2 asked again for the BUSY one only

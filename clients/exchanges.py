@@ -1,0 +1,407 @@
+"""The protocol exchanges of one call on one endpoint: GET, GETV, TAKEV, PING, and
+receiving and decoding what they answer (the wire format is
+:mod:`ucxx_transport.protocol`; its rules are docs/PROTOCOL.md).
+
+:class:`Exchanges` turns one request into payloads or one typed error, and
+finalises what it received (ACK; NACK with the undecodable flag for a corrupt
+frame; with ``hold`` a :class:`~clients.held.HeldDelivery` settled later).
+Retrying is the caller's job (:class:`~clients.client.TransportClient`).
+Runs on the client's UCX loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+
+import shm
+from shm.frame import decode, decode_views, index_tail_range, parse_index
+from shm.views import anchored
+from ucxx_transport import engine
+from ucxx_transport.buffers import BufferPool
+from ucxx_transport.protocol import (
+    FLAG_FIELDS,
+    FLAG_HOLD,
+    FLAG_ONE_MESSAGE,
+    FLAG_UNDECODABLE,
+    FLAG_VERDICTS,
+    MAX_HOLD_S,
+    ONE_MESSAGE_MAX,
+    RESPONSE,
+    REQUEST,
+    Op,
+    ProtocolError,
+    Request,
+    Status,
+    batch_array,
+    batch_table_size,
+    decode_response,
+    encode_fields,
+    encode_request,
+    one_message_layout,
+    plan_batch,
+    read_batch_array,
+    ring_id_bytes,
+    ring_id_hex,
+    write_batch_array,
+)
+
+from .endpoints import HELD, Answered, Connector
+from .errors import AlreadyDeliveredError, CorruptPayloadError, PayloadTooLargeError, status_error
+from .held import HeldDelivery
+from .ledger import Ledger
+from .pool import PooledEndpoint
+
+
+def hold_seconds(hold: float) -> int:
+    return max(1, min(int(hold + 0.999), MAX_HOLD_S)) if hold else 0
+
+
+class Exchanges:
+    """One client's protocol exchanges. ``buffers``: pooled receive buffers
+    (host or device memory, per ``device``); ``max_nbytes``: larger payloads are
+    refused before asking; ``timeout`` + bytes / ``min_rate``: a call's deadline."""
+
+    def __init__(self, net: Connector, ledger: Ledger, buffers: BufferPool, *, device: str, max_nbytes: int,
+                 timeout: float, min_rate: float):
+        self._net = net
+        self._ledger = ledger
+        self._buffers = buffers
+        self.device = device
+        self.max_nbytes = max_nbytes
+        self.timeout = timeout
+        self.min_rate = min_rate
+
+    def transfer_s(self, nbytes: int) -> float:
+        """Extra deadline for moving ``nbytes`` over the slowest expected link."""
+        return nbytes / self.min_rate
+
+    async def recv_payload(self, pe: PooledEndpoint, nbytes: int):
+        base = self._buffers.get(nbytes)
+        view = base[:nbytes]
+        await engine.recv(pe.ep, view)
+        return base, view
+
+    def make_payload(self, base, view, nbytes: int, expected: int | None, where: str) -> shm.Payload:
+        pool = self._buffers
+        try:
+            if (expected and nbytes != expected) or self.device == "cuda":
+                try:
+                    if expected and nbytes != expected:
+                        raise shm.FrameError(f"server sent {nbytes} bytes, the ref says {expected}")
+                    head = view[:64].get().tobytes()
+                    table_off, total = index_tail_range(head)
+                    if total != nbytes:
+                        raise shm.FrameError(f"frame length {total} != received {nbytes}")
+                    tail = view[table_off:total].get().tobytes()
+                    return decode_views(parse_index(head, nbytes, tail=tail), view)  # device buffers: not pooled
+                except shm.FrameError:
+                    pool.put(base)  # nothing views it
+                    raise
+            # the buffer goes back to the pool once no view of the payload is left (also when
+            # decoding fails: the anchor is made first, and its callback gives the buffer back once)
+            p = decode(view, readonly=False, on_gone=lambda: pool.put(base))
+            if p.nbytes != nbytes:
+                raise shm.FrameError(f"frame length {p.nbytes} != received {nbytes}")
+            return p
+        except shm.FrameError as exc:
+            raise CorruptPayloadError(f"{where}: {exc}") from exc
+
+    async def get_once(self, ref: shm.SlotRef, host: str, port: int, hold: float = 0):
+        """GET ``ref`` from one port: its payload, or with ``hold`` a :class:`HeldDelivery`."""
+        where = f"GET {ref.ring}[{ref.slot}]@{ref.generation} from {host}:{port}"
+        one = ref.nbytes > 0  # size known: header + payload arrive as one message
+
+        async def body(pe):
+            rid = self._net.next_id()
+            if one:  # allocate before asking: a buffer we cannot get fails this ref alone, nothing in flight
+                total = RESPONSE.size + ref.nbytes
+                base = self._buffers.get(total)
+                msg = base[:total]
+                msg[: RESPONSE.size] = 0  # a short answer must never leave an old header to be parsed
+            await engine.send(pe.ep, encode_request(Request(
+                Op.GET, rid, ref.slot, ref.generation, max_nbytes=ref.nbytes if one else self.max_nbytes,
+                text=ref.ring, flags=(FLAG_ONE_MESSAGE if one else 0) | (FLAG_HOLD if hold else 0),
+                ring_id=ring_id_bytes(ref.ring_id), hold_s=hold_seconds(hold))))
+            if one:
+                await engine.recv(pe.ep, msg)
+                pe.unconfirmed_ack = False
+                head = msg[: RESPONSE.size]
+                resp = decode_response(head.get() if self.device == "cuda" else head)
+                if resp.request_id != rid:
+                    self._buffers.put(base)
+                    raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
+                if resp.status != Status.OK:
+                    self._buffers.put(base)
+                    raise Answered(status_error(resp.status, resp.message, where))
+                view = msg[RESPONSE.size:]
+            else:
+                hdr = np.zeros(RESPONSE.size, np.uint8)
+                await engine.recv(pe.ep, hdr)
+                pe.unconfirmed_ack = False
+                resp = decode_response(hdr)
+                if resp.request_id != rid:
+                    raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
+                if resp.status != Status.OK:
+                    raise Answered(status_error(resp.status, resp.message, where))
+                base, view = await self.recv_payload(pe, resp.nbytes)
+            try:
+                payload = self.make_payload(base, view, resp.nbytes, ref.nbytes or None, where)
+            except CorruptPayloadError:
+                await engine.send(pe.ep, encode_request(Request(Op.NACK, rid, resp.slot, resp.generation,
+                                                                flags=FLAG_UNDECODABLE)))
+                raise Answered(CorruptPayloadError(f"{where}: corrupt payload (NACKed)"))
+            if hold:
+                return HeldDelivery(self._ledger, self._net, pe, rid, [(ref.key, payload)], hold), HELD
+            await engine.send(pe.ep, encode_request(Request(Op.ACK, rid)))
+            pe.unconfirmed_ack = True
+            return payload, True
+
+        if self.max_nbytes and ref.nbytes > self.max_nbytes:
+            raise PayloadTooLargeError(f"{where}: {ref.nbytes} bytes exceeds max_nbytes={self.max_nbytes}")
+        try:
+            return await self._net.with_endpoint(host, port, self.timeout + self.transfer_s(ref.nbytes), body, where)
+        except Answered as a:  # the server answered: the endpoint is fine, the error is real
+            raise a.error from None
+
+    async def recv_planned(self, pe: PooledEndpoint, ok: list[tuple[int, int]], where: str) -> dict:
+        """Receive a batch answer's payloads as protocol.plan_batch lays them out;
+        {item index: Payload, or CorruptPayloadError}. Payloads that shared a message
+        share its buffer, returned to the pool when the last of them is released."""
+        plan = plan_batch(ok)
+        sizes = dict(ok)
+        bufs = []
+        for msg in plan:
+            last_i, last_off = msg[-1]
+            total = last_off + sizes[last_i]
+            base = self._buffers.get(total)
+            bufs.append((base, base[:total]))
+        pe.timer.extend(self.transfer_s(sum(sizes.values())))
+        if len(bufs) == 1:
+            await engine.recv(pe.ep, bufs[0][1])
+        else:
+            await asyncio.gather(*(engine.recv(pe.ep, view) for _, view in bufs))
+        out: dict = {}
+        for msg, (base, view) in zip(plan, bufs):
+            out.update(self.decode_shared(base, view, [(i, off, sizes[i]) for i, off in msg], where))
+        return out
+
+    def decode_shared(self, base, view, items: list, where: str) -> dict:
+        """Payloads at ``items`` [(index, offset, nbytes)] of one received message;
+        {index: Payload or CorruptPayloadError}. They share the message's pooled
+        buffer (one anchor): it goes back to the pool once no view of any of them is left."""
+        pool = self._buffers
+        out: dict = {}
+        if not items:
+            pool.put(base)
+            return out
+        u8, _ = anchored(view, readonly=False, on_gone=lambda: pool.put(base))
+        for i, off, n in items:
+            try:
+                p = decode(u8[off:off + n], readonly=False)
+                if p.nbytes != n:
+                    raise CorruptPayloadError(f"{where}: item {i}: frame length {p.nbytes} != {n}")
+                out[i] = p
+            except shm.FrameError as exc:
+                out[i] = CorruptPayloadError(f"{where}: item {i}: {exc}")
+            except CorruptPayloadError as exc:
+                out[i] = exc
+        return out
+
+    async def recv_batch_head(self, pe: PooledEndpoint, rid: int, n: int, where: str):
+        """The batch answer's header and entry table (or an error status)."""
+        head = np.zeros(RESPONSE.size + batch_table_size(n), np.uint8)
+        await engine.recv(pe.ep, head)
+        pe.unconfirmed_ack = False
+        return self.parse_batch_head(head, rid, n)
+
+    @staticmethod
+    def parse_batch_head(head, rid: int, n: int):
+        resp = decode_response(head[:RESPONSE.size])
+        if resp.request_id != rid:
+            raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
+        if resp.status != Status.OK:
+            return resp, None
+        if not 1 <= resp.count <= n:
+            raise ProtocolError(f"batch answer of {resp.count} items to a request of {n}")
+        t = read_batch_array(head, resp.count, RESPONSE.size)
+        return resp, list(zip(t["status"].tolist(), t["slot"].tolist(), t["generation"].tolist(),
+                              t["nbytes"].tolist()))
+
+    async def getv_once(self, refs: list, host: str, port: int, fields=None) -> list:
+        """GETV ``refs`` (one ring) from one port: per ref a Payload or an error
+        (with ``fields``: projected by the server to those fields)."""
+        n = len(refs)
+        where = f"GETV {n} of {refs[0].ring} from {host}:{port}"
+        if self.max_nbytes:
+            big = [i for i, r in enumerate(refs) if r.nbytes > self.max_nbytes]
+            if big:
+                raise PayloadTooLargeError(f"{where}: {len(big)} ref(s) exceed max_nbytes={self.max_nbytes}")
+
+        sizes = [r.nbytes for r in refs]
+        slots = [r.slot for r in refs]
+        gens = [r.generation for r in refs]
+        blob = b"" if fields is None else encode_fields(fields)
+        one = sum(sizes) <= ONE_MESSAGE_MAX and self.device == "cpu" and not blob  # projected sizes are unknown
+
+        async def body(pe):
+            rid = self._net.next_id()
+            table = batch_array(n)
+            table["slot"], table["generation"], table["nbytes"] = slots, gens, sizes
+            end = REQUEST.size + batch_table_size(n)
+            req = np.empty(end + len(blob), np.uint8)  # header + entry table (+ field list): one message
+            req[:REQUEST.size] = np.frombuffer(encode_request(Request(
+                Op.GETV, rid, n=n, text=refs[0].ring, ring_id=ring_id_bytes(refs[0].ring_id), slot=len(blob),
+                flags=(FLAG_ONE_MESSAGE if one else 0) | (FLAG_FIELDS if blob else 0))), np.uint8)
+            write_batch_array(table, req, REQUEST.size)
+            req[end:] = np.frombuffer(blob, np.uint8)
+            if one:  # the whole answer is one message: receive it straight into one pooled buffer
+                offsets, size = one_message_layout(n, sizes)
+                base = self._buffers.get(size)
+                msg = base[:size]
+                msg[:RESPONSE.size] = 0
+                recv = asyncio.ensure_future(engine.recv(pe.ep, msg))
+                try:
+                    await engine.send(pe.ep, req)
+                    await recv
+                except BaseException:
+                    recv.cancel()
+                    raise
+                pe.unconfirmed_ack = False
+                resp, entries = self.parse_batch_head(msg, rid, n)
+                if entries is None:
+                    self._buffers.put(base)
+            else:
+                await engine.send(pe.ep, req)
+                resp, entries = await self.recv_batch_head(pe, rid, n, where)
+            if entries is None:
+                raise Answered(status_error(resp.status, resp.message, where))
+            if len(entries) != n:
+                raise ProtocolError(f"{where}: {len(entries)} answers for {n} refs")
+            out: list = [None] * n
+            ok = []
+            for i, (st, slot, gen, nbytes) in enumerate(entries):
+                r = refs[i]
+                if (slot, gen) != (r.slot, r.generation):
+                    raise ProtocolError(f"{where}: item {i} answers slot {slot}@{gen}, asked {r.slot}@{r.generation}")
+                if st == Status.OK:
+                    if nbytes != r.nbytes and not blob:
+                        raise ProtocolError(f"{where}: item {i} has {nbytes} bytes, the ref says {r.nbytes}")
+                    ok.append((i, nbytes))
+                else:
+                    try:
+                        out[i] = status_error(Status(st), "", f"{where}: item {i}")
+                    except ValueError:
+                        raise ProtocolError(f"{where}: unknown status {st}") from None
+                    if st == Status.STALE:
+                        self._ledger.count("stale")
+            if one:
+                got = self.decode_shared(base, msg, [(i, offsets[i], nb) for i, nb in ok], where)
+            else:
+                got = await self.recv_planned(pe, ok, where)
+            await self.ack_batch(pe, rid, n, got)
+            for i, p in got.items():
+                if isinstance(p, BaseException):
+                    out[i] = p
+                elif not self._ledger.remember(refs[i].key):
+                    p.release()
+                    out[i] = AlreadyDeliveredError(f"{where}: {refs[i].key} already returned by this client "
+                                                   f"(served again after a server crash); ACKed and dropped")
+                else:
+                    out[i] = p
+                    self._ledger.count("fetches")
+                    self._ledger.count("bytes", p.nbytes)
+            return out, True
+
+        try:
+            return await self._net.with_endpoint(host, port, self.timeout, body, where)
+        except Answered as a:
+            raise a.error from None
+
+    async def ack_batch(self, pe: PooledEndpoint, rid: int, n: int, got: dict) -> None:
+        """One message finalises the batch: ACK (all), or per-item verdicts when some
+        payload did not decode (those go back to READY, counted towards DEAD)."""
+        if all(not isinstance(p, BaseException) for p in got.values()):
+            req = Request(Op.ACK, rid)
+        else:
+            verdict = "".join("U" if isinstance(got.get(i), BaseException) else "A" if i in got else "-"
+                              for i in range(n))
+            req = Request(Op.ACK, rid, text=verdict, flags=FLAG_VERDICTS)
+        await engine.send(pe.ep, encode_request(req))
+        pe.unconfirmed_ack = True
+
+    async def takev_once(self, host: str, port: int, n: int, wait: float, hold: float = 0, fields_blob=None):
+        """TAKEV from one port: the next READY payloads (or, with ``hold``, a HeldDelivery)."""
+        where = f"TAKE {n} from {host}:{port}"
+
+        async def body(pe):
+            rid = self._net.next_id()
+            req = encode_request(Request(Op.TAKEV, rid, n=n, wait_ms=int(wait * 1000), max_nbytes=self.max_nbytes,
+                                         flags=(FLAG_HOLD if hold else 0) | (FLAG_FIELDS if fields_blob else 0),
+                                         hold_s=hold_seconds(hold), slot=len(fields_blob or b"")))
+            await engine.send(pe.ep, req + fields_blob if fields_blob else req)
+            resp, entries = await self.recv_batch_head(pe, rid, n, where)
+            if entries is None:
+                if resp.status == Status.EMPTY:
+                    return (HeldDelivery(self._ledger, self._net, None, rid, [], 0) if hold else []), True
+                raise Answered(status_error(resp.status, resp.message, where))
+            rid_hex = ring_id_hex(resp.ring_id)
+            for st, _, _, nbytes in entries:
+                if st != Status.OK or (self.max_nbytes and nbytes > self.max_nbytes):
+                    raise ProtocolError(f"{where}: item status {st}, {nbytes} bytes (max_nbytes={self.max_nbytes})")
+            got = await self.recv_planned(pe, [(i, e[3]) for i, e in enumerate(entries)], where)
+            keys = [(rid_hex, e[1], e[2]) for e in entries]
+            corrupt = [i for i, p in got.items() if isinstance(p, BaseException)]
+            if hold:
+                if corrupt:
+                    e = entries[corrupt[0]]
+                    await engine.send(pe.ep, encode_request(Request(Op.NACK, rid, e[1], e[2],
+                                                                    flags=FLAG_UNDECODABLE)))
+                    for p in got.values():
+                        if not isinstance(p, BaseException):
+                            p.release()
+                    raise Answered(CorruptPayloadError(f"{where}: corrupt payload (batch NACKed)"))
+                return HeldDelivery(self._ledger, self._net, pe, rid, [(keys[i], got[i]) for i in range(len(entries))], hold), HELD
+            await self.ack_batch(pe, rid, len(entries), got)
+            kept = []
+            for i in range(len(entries)):
+                p = got[i]
+                if isinstance(p, BaseException):
+                    continue
+                if self._ledger.remember(keys[i]):
+                    kept.append(p)
+                else:
+                    p.release()
+            if corrupt and not kept:
+                raise Answered(CorruptPayloadError(f"{where}: {len(corrupt)} corrupt payload(s) (NACKed)"))
+            return kept, True
+
+        try:
+            return await self._net.with_endpoint(host, port, self.timeout + wait, body, where)
+        except Answered as a:
+            raise a.error from None
+
+    async def stats_once(self, h: str, p: int) -> dict:
+        """The STATS answer of the server at ``h:p`` (a JSON object)."""
+        async def body(pe):
+            resp = await self._net.request(pe, Request(Op.STATS, self._net.next_id()))
+            if resp.status != Status.OK:
+                raise Answered(status_error(resp.status, resp.message, f"STATS {h}:{p}"))
+            buf = np.empty(resp.nbytes, np.uint8)
+            await engine.recv(pe.ep, buf)
+            return json.loads(buf.tobytes()), True
+        try:
+            return await self._net.with_endpoint(h, p, self.timeout, body, f"STATS {h}:{p}")
+        except Answered as a:
+            raise a.error from None
+
+    async def ping_port(self, h: str, p: int) -> float:
+        """Round trip (s) of one PING on a pooled endpoint to ``h:p`` (opened if needed)."""
+        async def body(pe):
+            t0 = time.perf_counter()
+            await self._net.request(pe, Request(Op.PING, self._net.next_id()))
+            return time.perf_counter() - t0, True
+        return await self._net.with_endpoint(h, p, self.timeout, body, f"PING {h}:{p}")

@@ -1,0 +1,60 @@
+"""What one client has delivered and counted: the exactly-once-per-client window,
+counters and fetch latencies.
+
+A client touches this from the caller's threads, its UCX loop thread and executor
+threads (same-host claims run there), so every operation takes one lock: counters
+never lose an increment, and the dedup window is checked and updated atomically.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+from ucxx_transport.metrics import Reservoir
+
+
+class Ledger:
+    """Delivered payload keys (a bounded window, oldest forgotten first), counters, latencies."""
+
+    def __init__(self, dedup_window: int):
+        self._lock = threading.Lock()
+        self._delivered: collections.OrderedDict = collections.OrderedDict()
+        self._window = dedup_window
+        self._counts: collections.Counter = collections.Counter()
+        self._latency = Reservoir()
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def remember(self, key) -> bool:
+        """Record a delivered payload; False if it was delivered before (a duplicate)."""
+        with self._lock:
+            if key in self._delivered:
+                self._counts["duplicates_dropped"] += 1
+                return False
+            self._delivered[key] = None
+            if len(self._delivered) > self._window:
+                self._delivered.popitem(last=False)
+            return True
+
+    def seen(self, key) -> bool:
+        """Was the payload ``key`` ((ring id, slot, generation)) delivered already?"""
+        return key in self._delivered  # one dict lookup: atomic under the GIL
+
+    def forget(self, key) -> None:
+        """A delivery that was handed back (given back to READY, never consumed)."""
+        with self._lock:
+            self._delivered.pop(key, None)
+
+    def add_latency(self, seconds: float) -> None:
+        with self._lock:
+            self._latency.add(seconds)
+
+    def snapshot(self) -> dict:
+        """The counters, plus ``latency_s`` percentiles of fetches."""
+        with self._lock:
+            out = dict(self._counts)
+            out["latency_s"] = self._latency.percentiles()
+        return out

@@ -1,0 +1,187 @@
+"""The same-host fast path: refs of a ring on this host are claimed straight from
+shared memory, through the ring's own state machine (no network, no copy).
+
+One :class:`LocalReader` per client. It owns the cache of attached rings (one
+lock guards it: callers' threads, the UCX loop and executor threads all use it)
+and claims, decodes and acks same-host refs one by one or a ring's batch at a
+time. Attaching a ring (an mmap) and claiming (lock syscalls) block briefly, so
+the client calls these from its caller's thread or an executor, never on its
+UCX loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import psutil
+
+import shm
+
+from .errors import AlreadyDeliveredError, CorruptPayloadError, ServerBusyError, StaleSlotError, TransportError
+from .ledger import Ledger
+
+log = logging.getLogger("clients.local")
+
+#: a ring name that did not attach locally is tried again after this long
+RING_RETRY_S = 5.0
+_ALONE = object()  # a same-host ref the batch leaves to the one-by-one path
+
+
+def _local_addresses() -> frozenset[str]:
+    """Every name and address this host answers to (a ref naming one is on this host)."""
+    addrs = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+    for infos in psutil.net_if_addrs().values():
+        for a in infos:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                addrs.add(a.address.split("%")[0])
+    return frozenset(addrs)
+
+
+class LocalReader:
+    """Claims same-host refs from shared memory for one client.
+
+    ``enabled``: the client's ``local_fast_path`` (and a host-memory device);
+    ``max_attempts``: claims of a slot another reader holds right now are tried
+    this often (50 ms apart) before the ref fails as busy."""
+
+    def __init__(self, ledger: Ledger, *, enabled: bool, max_attempts: int):
+        self._ledger = ledger
+        self.enabled = enabled
+        self.max_attempts = max_attempts
+        self._rings: dict[str, tuple[shm.RingBuffer | None, float]] = {}  # name -> (handle, attached at)
+        self._rings_lock = threading.Lock()
+        self._local_addrs = _local_addresses()
+
+    def ring_for(self, ref: shm.SlotRef) -> shm.RingBuffer | None:
+        """The ring of ``ref`` for the local fast path, or None (use the network)."""
+        if not self.enabled:
+            return None
+        return self.ring_here(ref)
+
+    def clear(self) -> None:
+        """Forget the cached handles (each closes once no payload view uses it)."""
+        with self._rings_lock:
+            self._rings.clear()
+
+    def ring_here(self, ref: shm.SlotRef) -> shm.RingBuffer | None:
+        """This host's handle of the very ring ``ref`` names (same ring id), or None.
+
+        A cached handle whose segment was unlinked or replaced (a ring re-created
+        under the same name) is dropped and the name attached again; a name that
+        did not attach is tried again after RING_RETRY_S.
+        """
+        if ref.host is not None and ref.host not in self._local_addrs:
+            return None
+        with self._rings_lock:
+            ring, checked = self._rings.get(ref.ring, (None, -RING_RETRY_S))
+            now = time.monotonic()
+            if ring is not None and not ring.is_current():
+                log.info("ring %r was removed or re-created: dropping the cached handle", ref.ring)
+                ring = None  # closed by GC once no payload view uses it
+                checked = -RING_RETRY_S
+            if ring is None and now - checked >= RING_RETRY_S:
+                try:
+                    ring = shm.RingBuffer.attach(ref.ring)
+                except (FileNotFoundError, PermissionError, shm.RingError, OSError, ValueError) as exc:
+                    log.debug("ring %r not attachable here: %s", ref.ring, exc)
+                    ring = None
+                self._rings[ref.ring] = (ring, now)
+        if ring is None:
+            return None
+        if ref.ring_id is not None and ring.ring_id != ref.ring_id:
+            if ref.host is not None:  # this host's ring of that name is another ring now
+                raise StaleSlotError(f"ref {ref.key}: ring {ref.ring!r} on this host is now ring id "
+                                     f"{ring.ring_id} (removed and re-created): the payload is gone")
+            return None  # perhaps another host's ring of the same name
+        return ring
+
+    def fetch(self, ref: shm.SlotRef) -> shm.Payload | None:
+        got = self.claim(ref)
+        if got is None:
+            return None
+        payload, lease = got
+        lease.ack()  # consumed now, like a network fetch; the slot stays PINNED while views of it live
+        return payload
+
+    def fetch_many(self, ring: shm.RingBuffer, refs: list) -> list:
+        """Same-host refs of one ring, claimed and acked together (one lock syscall
+        each way): per ref its Payload or the error it would have raised. Refs that
+        the batch cannot settle (a slot named twice, a slot busy right now, a repeat
+        delivery) go through :meth:`fetch` one by one, with its retries."""
+        t0 = time.perf_counter()
+        out: list = [_ALONE] * len(refs)
+        first: dict[int, int] = {}  # slot -> index of the first ref naming it
+        for j, r in enumerate(refs):
+            if not self._ledger.seen(r.key) and r.slot not in first:
+                first[r.slot] = j
+        idx = list(first.values())
+        try:
+            claims = ring.claim_many([refs[j].slot for j in idx], [refs[j].generation for j in idx])
+        except ValueError:  # a slot beyond this ring's size: each ref gets its own error below
+            claims = [_ALONE] * len(idx)
+        leases = []
+        for j, got in zip(idx, claims):
+            if isinstance(got, shm.StaleSlotError):
+                self._ledger.count("stale")
+                out[j] = StaleSlotError(f"local claim of {refs[j].key}: {got}")
+            elif isinstance(got, shm.SlotLease):
+                try:
+                    out[j] = got.payload
+                except shm.FrameError as exc:
+                    got.nack(undecodable=True)
+                    out[j] = CorruptPayloadError(f"local frame of {refs[j].key}: {exc}")
+                    continue
+                leases.append((j, got))
+        if leases and not ring.try_finalise_many([le for _, le in leases], True):
+            for _, le in leases:  # some slot's lock is busy: one by one, each waits up to its timeout
+                le.ack()
+        per = (time.perf_counter() - t0) / max(1, len(leases))
+        for j, le in leases:
+            self._ledger.remember(refs[j].key)
+            self._ledger.count("local_fetches")
+            self._ledger.count("bytes", le.nbytes)
+            self._ledger.add_latency(per)
+        for j, o in enumerate(out):
+            if o is _ALONE:
+                try:
+                    out[j] = self.fetch(refs[j])
+                except (TransportError, shm.RingError) as exc:
+                    out[j] = exc
+        return out
+
+    def claim(self, ref: shm.SlotRef):
+        """(payload, lease) claimed from this host's shared memory, or None."""
+        ring = self.ring_for(ref)
+        if ring is None:
+            return None
+        t0 = time.perf_counter()
+        last: BaseException | None = None
+        for attempt in range(self.max_attempts):
+            try:
+                lease = ring.claim(ref, timeout=0 if attempt == 0 else 0.05)
+                break
+            except shm.StaleSlotError as exc:
+                self._ledger.count("stale")
+                raise StaleSlotError(str(exc)) from None
+            except shm.SlotBusyError as exc:
+                last = exc
+                self._ledger.count("retries")
+        else:
+            raise ServerBusyError(f"local claim of {ref.key}: {last}")
+        if self._ledger.seen(ref.key):  # served again after a crash between our ACK and its apply
+            lease.ack()
+            self._ledger.count("duplicates_dropped")
+            raise AlreadyDeliveredError(f"{ref.key} was already delivered to this client (ACKed again, dropped)")
+        try:
+            payload = lease.payload
+        except shm.FrameError as exc:
+            lease.nack(undecodable=True)
+            raise CorruptPayloadError(f"local frame of {ref.key}: {exc}") from exc
+        self._ledger.remember(ref.key)
+        self._ledger.count("local_fetches")
+        self._ledger.count("bytes", lease.nbytes)
+        self._ledger.add_latency(time.perf_counter() - t0)
+        return payload, lease
