@@ -1,6 +1,6 @@
 """TransportClient: fetch payloads from ucxx-transport servers, exactly once.
 
-Three retry layers (DESIGN.md "Client retry stack"):
+Three retry layers (docs/PROTOCOL.md, "Client retries", has the rules by status):
 
 1. one call: round-robin start port; a connection-level failure quarantines
    the (host, port) and the call moves to the next healthy port;
@@ -504,7 +504,7 @@ class TransportClient:
                 ref = checked[i]
                 try:
                     local = await loop.run_in_executor(None, self._local.fetch, ref) \
-                        if self._local.ring_for(ref) is not None else None
+                        if self._local.enabled else None  # None: not a ring of this host
                     got = local if local is not None else await self._fetch_ref(ref)
                     put(i, got if fields is None else got.select(fields))
                 except Exception as exc:  # noqa: BLE001 - any failure is this ref's result; siblings go on
@@ -549,8 +549,9 @@ class TransportClient:
                         tasks.append(one(i))
                         continue
                     where = (ref.ring, ref.ring_id, ref.host)
-                    if where not in rings:
-                        rings[where] = self._local.ring_for(ref)
+                    if where not in rings:  # attaching maps the segment: never on this loop
+                        rings[where] = await loop.run_in_executor(None, self._local.ring_for, ref) \
+                            if self._local.enabled else None
                     ring = rings[where]
                     if ring is not None:
                         here.setdefault(id(ring), (ring, []))[1].append(i)
