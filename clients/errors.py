@@ -9,7 +9,7 @@
     |-- NoAddressError                              final: no server address for the ref's ring
     |-- AuthError                                   final: token missing/wrong
     |-- BadRequestError                             final: the server rejected the request
-    |-- PayloadTooLargeError                        final: exceeds the client's limit
+    |-- PayloadTooLargeError (also shm.PayloadTooLargeError)  final: exceeds the client's limit
     `-- TransientTransportError                     retryable
         |-- ConnectionLostError   reset / cancel / close / truncation: port quarantined
         |-- CallTimeoutError      the call's deadline passed: port quarantined
@@ -22,6 +22,8 @@ Which ucxx exceptions mean what is decided by *type* in :func:`classify`.
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 
 import shm
 from ucxx_transport.protocol import ProtocolError, Status
@@ -61,8 +63,12 @@ class BadRequestError(TransportError):
     """The server rejected the request as malformed (a bug or a version skew)."""
 
 
-class PayloadTooLargeError(TransportError):
-    """The payload exceeds the client's ``max_nbytes``."""
+class PayloadTooLargeError(TransportError, shm.PayloadTooLargeError):
+    """The payload exceeds the client's ``max_nbytes`` (also a
+    ``shm.PayloadTooLargeError``: one except serves both sides' size limits)."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
 
 
 class TransientTransportError(TransportError):
@@ -115,6 +121,13 @@ def _ucx_types():
     return lost, timeouts
 
 
+#: OSErrors that mean the peer or the path to it is gone; any other OSError (out of
+#: memory or file descriptors, a bad buffer) is not the port's fault and propagates
+_CONNECTION_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+                                errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                                errno.ENETDOWN, errno.EHOSTDOWN})
+
+
 def classify(exc: BaseException, where: str) -> TransportError:
     """Map any exception raised during a call to a :class:`TransportError`, by type."""
     if isinstance(exc, TransportError):
@@ -124,7 +137,8 @@ def classify(exc: BaseException, where: str) -> TransportError:
         err: TransportError = CallTimeoutError(f"{where}: timed out")
     elif isinstance(exc, ProtocolError):
         err = ConnectionLostError(f"{where}: unintelligible response ({exc})")
-    elif isinstance(exc, lost + (ConnectionError, OSError)):
+    elif isinstance(exc, lost + (ConnectionError, socket.gaierror)) or (
+            isinstance(exc, OSError) and exc.errno in _CONNECTION_ERRNOS):
         err = ConnectionLostError(f"{where}: {type(exc).__name__}: {exc}")
     else:
         return exc  # a bug, not a transport condition: let it propagate

@@ -642,7 +642,8 @@ class RingBuffer:
         hb = host.encode("utf-8")
         if len(hb) > MAX_HOST_BYTES or len(ports) > MAX_PORTS:
             raise ValueError(f"host must be <= {MAX_HOST_BYTES} bytes and at most {MAX_PORTS} ports")
-        _sync.lock_acquire(self._fd, LOCK_SERVER, blocking=False) or self._server_busy()
+        if not _sync.lock_acquire(self._fd, LOCK_SERVER, blocking=False):
+            self._server_busy()
         # only the holder of LOCK_SERVER writes these; readers look at server_pid first
         h = self._hdr
         h["server_pid"] = 0

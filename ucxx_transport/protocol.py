@@ -35,6 +35,8 @@ RING_ID_BYTES = 16
 NO_RING_ID = bytes(RING_ID_BYTES)
 #: TAKE never hands out more than this many payloads per request
 MAX_TAKE = 256
+# Request flags and response flags are separate namespaces (the request's and the
+# response's own ``flags`` byte): the same bit may mean different things in each.
 #: response flag: another (header, payload) pair of the same TAKE follows
 FLAG_MORE = 0x1
 #: GET request flag: send the response header and the payload as ONE message of
@@ -82,9 +84,6 @@ class Status(enum.IntEnum):
     SHUTTING_DOWN = 7  # server stopping: try another server/port later
     ERROR = 8  # server-side failure: retryable
 
-
-#: statuses a client may retry (same or another port)
-RETRYABLE_STATUSES = frozenset({Status.BUSY, Status.SHUTTING_DOWN, Status.ERROR, Status.EMPTY})
 
 
 class ProtocolError(Exception):
@@ -230,6 +229,8 @@ GETV_MAX_BYTES = REQUEST.size + MAX_BATCH * BATCH_DTYPE.itemsize + 4 + MAX_FIELD
 
 def encode_fields(names) -> bytes:
     """The field list of a FLAG_FIELDS request."""
+    if isinstance(names, (str, bytes)):  # list("tokens") would ask for the fields t, o, k, e, n, s
+        raise ValueError(f"fields must be a list of field names, not a single string: use [{names!r}]")
     names = list(names)
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"fields must be a non-empty list of field names, got {names!r:.200}")
