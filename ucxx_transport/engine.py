@@ -13,7 +13,7 @@ Rules this module enforces: initialise once per process, never fork after
 progress driver and resets ucxx so interpreter exit never segfaults.
 
 Coexistence with the application's own ucxx use (ucxx has one context per
-process, ``ucxx.core._ctx``):
+process; see ucxx_compat.current_context):
 
 * ucxx already initialised when we start (the application called
   ``ucxx.init()`` or used ``ucxx.create_listener`` / ``create_endpoint``): we
@@ -34,6 +34,8 @@ import os
 import threading
 import time
 import weakref
+
+from . import ucxx_compat as compat
 
 log = logging.getLogger("ucxx_transport.engine")
 
@@ -126,9 +128,9 @@ def _init_locked(mode: str) -> str:
                                f"{_state['mode']!r}, asked for {mode!r}; use one mode per process")
         return _state["mode"]
     ucxx = import_ucxx()
-    from ucxx._lib_async.application_context import ProgressTasks
+    ProgressTasks = compat.progress_tasks()
 
-    existing = ucxx.core._ctx
+    existing = compat.current_context()
     mine = _created["ctx"]() if _created["ctx"] is not None else None
     if existing is not None and not (existing is mine and existing.progress_mode == _ucxx_mode(mode)):
         # the application initialised ucxx first: ucxx allows one context per process, so share it
@@ -140,7 +142,7 @@ def _init_locked(mode: str) -> str:
     loops = []
     if existing is None:
         ucxx.init(progress_mode=_ucxx_mode(mode))
-        existing = ucxx.core._ctx
+        existing = compat.current_context()
         _created["ctx"] = weakref.ref(existing)
         loops = list(ProgressTasks)  # ucxx.init() attached progress to the running loop, or a fresh one
     _state.update(mode=mode, pid=os.getpid(), ctx=existing, shared=False, loops=loops)
@@ -152,7 +154,8 @@ def _context():
     """The ucxx context we use (the application's when shared)."""
     ctx = _state["ctx"]
     if ctx is None:
-        return import_ucxx().core._get_ctx()
+        import_ucxx()
+        return compat.get_or_create_context()
     return ctx
 
 
@@ -176,8 +179,8 @@ def mode() -> str | None:
 
 def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Make sure UCX progresses on ``loop`` (call from inside the loop)."""
-    from ucxx._lib_async.application_context import ProgressTasks
-    from ucxx._lib_async.continuous_ucx_progress import ThreadMode
+    c = compat.names()
+    ProgressTasks, ThreadMode = compat.progress_tasks(), c.ThreadMode
 
     loop = loop or asyncio.get_running_loop()
     ctx = _context()
@@ -187,7 +190,7 @@ def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
         old = ProgressTasks.get(loop)
         if not isinstance(old, AdaptiveProgress):
             if old is not None:  # ucxx.init() attached its polling task to this loop: replace it
-                for t in old._tasks:
+                for t in compat.progress_task_handles(old):
                     if t is not None:
                         t.cancel()
             drv = AdaptiveProgress(ctx.worker, loop)
@@ -224,16 +227,13 @@ async def send(ep, buf):
     drv = _state["driver"]
     if drv is None:
         return await ep.send(buf)
-    from ucxx._lib.arr import Array
-    from ucxx._lib.libucxx import UCXCloseError
-    from ucxx.types import Tag
-
-    e = ep._ep
+    c = compat.names()
+    e = compat.raw_endpoint(ep)
     if e is None:
-        raise UCXCloseError("Endpoint closed")
+        raise c.UCXCloseError("Endpoint closed")
     e.raise_on_error()
-    arr = Array(buf)
-    req = e.tag_send(arr, Tag(ep._tags["msg_send"]))
+    arr = c.Array(buf)
+    req = e.tag_send(arr, c.Tag(compat.endpoint_tags(ep)[0]))
     await drv.wait(req, (arr, buf))
 
 
@@ -242,21 +242,18 @@ async def recv(ep, buf):
     drv = _state["driver"]
     if drv is None:
         return await ep.recv(buf)
-    from ucxx._lib.arr import Array
-    from ucxx._lib.libucxx import UCXCloseError
-    from ucxx.types import Tag, TagMaskFull
-
-    tag = Tag(ep._tags["msg_recv"])
-    arr = Array(buf)
-    e = ep._ep
+    c = compat.names()
+    tag = c.Tag(compat.endpoint_tags(ep)[1])
+    arr = c.Array(buf)
+    e = compat.raw_endpoint(ep)
     try:
         if e is None:
-            raise UCXCloseError("Endpoint closed")
+            raise c.UCXCloseError("Endpoint closed")
         e.raise_on_error()
-        req = e.tag_recv(arr, tag, TagMaskFull)
+        req = e.tag_recv(arr, tag, c.TagMaskFull)
     except Exception:
         # closed or failed, but its last message may already sit on the worker
-        ctx = ep._ctx
+        ctx = compat.endpoint_context(ep)
         worker = None if ctx is None else ctx.worker
         probe = worker.tag_probe(tag, remove=True) if worker is not None else None
         if probe is None or not probe.matched:
@@ -299,10 +296,8 @@ async def connect(host: str, port: int, timeout: float):
     import struct
 
     import_ucxx()
-    from ucxx._lib import libucxx as ucx_api
-    from ucxx._lib.arr import Array
-    from ucxx._lib_async.endpoint import Endpoint
-    from ucxx._lib_async.utils import hash64bits
+    c = compat.names()
+    ucx_api, Array, Endpoint, hash64bits = c.libucxx, c.Array, c.Endpoint, c.hash64bits
 
     _prune_abandoned()
     ctx = _context()
@@ -379,7 +374,8 @@ def _reset_locked() -> None:
     import gc
 
     ucxx = import_ucxx()
-    from ucxx._lib_async.application_context import ProgressTasks, clear_progress_tasks
+    c = compat.names()
+    ProgressTasks, clear_progress_tasks = compat.progress_tasks(), c.clear_progress_tasks
 
     drv = _state["driver"]
     if drv is not None:
@@ -392,7 +388,7 @@ def _reset_locked() -> None:
     if _state["shared"] or others:
         # the application's context (or ours, now progressed by the application's loops too):
         # leave its requests and its progress alone; drop only our loops' progress entries
-        from ucxx._lib_async.continuous_ucx_progress import ThreadMode
+        ThreadMode = c.ThreadMode
 
         for lp in _state["loops"]:
             if not isinstance(ProgressTasks.get(lp), ThreadMode):  # collecting one stops the progress thread
