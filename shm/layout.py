@@ -50,7 +50,7 @@ RING_HEADER = np.dtype(
         # address of the server exposing this ring (written by the server)
         ("server_pid", "<u4"),
         ("server_nports", "<u4"),
-        ("server_start", "<u8"),  # server process start time (pid-reuse guard)
+        ("reserved0", "<u8"),  # unused (server liveness is the LOCK_SERVER byte lock, never a pid)
         ("server_ports", "<u2", (MAX_PORTS,)),
         ("server_host", f"S{MAX_HOST_BYTES}"),
         # identity: random at create time, unique across hosts and re-creations of a name

@@ -48,7 +48,7 @@ from .layout import (
 )
 from .payload import Payload
 from .ref import SlotRef, valid_ring_name
-from .state import DEAD, LOCK_TIMEOUT_S, READY, SlotState, SlotTable
+from .state import DEAD, LOCK_TIMEOUT_S, PINNED, READING, READY, WRITING, SlotState, SlotTable
 from .views import anchored
 
 log = logging.getLogger("shm.ring")
@@ -323,10 +323,6 @@ class RingBuffer:
     def on_full(self) -> str:
         return self._on_full
 
-    @property
-    def fd(self) -> int:
-        return self._fd
-
     def slot_buffer(self, slot: int, nbytes: int | None = None) -> memoryview:
         """Writable memoryview of slot ``slot``'s frame region (first ``nbytes``)."""
         off = self._data_off + slot * self._stride + SLOT_HEADROOM
@@ -354,7 +350,7 @@ class RingBuffer:
         t = self._table
         got = t.claim_free(drop_oldest=self._on_full == "drop_oldest")
         if got is None:
-            got = self._wait_for(t.free_addr, t.free_word, "free",
+            got = self._wait_for(t.free_addr, t.free_word,
                                  lambda: t.claim_free(drop_oldest=False), deadline)
         if got is None:
             counts = self.state_counts()
@@ -365,9 +361,9 @@ class RingBuffer:
         slot, lease, _ = got
         return SlotWriter(self, slot, lease)
 
-    def _wait_for(self, addr: int, word_fn, which: str, attempt, deadline: float):
+    def _wait_for(self, addr: int, word_fn, attempt, deadline: float):
         """Retry ``attempt`` until it returns non-None or ``deadline`` passes,
-        sleeping on the ring's futex ``which`` in between (no polling) and
+        sleeping on the ring's futex at ``addr`` in between (no polling) and
         running crash recovery before each sleep slice. Returns None on timeout."""
         t = self._table
         while True:
@@ -430,7 +426,7 @@ class RingBuffer:
 
         got = attempt()
         if got is None and (busy or ref is None):
-            got = self._wait_for(t.ready_addr, t.ready_word, "ready", attempt, deadline)
+            got = self._wait_for(t.ready_addr, t.ready_word, attempt, deadline)
         if got is None:
             if busy:
                 raise busy[0]
@@ -628,9 +624,13 @@ class RingBuffer:
 
     def slot_info(self) -> list[dict]:
         t = self._table
+        now = time.time_ns()
+        held = (WRITING, READING, PINNED)
         return [
             {"slot": i, "state": SlotState(int(t.state[i])).name, "generation": int(t.gen[i]),
-             "nbytes": int(t.nbytes[i]), "owner_pid": int(t.owner[i]) or None}
+             "nbytes": int(t.nbytes[i]), "owner_pid": int(t.owner[i]) or None,
+             # how long its current holder has had it (a lease nobody finalises shows here)
+             "held_s": (now - int(t.claimed_ns[i])) / 1e9 if int(t.state[i]) in held and t.claimed_ns[i] else None}
             for i in range(self._slots)
         ]
 

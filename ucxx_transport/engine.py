@@ -34,6 +34,7 @@ import os
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 
 from . import ucxx_compat as compat
 
@@ -381,7 +382,7 @@ def _reset_locked() -> None:
     if drv is not None:
         drv.stop()
     # buffers of requests UCX may still complete: referenced until the worker is gone
-    pending = [item[2] for item in (drv._pending if drv is not None else ())]
+    pending = [item.keepalive for item in (drv.pending if drv is not None else ())]
     pending += [keep for _, keep in _abandoned]
     _abandoned.clear()
     others = [lp for lp in ProgressTasks if lp not in _state["loops"] and not lp.is_closed()]
@@ -511,6 +512,16 @@ def run(coro, timeout: float | None = None):
         raise
 
 
+@dataclass(slots=True)
+class _Pending:
+    """A UCX request the adaptive driver completes, and the buffers it must keep alive."""
+
+    request: object
+    future: asyncio.Future
+    keepalive: object
+    abandoned_at: float | None = None  # when its awaiting task gave up on it
+
+
 class AdaptiveProgress:
     """Progress a UCX worker from an asyncio loop: poll while busy, sleep when idle.
 
@@ -530,15 +541,18 @@ class AdaptiveProgress:
         self._fd = worker.epoll_file_descriptor
         self._wake: asyncio.Future | None = None
         self._last_active = time.monotonic()
-        self.sleeps = 0
         self.max_call_s = 0.0  # longest single worker progress call (diagnostics)
-        # [request, future, keepalive, abandoned_at]: buffers stay referenced until
-        # UCX is done with them, even if the awaiting task was cancelled
-        self._pending: list[list] = []
+        # buffers stay referenced until UCX is done with them, even if the awaiting task was cancelled
+        self._pending: list[_Pending] = []
         self.task = loop.create_task(self._run(), name="ucx-progress")
 
     def __hash__(self):
         return hash(self.event_loop)
+
+    @property
+    def pending(self) -> list:
+        """Requests not completed yet (with the buffers they keep alive)."""
+        return list(self._pending)
 
     def kick(self) -> None:
         self._last_active = time.monotonic()
@@ -560,7 +574,7 @@ class AdaptiveProgress:
         if req.completed:
             self._finish(req, fut)
         else:
-            self._pending.append([req, fut, keepalive, None])
+            self._pending.append(_Pending(req, fut, keepalive))
             self.kick()
         return fut
 
@@ -582,17 +596,17 @@ class AdaptiveProgress:
         now = time.monotonic()
         keep = []
         for item in self._pending:
-            req, fut = item[0], item[1]
+            req, fut = item.request, item.future
             if req.completed:
                 self._finish(req, fut)
                 continue
             if fut.done():  # abandoned by a cancelled task: keep the buffer alive a while
-                if item[3] is None:
-                    item[3] = now
-                elif now - item[3] > ABANDONED_KEEP_S:
+                if item.abandoned_at is None:
+                    item.abandoned_at = now
+                elif now - item.abandoned_at > ABANDONED_KEEP_S:
                     # never completed nor cancelled: stop polling it, but never free its buffer
                     # (a late completion into freed memory is a SIGSEGV somewhere else)
-                    _orphaned.append(item[2])
+                    _orphaned.append(item.keepalive)
                     continue
             keep.append(item)
         self._pending = keep
@@ -626,7 +640,6 @@ class AdaptiveProgress:
             self._wake = fut = loop.create_future()
             loop.add_reader(self._fd, self._on_fd)
             timer = loop.call_later(self.idle_wakeup_s, self.kick)
-            self.sleeps += 1
             try:
                 await fut
             finally:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import enum
 import functools
 import hmac
 import ipaddress
@@ -107,13 +108,40 @@ def default_host() -> str:
     return "127.0.0.1"
 
 
+class Phase(enum.Enum):
+    """What a connection's handler is doing (what its deadline means)."""
+
+    IDLE = "idle"  # waiting for the next request (deadline: idle eviction)
+    ACK = "ack"  # payloads sent, waiting for the ACK (deadline: the ack timeout)
+    WAIT = "wait"  # a TAKE long-polls for READY payloads (no deadline of its own)
+
+
+class EndReason(enum.Enum):
+    """Why the server ended a connection."""
+
+    ACK_TIMEOUT = "ack_timeout"
+    IDLE = "idle"
+    PEER_CLOSED = "peer_closed"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class _Deferred:
+    """A finaliser that met a slot lock held by a frozen process: retried later."""
+
+    lease: object  # shm.SlotLease
+    ack: bool
+    undecodable: bool
+
+
 @dataclass
 class _Conn:
     ep: object
     port_index: int
     deadline: float | None
-    phase: str = "idle"  # idle | ack | wait
-    timed_out: str | None = None
+    phase: Phase = Phase.IDLE
+    #: set once the server ended this connection (its handler is being cancelled)
+    ended: EndReason | None = None
     task: asyncio.Task | None = None
 
 
@@ -193,7 +221,7 @@ class TransportServer:
         self._waiters = _ReadyWaiters()
         self._watch_ack = threading.Event()
         self._req_ids = itertools.count(1)
-        self._deferred: list = []  # (lease, "ack"|"nack", undecodable): finalisers waiting for a slot lock
+        self._deferred: list[_Deferred] = []  # finalisers waiting for a slot lock
         self._staging = BufferPool("cpu", max_cached_bytes=STAGING_CACHE_BYTES)
 
     # ---------------------------------------------------------- lifetime --
@@ -301,11 +329,11 @@ class TransportServer:
             for lst in listeners:
                 lst.close()
             self._waiters.notify_all()
-            busy = [t for t, c in self._conns.items() if c.phase != "idle"]
+            busy = [t for t, c in self._conns.items() if c.phase is not Phase.IDLE]
             if busy:
                 await asyncio.wait(busy, timeout=min(2.0, self._ack_timeout))
             for t, c in list(self._conns.items()):
-                self._abort(c, "shutdown")
+                self._abort(c, EndReason.SHUTDOWN)
                 t.cancel()
             if self._conns:
                 await asyncio.wait(list(self._conns), timeout=2.0)
@@ -335,8 +363,8 @@ class TransportServer:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.monotonic()
             for c in list(self._conns.values()):
-                if c.deadline is not None and now > c.deadline and c.timed_out is None:
-                    self._abort(c, "ack_timeout" if c.phase == "ack" else "idle")
+                if c.deadline is not None and now > c.deadline and c.ended is None:
+                    self._abort(c, EndReason.ACK_TIMEOUT if c.phase is Phase.ACK else EndReason.IDLE)
 
     async def _recoverer(self):
         while True:
@@ -364,25 +392,25 @@ class TransportServer:
         self._waiters.notify(k)
         self._watch_ack.set()
 
-    def _abort(self, c: _Conn, reason: str):
+    def _abort(self, c: _Conn, reason: EndReason):
         """End connection ``c``: abort its endpoint and cancel its handler task.
 
         A pending UCX tag receive is *not* cancelled when its peer is already
         gone (measured with ucxx 0.52), so the handler is interrupted by task
         cancellation instead; its ``finally`` returns every lease to READY.
         """
-        if c.timed_out is not None:
+        if c.ended is not None:
             return
-        c.timed_out = reason
-        if reason == "ack_timeout":
+        c.ended = reason
+        if reason is EndReason.ACK_TIMEOUT:
             self.metrics.ack_timeouts += 1
             log.warning("client on port index %d did not ACK within %.1f s: returning its payloads",
                         c.port_index, self._ack_timeout)
-        elif reason == "idle":
+        elif reason is EndReason.IDLE:
             self.metrics.evictions += 1
             log.debug("evicting idle endpoint (port index %d)", c.port_index)
-        elif reason == "peer_closed":
-            log.debug("peer closed endpoint (port index %d, phase %s)", c.port_index, c.phase)
+        elif reason is EndReason.PEER_CLOSED:
+            log.debug("peer closed endpoint (port index %d, phase %s)", c.port_index, c.phase.value)
         try:
             engine.abort(c.ep)
         except Exception as exc:  # pragma: no cover
@@ -394,7 +422,7 @@ class TransportServer:
         """UCX close/error callback (peer died or closed): end the handler now."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._abort, conn, "peer_closed")
+            loop.call_soon_threadsafe(self._abort, conn, EndReason.PEER_CLOSED)
 
     # ---------------------------------------------------------- handlers --
     async def _serve_endpoint(self, ep, port_index: int = 0):
@@ -410,7 +438,7 @@ class TransportServer:
         buf = np.empty(GETV_MAX_BYTES, np.uint8)  # a request, or a GETV with its entry table
         try:
             while True:
-                conn.phase, conn.deadline = "idle", time.monotonic() + self._idle_timeout
+                conn.phase, conn.deadline = Phase.IDLE, time.monotonic() + self._idle_timeout
                 buf[:] = 0  # a short message must never leave the previous request to be parsed again
                 try:
                     await engine.recv(ep, buf)
@@ -443,7 +471,7 @@ class TransportServer:
         finally:
             self._conns.pop(task, None)
             self.metrics.endpoints -= 1
-            if conn.timed_out is None:
+            if conn.ended is None:
                 try:
                     engine.abort(ep)
                 except Exception:
@@ -530,7 +558,7 @@ class TransportServer:
         leases = self._claim_ready(n, req.max_nbytes)
         if not leases and req.wait_ms:
             deadline = time.monotonic() + req.wait_ms / 1000.0
-            conn.phase, conn.deadline = "wait", None
+            conn.phase, conn.deadline = Phase.WAIT, None
             while not leases and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -603,7 +631,7 @@ class TransportServer:
         batch = self.ring.claim_oldest_batch(n, req.max_nbytes)
         if not len(batch) and req.wait_ms:
             deadline = time.monotonic() + req.wait_ms / 1000.0
-            conn.phase, conn.deadline = "wait", None
+            conn.phase, conn.deadline = Phase.WAIT, None
             while not len(batch) and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -655,7 +683,7 @@ class TransportServer:
         write_batch_array(table, msg, RESPONSE.size)
         t0 = time.monotonic()
         hold = min(req.hold_s, MAX_HOLD_S) if req.flags & FLAG_HOLD else 0
-        conn.phase, conn.deadline = "ack", time.monotonic() + self._ack_timeout + hold + total / self._min_rate
+        conn.phase, conn.deadline = Phase.ACK, time.monotonic() + self._ack_timeout + hold + total / self._min_rate
         m.inflight += 1
         done = False
         try:
@@ -725,14 +753,14 @@ class TransportServer:
         acks = np.asarray(acks, bool)
         if len(undecodable):
             for i, lease in zip(undecodable, batch.leases(undecodable)):
-                self._finalise([lease], "nack", (lease.slot, lease.generation))
+                self._finalise([lease], False, (lease.slot, lease.generation))
             m.nacks += len(undecodable)
         live = batch.live()
         if not len(live):
             return
         if not batch.finalise(acks):
             for i, lease in zip(live, batch.leases(live)):
-                self._finalise([lease], "ack" if acks[i] else "nack")
+                self._finalise([lease], bool(acks[i]))
         k = int(acks[live].sum())
         m.acks += k
         m.nacks += len(live) - k
@@ -757,7 +785,7 @@ class TransportServer:
         m.inflight += 1
         # the ACK comes after the client received everything: slow links are slow, not impossible
         hold = min(req.hold_s, MAX_HOLD_S) if req.flags & FLAG_HOLD else 0
-        conn.phase, conn.deadline = "ack", (time.monotonic() + self._ack_timeout + hold
+        conn.phase, conn.deadline = Phase.ACK, (time.monotonic() + self._ack_timeout + hold
                                             + sum(lease.nbytes for lease in leases) / self._min_rate)
         ok = False
         try:
@@ -785,15 +813,15 @@ class TransportServer:
                                     f"for {ack.request_id}")
             if ack.op == Op.ACK:
                 k = count if not 0 < ack.n < count else ack.n  # ACK n: the first n consumed, the rest back
-                self._finalise(leases[:k], "ack")
-                self._finalise(leases[k:], "nack")
+                self._finalise(leases[:k], True)
+                self._finalise(leases[k:], False)
                 m.acks += k
                 m.nacks += count - k
                 if k < count:
                     self._waiters.notify(count - k)
             else:
                 bad = (ack.slot, ack.generation) if ack.flags & FLAG_UNDECODABLE else None
-                self._finalise(leases, "nack", bad)
+                self._finalise(leases, False, bad)
                 m.nacks += count
                 self._waiters.notify(count)
             ok = True
@@ -813,35 +841,39 @@ class TransportServer:
             m.inflight -= 1
             if not ok:
                 returned = [lease for lease in leases if not lease.finalised]
-                self._finalise(returned, "nack")
+                self._finalise(returned, False)
                 if returned:
                     m.nacks += len(returned)
                     self._waiters.notify(len(returned))
 
-    def _finalise(self, leases: list, how: str, undecodable: tuple[int, int] | None = None) -> None:
-        """ACK or NACK ``leases`` without ever blocking the loop on a cross-process
+    def _finalise(self, leases: list, ack: bool, undecodable: tuple[int, int] | None = None) -> None:
+        """ACK (``ack``) or NACK ``leases`` without ever blocking the loop on a cross-process
         lock: a slot whose lock is held by a frozen process is finalised later
         (its lease stays ours, so nothing is lost and no one else serves it)."""
         for lease in leases:
             bad = undecodable == (lease.slot, lease.generation)
             try:
-                if how == "ack":
+                if ack:
                     lease.ack(lock_timeout=LOOP_LOCK_TIMEOUT_S)
                 else:
                     lease.nack(undecodable=bad, lock_timeout=LOOP_LOCK_TIMEOUT_S)
                     if lease.dead_lettered:
                         self.metrics.dead_letters += 1
             except shm.SlotLockTimeoutError:
-                log.warning("slot %d: lock held by a frozen process; %s deferred", lease.slot, how)
-                self._deferred.append((lease, how, bad))
+                log.warning("slot %d: lock held by a frozen process; %s deferred", lease.slot,
+                            "ACK" if ack else "NACK")
+                self._deferred.append(_Deferred(lease, ack, bad))
 
     def _retry_deferred(self) -> None:
         todo, self._deferred = self._deferred, []
-        for lease, how, bad in todo:
+        for d in todo:
             try:
-                lease.ack(lock_timeout=0) if how == "ack" else lease.nack(undecodable=bad, lock_timeout=0)
+                if d.ack:
+                    d.lease.ack(lock_timeout=0)
+                else:
+                    d.lease.nack(undecodable=d.undecodable, lock_timeout=0)
             except shm.SlotLockTimeoutError:
-                self._deferred.append((lease, how, bad))
+                self._deferred.append(d)
 
     # --------------------------------------------------------- inspection --
     def snapshot(self) -> dict:
