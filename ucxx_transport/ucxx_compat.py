@@ -56,6 +56,12 @@ def names() -> SimpleNamespace:
     return _names
 
 
+def ucx_errors() -> tuple[type[BaseException], ...]:
+    """What a UCX operation raises when its endpoint or peer fails (every ucxx error
+    derives from ``ucxx.exceptions.UCXError``); anything else is a bug to surface."""
+    return (names().ucxx.exceptions.UCXError,)
+
+
 def progress_tasks() -> dict:
     """ucxx's table of progress drivers, one per event loop (looked up live: never cached)."""
     return names().application_context.ProgressTasks
