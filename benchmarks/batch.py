@@ -34,11 +34,14 @@ import uuid
 
 import numpy as np
 
+from shm.frame import encoded_size
+
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
 DEFAULT_CASES = "256x4KiB,256x64KiB,64x1MiB,8x64MiB"
 QUICK_CASES = "256x4KiB"
-FRAME_OVERHEAD = 64 + 192 + 64
+#: frame bytes around one uint8 field (header + field entry): a payload of S - this is an S-byte frame
+FRAME_OVERHEAD = encoded_size({"x": np.zeros(0, np.uint8)})
 
 
 def parse_cases(text: str) -> list[tuple[int, int]]:

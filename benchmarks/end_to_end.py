@@ -15,6 +15,10 @@ each row reports payloads/s, GB/s, latency p50/p99/p99.9 and CPU%/RSS per
 role (the median of --reps repetitions, with min-max), and every "ours" row its
 ratio to each baseline on a line that names both systems, the size, the metric
 and the process layout.
+
+Why one module past 400 lines: one benchmark run with its process roles,
+baselines, tables and plot; splitting it would scatter one measurement's
+definition over several files.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import uuid
 
 import numpy as np
 
+from shm.frame import encoded_size
+
 from ucxx_transport.config import help_text, resolve
 from ucxx_transport.units import format_size, parse_duration, parse_size
 
@@ -42,7 +48,8 @@ LAT_SAMPLES = 50_000
 #: timed repetitions of each (system, size) phase, and of each case in batch mode (--reps)
 DEFAULT_REPS = 1
 BATCH_REPS = 3
-FRAME_OVERHEAD = 64 + 192 + 64  # header + one field entry + alignment slack
+#: frame bytes around one uint8 field (header + field entry): a payload of S - this is an S-byte frame
+FRAME_OVERHEAD = encoded_size({"x": np.zeros(0, np.uint8)})
 
 
 # ============================================================ workers =======

@@ -16,6 +16,11 @@ it from any other loop, which therefore never runs UCX work itself.
 A payload is acknowledged only after it was received whole and its frame
 validated; a payload seen before (same ring id, slot, generation) is ACKed and
 dropped, never returned twice.
+
+Why one module past 400 lines: it is the public surface (each call in a sync
+and an async form, with the docstrings docs/API.md is made from) plus the retry
+layers those calls share; every part with a job of its own lives beside it
+(``endpoints``, ``exchanges``, ``local``, ``ledger``).
 """
 
 from __future__ import annotations

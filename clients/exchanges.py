@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import shm
-from shm.frame import decode, decode_views, index_tail_range, parse_index
+from shm.frame import FRAME_HEADER, decode, decode_views, index_tail_range, parse_index
 from shm.views import anchored
 from ucxx_transport import engine
 from ucxx_transport.buffers import BufferPool
@@ -92,7 +92,7 @@ class Exchanges:
                 try:
                     if expected and nbytes != expected:
                         raise shm.FrameError(f"server sent {nbytes} bytes, the ref says {expected}")
-                    head = view[:64].get().tobytes()
+                    head = view[:FRAME_HEADER.size].get().tobytes()
                     table_off, total = index_tail_range(head)
                     if total != nbytes:
                         raise shm.FrameError(f"frame length {total} != received {nbytes}")

@@ -87,8 +87,10 @@ SLOT_RECORD = np.dtype(
 assert SLOT_RECORD.itemsize == SLOT_RECORD_BYTES
 
 # ---- lock byte ranges (OFD locks, far beyond the end of the file) ---------
-#: base of the ring's lock bytes (the serving process holds LOCK_TRANSITION + 1; see ring.LOCK_SERVER)
+#: base of the ring's lock bytes
 LOCK_TRANSITION = 1 << 40
+#: server-liveness lock byte (held by a serving process for as long as it serves)
+LOCK_SERVER = LOCK_TRANSITION + 1
 #: slot i's ownership lock is held by the process that has it WRITING/READING
 LOCK_OWNER_BASE = LOCK_TRANSITION + 4096
 #: slot i's transition lock: held for the few field updates of one transition

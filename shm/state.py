@@ -33,6 +33,10 @@ tells a dead owner from a live one without trusting pids.
 Finalisers present the *lease* number they got from the claim; a finaliser
 whose lease no longer matches (the slot moved on) is a logged no-op, never a
 clobber.
+
+Why one module past 400 lines: it is the state machine, all of it; every
+transition (single and batch) and crash recovery read and write the same slot
+table under the same locks, and keeping them together is the point.
 """
 
 from __future__ import annotations

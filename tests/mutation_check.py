@@ -202,7 +202,7 @@ MUTATIONS: list[Mutation] = [
         "FetchStream._give_back consumes what was never handed out",
     ),
     Mutation(
-        "ack-ignores-live-views", "shm/ring.py",
+        "ack-ignores-live-views", "shm/leases.py",
         "        if not self.views_alive:\n            if ack:",
         "        if True:\n            if ack:",
         ("tests/test_payloads.py::test_view_kept_past_ack_never_sees_a_reused_slot",),

@@ -3,11 +3,11 @@
 Importing this package does not import ucxx; the server module does.
 """
 
-import os as _os
+from .engine import apply_ucx_defaults as _apply_ucx_defaults
 
-# Set before ucxx is first imported anywhere in the process.
-_os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-_os.environ.setdefault("UCX_TCP_CM_REUSEADDR", "y")
+# Our UCX defaults (engine.UCX_DEFAULTS, never over the user's environment), set
+# before ucxx is first imported anywhere in the process.
+_apply_ucx_defaults()
 
 __all__ = ["TransportServer"]
 

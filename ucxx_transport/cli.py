@@ -8,6 +8,10 @@ ring...) ends the command with one line on stderr,
 ``ucxx-transport: error: <what happened>; <what to do>``, and an
 :class:`ExitCode`; only a bug shows a traceback (``--log-level DEBUG`` logs
 one for expected failures too).
+
+Why one module past 400 lines: it is the composition root, the one place that
+wires ring, server, metrics and clients together; each command's logic beyond
+wiring lives in its own module (``status``, ``doctor``, ``logs``, ``config``).
 """
 
 from __future__ import annotations
@@ -146,7 +150,7 @@ def cmd_serve(a) -> int:
     # every flag and variable is validated before anything is created
     knobs = {name: resolve(name, getattr(a, name)) for name in (
         "slots", "slot_bytes", "on_full", "ports", "n_ports", "ack_timeout_s", "idle_timeout_s", "max_take",
-        "min_rate", "metrics_port", "metrics_host")}
+        "min_rate", "metrics_port", "metrics_host", "directory_file")}
     engine.resolve_mode(resolve("progress_mode", a.progress_mode))
     if a.create and a.attach_existing:
         raise ConfigError("--create and --attach-existing exclude each other")
@@ -211,6 +215,7 @@ def _serve(a, ring, token, knobs) -> int:
                           ack_timeout_s=knobs["ack_timeout_s"], idle_timeout_s=knobs["idle_timeout_s"],
                           progress_mode=a.progress_mode, max_take=knobs["max_take"], min_rate=knobs["min_rate"])
     stop = threading.Event()
+    registration = None
 
     def on_signal(signum, frame):
         log.info("signal %d: stopping", signum)
@@ -231,6 +236,10 @@ def _serve(a, ring, token, knobs) -> int:
     try:
         if knobs["metrics_port"] is not None:
             _start_metrics(srv, knobs["metrics_port"], knobs["metrics_host"] or host)
+        if knobs["directory_file"]:
+            from .directory import StaticDirectory, register_server
+
+            registration = register_server(StaticDirectory(path=knobs["directory_file"]), srv)
         sys.stdout.write(json.dumps({"ring": ring.name, "ring_id": ring.ring_id, "host": host, "ports": ports,
                                      "pid": os.getpid()}) + "\n")
         sys.stdout.flush()
@@ -239,6 +248,8 @@ def _serve(a, ring, token, knobs) -> int:
                 log.error("server thread exited unexpectedly")
                 return ExitCode.ERROR
     finally:
+        if registration is not None:
+            registration.stop()
         srv.stop()
     return 0
 
@@ -359,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve an existing ring (the default without --create; it must be owned by you, mode 0600)")
     s.add_argument("--unlink-on-exit", action="store_true", help="remove the ring segment when the server exits")
     for name in ("slots", "slot_bytes", "on_full", "host", "ports", "n_ports", "token_file", "progress_mode",
-                 "metrics_port", "metrics_host", "ack_timeout_s", "idle_timeout_s", "max_take", "min_rate"):
+                 "metrics_port", "metrics_host", "ack_timeout_s", "idle_timeout_s", "max_take", "min_rate",
+                 "directory_file"):
         _add(s, name)
     s.set_defaults(func=cmd_serve)
 

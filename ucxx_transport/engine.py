@@ -24,6 +24,11 @@ process; see ucxx_compat.current_context):
   context; teardown leaves it alive while a loop of theirs still progresses it.
   A later ``ucxx.init()`` is refused by ucxx itself ("UCX is already
   initiated"): call it before the first client or server, or not at all.
+
+Why one module past 400 lines: initialisation, the progress driver and
+teardown share one piece of process-wide state (the ucxx context and the
+buffers UCX may still write to); splitting them would spread that state's
+invariants over several files.
 """
 
 from __future__ import annotations
@@ -84,11 +89,17 @@ def ucx_settings() -> dict:
         {k: v for k, v in os.environ.items() if k.startswith(("UCX_", "UCXX_"))}
 
 
+def apply_ucx_defaults() -> None:
+    """Put :data:`UCX_DEFAULTS` into the environment where the user set nothing (UCX reads
+    its configuration when ucxx is first imported and initialised: this must come first)."""
+    for key, value in UCX_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def import_ucxx():
     """The ucxx module, imported with our UCX defaults (:data:`UCX_DEFAULTS`) in the
     environment; ImportError says how to install it."""
-    for key, value in UCX_DEFAULTS.items():
-        os.environ.setdefault(key, value)  # before UCX reads its configuration; never over the user's
+    apply_ucx_defaults()
     try:
         import ucxx  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on install
@@ -100,11 +111,12 @@ def import_ucxx():
 
 
 def resolve_mode(progress_mode: str | None) -> str:
-    mode = progress_mode or os.environ.get("UCXX_TRANSPORT_PROGRESS_MODE") or DEFAULT_PROGRESS_MODE
-    if mode not in PROGRESS_MODES:
-        raise ValueError(f"progress mode {mode!r} is not one of {', '.join(PROGRESS_MODES)} "
-                         f"(UCXX_TRANSPORT_PROGRESS_MODE / --progress-mode)")
-    return mode
+    """The progress mode to run: ``progress_mode``, else ``UCXX_TRANSPORT_PROGRESS_MODE``,
+    else the default; one of :data:`PROGRESS_MODES` (the knob table validates it:
+    :class:`~ucxx_transport.config.ConfigError`, a ValueError, names flag and variable)."""
+    from .config import resolve  # config imports this module: resolved at call time
+
+    return resolve("progress_mode", progress_mode)
 
 
 def init(progress_mode: str | None = None) -> str:

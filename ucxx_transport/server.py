@@ -15,6 +15,11 @@ Deadlines: an idle endpoint is evicted after ``idle_timeout_s``; a client
 that does not ACK within ``ack_timeout_s`` has its endpoint aborted and its
 payloads returned. Both are enforced by one sweeper task (no per-request
 timer cost on the hot path).
+
+Why one module past 400 lines: a connection's handlers form one state machine
+(request, answer, ACK, finalise) whose every path must return its leases;
+GET, TAKE, GETV and TAKEV sit next to the one finaliser they share so that the
+single-owner rule can be checked in one read.
 """
 
 from __future__ import annotations

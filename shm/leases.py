@@ -1,0 +1,309 @@
+"""Holding one slot, or a batch of them: a writer filling a FREE slot in place, a
+reader's lease on a READY payload, and the server's array-backed batch of leases.
+
+Each finalises through the ring's one state machine (:mod:`shm.state`), exactly
+once: a writer publishes or aborts, a lease acks or nacks (a view of its payload
+that is still alive keeps the slot PINNED, see :mod:`shm.views`). The ring
+(:mod:`shm.ring`) hands these out; they reach back into it only for its slot
+table and its mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from .errors import FrameError, RingError
+from .frame import FrameBuilder, parse_index, payload_from
+from .layout import SLOT_HEADROOM
+from .payload import Payload
+from .ref import SlotRef
+from .state import DEAD, LOCK_TIMEOUT_S
+from .views import anchored
+
+if TYPE_CHECKING:
+    from .ring import RingBuffer
+
+log = logging.getLogger("shm.ring")
+
+
+class SlotWriter:
+    """A slot held in WRITING by this process; write in place, then publish.
+
+    As a context manager: leaving the block without :meth:`publish`, or by an
+    exception, aborts (the slot goes back to FREE, nothing is published).
+    """
+
+    def __init__(self, ring: RingBuffer, slot: int, lease: int):
+        self._ring = ring
+        self.slot = slot
+        self._lease = lease
+        self._done = False
+        self.buffer = ring.slot_buffer(slot)
+        self._builder: FrameBuilder | None = None
+
+    def _b(self) -> FrameBuilder:
+        if self._done:
+            raise RingError("this SlotWriter was already published or aborted")
+        if self._builder is None:
+            self._builder = FrameBuilder(self.buffer)
+        return self._builder
+
+    def set(self, name: str, array) -> None:
+        """Write field ``name`` whole (copied once, straight into the slot)."""
+        self._b().set(name, array)
+
+    def append(self, name: str, array) -> None:
+        """Extend field ``name`` along axis 0 in place (O(len(array)))."""
+        self._b().append(name, array)
+
+    def set_raw(self, data) -> None:
+        self._b().set_raw(data)
+
+    @property
+    def bytes_used(self) -> int:
+        return self._builder.bytes_used if self._builder else 0
+
+    def publish(self, meta: Mapping | None = None) -> SlotRef:
+        """Finish the frame and publish it (WRITING -> READY, generation + 1)."""
+        try:
+            n = self._b().finish(meta)
+        except BaseException:
+            self.abort()
+            raise
+        return self._publish_frame(n)
+
+    def _publish_frame(self, nbytes: int) -> SlotRef:
+        if self._done:
+            raise RingError("this SlotWriter was already published or aborted")
+        try:  # what a reader cannot decode is never published
+            parse_index(self._ring.slot_buffer(self.slot, nbytes))
+        except FrameError as exc:
+            self.abort()
+            raise ValueError(f"the encoded payload would not decode ({exc}); nothing was published") from None
+        gen = self._ring._table.publish(self.slot, self._lease, nbytes)  # may raise SlotLockTimeoutError
+        self._done = True
+        self.buffer = None
+        log.debug("published slot %d generation %d (%d bytes)", self.slot, gen, nbytes)
+        return self._ring._make_ref(self.slot, gen, nbytes)
+
+    def abort(self) -> None:
+        """Give the slot back (WRITING -> FREE). Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        self.buffer = None
+        self._builder = None
+        if not self._ring._closed:
+            self._ring._table.abort(self.slot, self._lease)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        self.abort()
+
+    def __del__(self):  # pragma: no cover
+        try:
+            if not self._done:
+                log.warning("SlotWriter for slot %d dropped without publish/abort: aborting", self.slot)
+                self.abort()
+        except Exception:
+            pass
+
+
+class SlotLease:
+    """A READY payload held in READING by this process.
+
+    :attr:`payload` decodes lazily into zero-copy read-only views. The views
+    never see another payload: :meth:`ack` commits the consumption at once (the
+    payload is never served again), but while any view of it is alive the slot
+    stays PINNED and is reused only once the last view is gone; a :meth:`nack`
+    with live views returns the payload to READY only then. As a context
+    manager the lease acks on a clean exit and nacks on an exception.
+    """
+
+    def __init__(self, ring: RingBuffer, slot: int, lease: int, generation: int, nbytes: int):
+        self._ring = ring
+        self.slot = slot
+        self._lease = lease
+        self.generation = generation
+        self.nbytes = nbytes
+        self._done = False
+        self._payload: Payload | None = None
+        self._watch = None  # weak reference to the views' anchor, once decoded
+        self._decision: bool | None = None  # ack (True) / nack (False) waiting for the views
+        #: set by ``nack(undecodable=True)`` when that moved the payload to DEAD
+        self.dead_lettered = False
+
+    @property
+    def ref(self) -> SlotRef:
+        return self._ring._make_ref(self.slot, self.generation, self.nbytes)
+
+    @property
+    def buffer(self) -> memoryview:
+        """The encoded frame, read-only, straight from shared memory (not anchored:
+        for senders; readers use :attr:`payload`)."""
+        return self._ring.slot_buffer(self.slot, self.nbytes).toreadonly()
+
+    def array(self, *, headroom: bool = False) -> np.ndarray:
+        """The encoded frame as a uint8 numpy view (for senders); with
+        ``headroom``, preceded by the slot's SLOT_HEADROOM bytes, which the
+        lease holder may fill (e.g. with a response header) before sending."""
+        return self._ring.slot_array(self.slot, self.nbytes, headroom=headroom)
+
+    @property
+    def payload(self) -> Payload:
+        if self._done:
+            raise RingError("lease already finalised: take the payload before ack/nack (views taken before "
+                            "stay valid)")
+        if self._payload is None:
+            u8, self._watch = anchored(self._ring.slot_buffer(self.slot, self.nbytes), readonly=True,
+                                       on_gone=self._views_gone)
+            self._payload = payload_from(parse_index(u8), u8)
+            self._ring._viewed.add(self)
+        return self._payload
+
+    @property
+    def views_alive(self) -> bool:
+        """Is any view of this lease's payload still referenced (the slot is kept for it)?"""
+        return self._watch is not None and self._watch() is not None
+
+    def _views_gone(self) -> None:
+        # garbage-collection callback: must not block
+        decision, table = self._decision, self._ring._table
+        if decision is not None and table is not None:
+            table.finalise_soon(self.slot, self._lease, decision)
+
+    def _finalise(self, ack: bool, lock_timeout: float, undecodable: bool = False) -> bool:
+        self._payload = None  # our own reference; the caller's views keep the slot
+        table = self._ring._table
+        if not self.views_alive:
+            if ack:
+                return table.ack(self.slot, self._lease, lock_timeout)
+            return table.nack(self.slot, self._lease, lock_timeout, undecodable)
+        done = table.ack(self.slot, self._lease, lock_timeout, pinned=True) if ack else True
+        self._decision = ack
+        if not self.views_alive:  # the last view went meanwhile: its callback saw no decision
+            table.finalise_soon(self.slot, self._lease, ack)
+        return done
+
+    @property
+    def finalised(self) -> bool:
+        return self._done
+
+    def ack(self, *, lock_timeout: float = LOCK_TIMEOUT_S) -> bool:
+        """Consume the payload (READING -> FREE, or PINNED while views of it are
+        alive). Returns False (and logs) if the lease was already finalised or
+        reclaimed. Raises :class:`SlotLockTimeoutError` (lease kept: try again)
+        if the slot's lock stays busy for ``lock_timeout`` s."""
+        if self._done:
+            return False
+        if self._ring._table is None:
+            self._done = True
+            log.warning("ack of slot %d after its ring handle was closed: the slot is recovered to READY "
+                        "(not consumed) when this process exits", self.slot)
+            return False
+        done = self._finalise(True, lock_timeout)
+        self._done = True
+        return done
+
+    def nack(self, *, undecodable: bool = False, lock_timeout: float = LOCK_TIMEOUT_S) -> bool:
+        """Give the payload back (READING -> READY; while views of it are alive, once
+        they are gone). ``undecodable``: the reader could not decode it; after
+        DEAD_LETTER_AFTER such NACKs it goes to DEAD (:attr:`dead_lettered`)."""
+        if self._done:
+            return False
+        if self._ring._table is None:
+            self._done = True
+            return False
+        done = self._finalise(False, lock_timeout, undecodable)
+        self._done = True
+        if done and undecodable:
+            self.dead_lettered = self._ring._table.state[self.slot] == DEAD
+        return done
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.ack()
+        else:
+            self.nack()
+
+    def __del__(self):  # pragma: no cover
+        try:
+            if not self._done:
+                log.warning("lease on slot %d dropped without ack/nack: nacking", self.slot)
+                self.nack()
+        except Exception:
+            pass
+
+
+class LeaseBatch:
+    """Many payloads of one ring held in READING by this process, leased at once
+    (:meth:`RingBuffer.claim_batch`): arrays instead of one object per payload.
+    Finalise them together (:meth:`finalise`, one lock syscall) or, when that
+    range is busy, item by item through :meth:`leases`."""
+
+    def __init__(self, ring: RingBuffer, slots: np.ndarray, leases: np.ndarray, generations: np.ndarray,
+                 nbytes: np.ndarray):
+        self._ring = ring
+        self.slots = slots
+        self.lease_numbers = leases
+        self.generations = generations
+        self.nbytes = nbytes
+        self.done = np.zeros(len(slots), bool)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def frame(self, i: int) -> np.ndarray:
+        """Item ``i``'s encoded frame (uint8 view of shared memory)."""
+        return self._ring.slot_array(int(self.slots[i]), int(self.nbytes[i]))
+
+    def subset(self, idx) -> "LeaseBatch":
+        """Items ``idx`` as a batch of their own (this object must not be used after)."""
+        idx = np.asarray(idx, np.int64)
+        return LeaseBatch(self._ring, self.slots[idx], self.lease_numbers[idx], self.generations[idx],
+                          self.nbytes[idx])
+
+    def live(self) -> np.ndarray:
+        """Indices of the items not finalised yet."""
+        return np.flatnonzero(~self.done)
+
+    def copy_frames(self, out: np.ndarray, offsets, which=None) -> None:
+        """Copy the frames of items ``which`` (default all) into ``out`` at ``offsets``."""
+        r = self._ring
+        u8, base, stride = r._u8, r._data_off + SLOT_HEADROOM, r._stride
+        sel = slice(None) if which is None else np.asarray(which, np.int64)
+        for sl, n, off in zip(self.slots[sel].tolist(), self.nbytes[sel].tolist(), offsets):
+            src = base + sl * stride
+            out[off:off + n] = u8[src:src + n]
+
+    def finalise(self, ack) -> bool:
+        """Ack (true) or nack each item still held (``ack``: a bool or one per item),
+        with one lock syscall. False (nothing changed) when some slot's lock is busy."""
+        live = ~self.done
+        if not live.any():
+            return True
+        if self._ring._closed:
+            self.done[:] = True
+            return True
+        acks = np.broadcast_to(np.asarray(ack, bool), self.done.shape)
+        if self._ring._table.finalise_many(self.slots[live], self.lease_numbers[live], acks[live]) < 0:
+            return False
+        self.done[:] = True
+        return True
+
+    def leases(self, which=None) -> list:
+        """Items not finalised yet as individual :class:`SlotLease` objects (the batch
+        gives them up: finalise each through its lease)."""
+        idx = [i for i in (range(len(self)) if which is None else which) if not self.done[i]]
+        out = [SlotLease(self._ring, int(self.slots[i]), int(self.lease_numbers[i]), int(self.generations[i]),
+                         int(self.nbytes[i])) for i in idx]
+        self.done[idx] = True
+        return out
