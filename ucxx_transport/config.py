@@ -112,6 +112,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
          "every interface)"),
     Knob("min_rate", 4 << 20, lambda t: _size_min(t, 1024), "bytes/s the slowest link is expected to sustain: "
          "a payload transfer's deadline is the base deadline + nbytes / min_rate (server ACK wait, client call)"),
+    Knob("directory_file", None, str, "register in this JSON directory file and heartbeat while serving "
+         "(a StaticDirectory; see docs/DEPLOYMENT.md)"),
     Knob("max_take", 64, _int_range(1, 256), "most payloads one TAKE request may return"),
     Knob("slots", 64, _int_range(1, 65536), "ring slots (with --create)"),
     Knob("slot_bytes", 64 << 20, lambda t: _size_min(t, 4096), "bytes per slot, e.g. 64MiB (with --create)"),
@@ -124,6 +126,11 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
     Knob("endpoint_max_age_s", 100.0, _positive_duration, "client: pooled endpoints older than this are replaced"),
     Knob("pool_size", 2, _int_range(1, 64), "client: pooled endpoints per (host, port)"),
     Knob("max_inflight", 16, _int_range(1, 1024), "client: concurrent requests of a batch fetch"),
+    Knob("max_idle_endpoints", None, _int_range(1, 1 << 20), "client: idle pooled endpoints kept in all, least "
+         "recently used closed first (default: 3/4 of UCX_TCP_MAX_NUM_EPS, i.e. 192)"),
+    Knob("max_idle_per_server", None, _int_range(1, 1 << 16), "client: idle pooled endpoints kept per server, "
+         "across its ports (default: no cap beyond --pool-size per port)"),
+    Knob("endpoint_idle_s", 60.0, _positive_duration, "client: a pooled endpoint idle this long is closed"),
 ]}
 
 
@@ -146,7 +153,7 @@ def resolve(name: str, value: Any = None, *, env: dict | None = None) -> Any:
         value, source = raw, f"environment variable {knob.env}"
     if isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
-    if name in ("host", "token_file"):
+    if name in ("host", "token_file", "directory_file"):
         return value
     try:
         return knob.parse(value)
