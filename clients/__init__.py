@@ -1,4 +1,4 @@
-"""Trainer side: TransportClient, FetchStream, UCXXDataPackerMixin."""
+"""Trainer side: TransportClient, FetchStream, FanIn, UCXXDataPackerMixin."""
 
 from .client import FetchResult, TransportClient
 from .errors import (
@@ -16,11 +16,12 @@ from .errors import (
     TransientTransportError,
     TransportError,
 )
+from .fanin import FanIn, FanInStream
 from .mixin import PrefetchHandle, UCXXDataPackerMixin
 from .stream import FetchStream
 
 __all__ = [
-    "TransportClient", "FetchResult", "FetchStream", "UCXXDataPackerMixin", "PrefetchHandle",
+    "TransportClient", "FetchResult", "FetchStream", "FanIn", "FanInStream", "UCXXDataPackerMixin", "PrefetchHandle",
     "TransportError", "StaleSlotError", "AuthError", "BadRequestError", "PayloadTooLargeError",
     "TransientTransportError", "ConnectionLostError", "CallTimeoutError", "ServerBusyError",
     "CorruptPayloadError", "AlreadyDeliveredError", "InvalidRefError", "NoAddressError",
