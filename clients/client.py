@@ -68,6 +68,7 @@ class FetchResult:
 
     @property
     def ok(self) -> bool:
+        """The ref was fetched (``payload`` is set, ``error`` is None)."""
         return self.error is None
 
 
@@ -335,6 +336,7 @@ class TransportClient:
         return dict(zip(targets, outs))
 
     def stats(self) -> dict:
+        """Counters (fetches, bytes, retries, quarantines...), fetch latency percentiles and the pool's and buffers' figures."""
         d = self._ledger.snapshot()
         d.update(self._pool.stats)
         d["buffer_allocations"] = self._buffers.allocations

@@ -40,6 +40,7 @@ class PrefetchHandle:
         self.collected = False
 
     def done(self) -> bool:
+        """Would collecting this batch return at once (every fetch finished)?"""
         return self._future.done()
 
     def __repr__(self):
@@ -62,6 +63,7 @@ class UCXXDataPackerMixin:
 
     @property
     def ucxx_client(self) -> TransportClient:
+        """The client :meth:`setup_ucxx_transport` made or was given."""
         if self._ucxx_client is None:
             raise RuntimeError("call setup_ucxx_transport() before fetching rollouts")
         return self._ucxx_client

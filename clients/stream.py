@@ -247,6 +247,7 @@ class FetchStream:
 
     @property
     def alive(self) -> bool:
+        """Is the stream's fetcher thread still running?"""
         return self._thread.is_alive()
 
     def __enter__(self):

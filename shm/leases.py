@@ -60,10 +60,12 @@ class SlotWriter:
         self._b().append(name, array)
 
     def set_raw(self, data) -> None:
+        """Write ``data`` (bytes-like) as a raw payload: no fields, the reader gets ``payload.raw``."""
         self._b().set_raw(data)
 
     @property
     def bytes_used(self) -> int:
+        """Frame bytes written so far (the frame's size if published now)."""
         return self._builder.bytes_used if self._builder else 0
 
     def publish(self, meta: Mapping | None = None) -> SlotRef:
@@ -140,6 +142,7 @@ class SlotLease:
 
     @property
     def ref(self) -> SlotRef:
+        """The :class:`SlotRef` of the leased payload."""
         return self._ring._make_ref(self.slot, self.generation, self.nbytes)
 
     @property
@@ -156,6 +159,7 @@ class SlotLease:
 
     @property
     def payload(self) -> Payload:
+        """The decoded payload (zero-copy views of the slot); take it before ack/nack."""
         if self._done:
             raise RingError("lease already finalised: take the payload before ack/nack (views taken before "
                             "stay valid)")
@@ -192,6 +196,7 @@ class SlotLease:
 
     @property
     def finalised(self) -> bool:
+        """Was the lease acked or nacked already?"""
         return self._done
 
     def ack(self, *, lock_timeout: float = LOCK_TIMEOUT_S) -> bool:

@@ -72,10 +72,12 @@ class Payload(Mapping):
 
     @property
     def is_raw(self) -> bool:
+        """Was the payload put as raw bytes (no fields)?"""
         return self._raw is not None
 
     @property
     def released(self) -> bool:
+        """Was :meth:`release` called (the payload hands out nothing more)?"""
         return self._fields is None
 
     def copy(self) -> "Payload":

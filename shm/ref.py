@@ -114,6 +114,7 @@ class SlotRef:
         return SlotRef(self.ring, self.slot, self.generation, self.nbytes, host, tuple(ports), self.ring_id)
 
     def to_dict(self) -> dict:
+        """A JSON-able dict (send it over any control plane; :meth:`from_dict` rebuilds the ref)."""
         d = asdict(self)
         d["ports"] = list(self.ports)
         return d

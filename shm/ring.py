@@ -291,14 +291,17 @@ class RingBuffer:
     # --------------------------------------------------------- properties --
     @property
     def name(self) -> str:
+        """The ring's name (its segment is /dev/shm/<name>)."""
         return self._name
 
     @property
     def slots(self) -> int:
+        """How many slots the ring has."""
         return self._slots
 
     @property
     def slot_bytes(self) -> int:
+        """Bytes of payload frame one slot holds."""
         return self._slot_bytes
 
     @property
@@ -317,6 +320,7 @@ class RingBuffer:
 
     @property
     def on_full(self) -> str:
+        """What put does when no slot is FREE: "block", "error" or "drop_oldest"."""
         return self._on_full
 
     def slot_buffer(self, slot: int, nbytes: int | None = None) -> memoryview:
@@ -572,6 +576,7 @@ class RingBuffer:
         return self._table.recover()
 
     def stats(self) -> dict:
+        """Counters (published, consumed, dropped, dead letters...) and slot states, as one dict."""
         c = self._table.ctrl
         return {
             "ring": self._name,
@@ -619,6 +624,7 @@ class RingBuffer:
         return held
 
     def slot_info(self) -> list[dict]:
+        """Per slot: state, generation, nbytes, owner pid and how long its holder has had it (held_s)."""
         t = self._table
         now = time.time_ns()
         held = (WRITING, READING, PINNED)
@@ -666,6 +672,7 @@ class RingBuffer:
         )
 
     def clear_server_address(self) -> None:
+        """Stop advertising this process as the ring's server (refs published later carry no address)."""
         if not self._serving or self._closed:
             return
         self._hdr["server_pid"] = 0

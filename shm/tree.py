@@ -71,6 +71,7 @@ class Ragged(Sequence):
 
     @property
     def lengths(self):
+        """Length (along axis 0) of each item: ``offsets[1:] - offsets[:-1]``."""
         return self.offsets[1:] - self.offsets[:-1]
 
     def padded(self, pad_value=0, length: int | None = None):

@@ -425,6 +425,19 @@ def test_connect_warms_up_every_port_so_the_first_fetch_does_not_connect(make_ri
             c.connect(("127.0.0.1", dead))
 
 
+def test_mixin_warm_up_opens_the_connections_before_the_first_step(make_ring, ring_name, serve):
+    ring = make_ring(slots=4)
+    srv = serve(ring_name, "--n-ports", "2")
+    ref = ring.put({"i": np.int64(7)})
+    packer = Packer(local_fast_path=False, timeout=5)
+    try:
+        got = packer.warm_up_ucxx_transport(srv.address)
+        assert len(got) == 2 and packer.ucxx_client.stats()["connects"] == 2
+        assert packer.fetch_rollouts([ref])[0].meta == {} and packer.ucxx_client.stats()["connects"] == 2
+    finally:
+        packer.shutdown_ucxx_transport()
+
+
 def test_local_batch_gives_each_ref_its_own_outcome(make_ring, ring_name):
     """fetch_many of same-host refs claims a ring's refs together; each ref still gets exactly
     its own result: payload, STALE, a duplicate in the batch, a slot busy elsewhere, a repeat."""

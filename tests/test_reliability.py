@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -403,3 +404,36 @@ def test_refused_connection_fails_fast_not_at_the_deadline():
         res = c.fetch_many([ref])
         assert not res[0].ok and res[0].error.retryable
         assert time.monotonic() - t0 < 2.0
+
+
+DEAD_SERVER_CLIENT = textwrap.dedent("""
+    import json, sys, time, shm
+    from clients import TransportClient
+    refs = [shm.SlotRef.from_dict(d) for d in json.loads(sys.argv[1])]
+    with TransportClient(local_fast_path=False, timeout=2.0) as c:  # default attempts and rounds
+        t0 = time.monotonic()
+        res = c.fetch_many(refs)
+        print(json.dumps({"s": time.monotonic() - t0, "ok": [r.ok for r in res],
+                          "retryable": [bool(getattr(r.error, "retryable", False)) for r in res]}))
+""")
+
+
+def test_fetch_many_against_a_dead_server_is_quick_and_quiet(make_ring, ring_name, serve):
+    """Two refs, a server that was killed: the batch fails within a few seconds (refused
+    connections fail fast, default attempts and rounds included), prints no UCX/UCXX C-level
+    log lines, and warns once per port state change (quarantine), not once per attempt."""
+    ring = make_ring(slots=4)
+    srv = serve(ring_name, "--n-ports", "2")
+    refs = [ring.put({"x": np.arange(3)}).to_dict() for _ in range(2)]
+    srv.kill()
+    env = {k: v for k, v in os.environ.items() if k not in ("UCX_LOG_LEVEL", "UCXX_LOG_LEVEL")}
+    r = subprocess.run([sys.executable, "-c", DEAD_SERVER_CLIENT, json.dumps(refs)], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["ok"] == [False, False] and all(out["retryable"])
+    assert out["s"] < 5.0, out
+    assert "UCXX ERROR" not in r.stderr and "UCX  ERROR" not in r.stderr and "[UCX" not in r.stderr, r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if "quarantining" in ln]
+    assert 1 <= len(warnings) <= 2, r.stderr  # one per port of the dead server, however many attempts
+    assert ring.ready_count() == 2  # nothing consumed

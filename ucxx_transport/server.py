@@ -233,10 +233,12 @@ class TransportServer:
     # ---------------------------------------------------------- lifetime --
     @property
     def address(self) -> tuple[str, list[int]]:
+        """(host, ports) clients should use, once started."""
         return self._host, list(self._ports)
 
     @property
     def ports(self) -> list[int]:
+        """The bound listener ports (empty before :meth:`start`)."""
         return list(self._ports)
 
     def start(self, timeout: float = 30.0) -> list[int]:
@@ -289,6 +291,7 @@ class TransportServer:
 
     @property
     def running(self) -> bool:
+        """Is the server's loop serving (started and not stopped)?"""
         return self._future is not None and not self._future.done()
 
     def serve_forever(self) -> None:
@@ -886,6 +889,7 @@ class TransportServer:
 
     # --------------------------------------------------------- inspection --
     def snapshot(self) -> dict:
+        """Everything STATS answers: server settings, metrics and the ring's state."""
         return {
             "server": {"ring": self.ring.name, "host": self._host, "ports": self._ports,
                        "progress_mode": engine.mode(), "auth": self._token is not None,
