@@ -92,12 +92,16 @@ class TransportClient:
     tensors, bf16/fp8 included; on the GPU with ``device="cuda"``).
     ``copy``: hand out owned copies instead of views, so the slot or receive
     buffer is recycled at once whatever the caller keeps (costs one copy).
+    ``max_idle_endpoints`` / ``max_idle_per_server`` / ``endpoint_idle_s``: the
+    endpoint budget (idle pooled endpoints kept in all and per server, least
+    recently used closed first; docs/DEPLOYMENT.md has the UCX limits behind it).
     """
 
     def __init__(self, *, token=None, timeout=None, max_attempts=None, max_rounds=None, quarantine_s=None,
                  endpoint_max_age_s=None, pool_size=None, max_inflight=None, device="cpu",
                  local_fast_path=True, progress_mode=None, max_nbytes: int = 0, dedup_window: int = 100_000,
-                 min_rate=None, resolver=None, tensor_type: str = "numpy", copy: bool = False):
+                 min_rate=None, resolver=None, tensor_type: str = "numpy", copy: bool = False,
+                 max_idle_endpoints=None, max_idle_per_server=None, endpoint_idle_s=None):
         if tensor_type not in ("numpy", "torch"):
             raise ValueError(f"tensor_type must be 'numpy' or 'torch', got {tensor_type!r}")
         #: "torch": payload values are zero-copy torch tensors (on the GPU for device="cuda")
@@ -114,7 +118,9 @@ class TransportClient:
         self._ledger = Ledger(dedup_window)
         self._net = Connector(dict(pool_size=resolve("pool_size", pool_size),
                                    endpoint_max_age_s=resolve("endpoint_max_age_s", endpoint_max_age_s),
-                                   quarantine_s=resolve("quarantine_s", quarantine_s)),
+                                   quarantine_s=resolve("quarantine_s", quarantine_s),
+                                   max_idle=max_idle_endpoints, max_idle_per_server=max_idle_per_server,
+                                   idle_s=endpoint_idle_s),
                               token=self.token, timeout=self.timeout, ledger=self._ledger)
         self._pool = self._net.pool
         self._buffers = BufferPool(device)
@@ -127,6 +133,7 @@ class TransportClient:
         self._closed = False
         self._local = LocalReader(self._ledger, enabled=local_fast_path and device == "cpu",
                                   max_attempts=self.max_attempts)
+        self._fanins: dict = {}  # id(directory) -> FanIn, for take_any
         self._exchanges = Exchanges(self._net, self._ledger, self._buffers, device=device, max_nbytes=max_nbytes,
                                     timeout=self.timeout, min_rate=self.min_rate)
 
@@ -143,6 +150,9 @@ class TransportClient:
         """Close pooled endpoints and release UCX (bounded; idempotent)."""
         if self._closed:
             return
+        for fanin in list(self._fanins.values()):  # give back what their TAKEs hold, while UCX still runs
+            fanin.close(timeout)
+        self._fanins.clear()
         self._closed = True
         if self._loop is not None:
             try:
@@ -293,6 +303,19 @@ class TransportClient:
         host, ports = self._address(address)
         blob = None if fields is None else encode_fields(fields)
         return [self.present(p) for p in await self._arun(self._take, host, ports, n, wait, 0, blob)]
+
+    def take_any(self, directory, n: int = 16, wait: float = 0.0) -> list[shm.Payload]:
+        """Up to ``n`` payloads pulled fairly from every live server of ``directory``
+        (a :class:`~ucxx_transport.directory.Directory`), waiting up to ``wait`` s for
+        the first. Dead servers are skipped and re-admitted when they re-register;
+        exactly once per client. For repeated pulls keep one
+        :class:`~clients.fanin.FanIn` (its fairness carries over between calls)."""
+        fanin = self._fanins.get(id(directory))
+        if fanin is None or fanin.directory is not directory:
+            from .fanin import FanIn
+
+            fanin = self._fanins[id(directory)] = FanIn(self, directory)
+        return fanin.take(n, wait)
 
     def server_stats(self, address) -> dict:
         """The server's STATS answer (counters, slot states, latencies) as a dict."""

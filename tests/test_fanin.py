@@ -195,3 +195,34 @@ def test_fan_in_over_8_servers(tmp_path, monkeypatch):
 @pytest.mark.parametrize("n_servers", [16, 32])
 def test_fan_in_over_many_servers(n_servers, tmp_path, monkeypatch):
     _check(_scenario(n_servers, tmp_path, monkeypatch))
+
+
+def test_take_any_and_budget_arguments_on_the_client(tmp_path):
+    """TransportClient.take_any pulls from every live server of a directory (one FanIn per
+    directory, closed with the client: nothing held is left behind); the endpoint budget
+    is also a constructor argument."""
+    dfile = tmp_path / "directory.json"
+    names = [f"takeany-{os.getpid()}-{k}" for k in range(2)]
+    rings = [shm.RingBuffer.create(nm, slots=8, slot_bytes=1 << 14) for nm in names]
+    servers = []
+    try:
+        for k, r in enumerate(rings):
+            _fill(r, k, 4)
+        servers = [_Server(nm, dfile) for nm in names]
+        directory = StaticDirectory(path=dfile)
+        with TransportClient(timeout=3.0, local_fast_path=False, max_idle_endpoints=3, max_idle_per_server=1,
+                             endpoint_idle_s=5) as c:
+            assert (c._pool.max_idle, c._pool.max_idle_per_server, c._pool.idle_s) == (3, 1, 5.0)
+            got = []
+            deadline = time.monotonic() + 20
+            while len(got) < 8 and time.monotonic() < deadline:
+                got += c.take_any(directory, n=8 - len(got), wait=1.0)
+            assert sorted(p.meta["src"] for p in got) == [0] * 4 + [1] * 4
+            assert all(checksum(p) == p.meta["crc"] for p in got)
+        assert all(r.ready_count() == 0 and r.state_counts()["READING"] == 0 for r in rings)
+    finally:
+        for s in servers:
+            s.stop()
+        for r in rings:
+            r.close()
+            r.unlink()
