@@ -16,7 +16,7 @@ import logging
 import numpy as np
 
 from ucxx_transport import engine
-from ucxx_transport.protocol import RESPONSE, Op, ProtocolError, Request, Status, decode_response, encode_request
+from ucxx_transport.protocol import RESPONSE, Op, Request, Status, answer_to, encode_request
 
 from .errors import AuthError, CallTimeoutError, ConnectionLostError, TransportError, classify
 from .ledger import Ledger
@@ -145,10 +145,7 @@ class Connector:
         hdr = np.zeros(RESPONSE.size, np.uint8)
         await engine.recv(pe.ep, hdr)
         pe.unconfirmed_ack = False  # the server answers in order: any earlier ACK was applied
-        resp = decode_response(hdr)
-        if resp.request_id != req.request_id:
-            raise ProtocolError(f"response for request {resp.request_id}, expected {req.request_id}")
-        return resp
+        return answer_to(hdr, req.request_id)
 
     @staticmethod
     def map_error(exc: BaseException, t: CallDeadline, where: str) -> BaseException:

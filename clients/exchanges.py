@@ -37,8 +37,8 @@ from ucxx_transport.protocol import (
     Request,
     Status,
     batch_array,
+    answer_to,
     batch_table_size,
-    decode_response,
     encode_fields,
     encode_request,
     one_message_layout,
@@ -130,10 +130,11 @@ class Exchanges:
                 await engine.recv(pe.ep, msg)
                 pe.unconfirmed_ack = False
                 head = msg[: RESPONSE.size]
-                resp = decode_response(head.get() if self.device == "cuda" else head)
-                if resp.request_id != rid:
+                try:
+                    resp = answer_to(head.get() if self.device == "cuda" else head, rid)
+                except ProtocolError:
                     self._buffers.put(base)
-                    raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
+                    raise
                 if resp.status != Status.OK:
                     self._buffers.put(base)
                     raise Answered(status_error(resp.status, resp.message, where))
@@ -142,9 +143,7 @@ class Exchanges:
                 hdr = np.zeros(RESPONSE.size, np.uint8)
                 await engine.recv(pe.ep, hdr)
                 pe.unconfirmed_ack = False
-                resp = decode_response(hdr)
-                if resp.request_id != rid:
-                    raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
+                resp = answer_to(hdr, rid)
                 if resp.status != Status.OK:
                     raise Answered(status_error(resp.status, resp.message, where))
                 base, view = await self.recv_payload(pe, resp.nbytes)
@@ -220,9 +219,7 @@ class Exchanges:
 
     @staticmethod
     def parse_batch_head(head, rid: int, n: int):
-        resp = decode_response(head[:RESPONSE.size])
-        if resp.request_id != rid:
-            raise ProtocolError(f"response for request {resp.request_id}, expected {rid}")
+        resp = answer_to(head[:RESPONSE.size], rid)
         if resp.status != Status.OK:
             return resp, None
         if not 1 <= resp.count <= n:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import threading
 
-from ucxx_transport.metrics import Reservoir
+from ucxx_transport.reservoir import Reservoir
 
 
 class Ledger:

@@ -99,3 +99,46 @@ def test_every_documented_command_line_parses(doc):
                 build_parser().parse_args(argv)
             except SystemExit as exc:
                 pytest.fail(f"{doc.name}: {line!r} does not parse (exit {exc.code})")
+
+
+def _deployment_blocks() -> list[str]:
+    return _blocks((ROOT / "docs" / "DEPLOYMENT.md").read_text(), "python")
+
+
+def test_deployment_fanin_snippet_runs_as_written(tmp_path, make_ring, ring_name):
+    """docs/DEPLOYMENT.md's FanIn block against a real server registered in a directory file
+    (the file path and the token are this test's)."""
+    import numpy as np
+
+    [fanin_block] = [b for b in _deployment_blocks() if "StaticDirectory" in b]
+    ring = make_ring(slots=96, slot_bytes=1 << 14)
+    for i in range(80):
+        ring.put({"i": np.int64(i)})
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret")
+    token_file.chmod(0o600)
+    dfile = tmp_path / "dir.json"
+    server = subprocess.Popen([sys.executable, "-m", "ucxx_transport", "serve", "--ring", ring_name,
+                               "--host", "127.0.0.1", "--token-file", str(token_file), "--directory-file", str(dfile)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert json.loads(server.stdout.readline())["ring"] == ring_name
+        ns = {"TOKEN": "s3cret"}
+        exec(compile(fanin_block.replace("/shared/ucxx-directory.json", str(dfile)), "DEPLOYMENT.md#fanin", "exec"),
+             ns)
+        assert 1 <= len(ns["batch"]) <= 64 and "i" in ns["payload"]
+        del ns
+    finally:
+        server.terminate()
+        assert server.wait(20) == 0
+
+
+def test_deployment_ray_snippet_runs_as_written():
+    """docs/DEPLOYMENT.md's Ray block in a fresh process (ray.init() made to dial nowhere, as
+    its comment says for a laptop); skipped without Ray."""
+    pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'ucxx-transport[ray]')")
+    [ray_block] = [b for b in _deployment_blocks() if "start_node_servers" in b]
+    code = "TOKEN = 's3cret'\n" + ray_block.replace("ray.init()", "ray_cluster.init_local()")
+    code = code.replace('ring="rollouts"', f'ring="docs-{uuid.uuid4().hex[:6]}"') + "\nprint('ok')\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -198,6 +198,15 @@ def decode_response(buf) -> Response:
     return Response(status, rid, slot, gen, nbytes, index, count, message, flags, ring_id)
 
 
+def answer_to(buf, request_id: int) -> Response:
+    """Decode a response header that must answer request ``request_id`` (answers come in
+    request order on an endpoint); :class:`ProtocolError` when it is corrupt or answers another."""
+    resp = decode_response(buf)
+    if resp.request_id != request_id:
+        raise ProtocolError(f"response for request {resp.request_id}, expected {request_id}")
+    return resp
+
+
 def ring_id_bytes(ring_id: str | None) -> bytes:
     """A ref's ring id (32 hex digits, or None) as the wire's 16 bytes."""
     return NO_RING_ID if ring_id is None else bytes.fromhex(ring_id)
