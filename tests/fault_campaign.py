@@ -115,13 +115,12 @@ def _consume(ring_name: str, workdir: str, client: str, mode: str) -> None:
                         got = 1
                 else:
                     addr = ring.server_address()
-                    if addr is None:
+                    deliveries = []
+                    if addr is None:  # no server now (killed, restarting): an idle turn, so STOP still ends us
                         time.sleep(0.05)
-                        continue
-                    if mode == "take":
+                    elif mode == "take":
                         deliveries = [c.submit_take(addr, n=4, wait=0.2, hold_s=30).result(30)]
                     else:  # fetch: GET the refs producers logged (others may have taken them: STALE)
-                        deliveries = []
                         for ref in _new_refs(workdir, offsets)[:16]:
                             try:
                                 deliveries.append(c.submit(ref, hold_s=30).result(30))
@@ -283,9 +282,10 @@ class Campaign:
                         del self.procs[name]
                         if p.pid not in self.killed and p.exitcode != 0:
                             self.deaths.append((name, p.exitcode, self._stack(name)))
-                if self.server.poll() is not None and self.server.pid not in self.killed:
-                    self.deaths.append(("server", self.server.returncode))
-                    self.killed.add(self.server.pid)
+                if self.server.poll() is not None:  # the last fault may have killed it: clients drain through a new one
+                    if self.server.pid not in self.killed:
+                        self.deaths.append(("server", self.server.returncode))
+                    self.start_server()
                 time.sleep(0.1)
             for name, p in self.procs.items():  # still running: hung; keep its threads' stacks
                 if name.startswith("c"):

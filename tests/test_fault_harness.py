@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from tests import fault_campaign
 
@@ -24,3 +25,21 @@ def test_new_refs_never_parses_a_line_still_being_written(tmp_path, make_ring):
         f.write(lines[1][cut:])
     assert fault_campaign._new_refs(str(tmp_path), offsets) == [refs[1]]
     assert fault_campaign._new_refs(str(tmp_path), offsets) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["fetch", "take"])
+def test_a_client_left_without_a_server_at_stop_still_ends(tmp_path, make_ring, ring_name, spawn, mode):
+    # The campaign's last fault may kill the server just before STOP. Network clients then saw no
+    # server address and looped straight back, past the STOP check: "hung" in CI. With no server,
+    # a turn is an idle turn, and STOP ends the client after its idle grace period.
+    make_ring()
+    (tmp_path / "STOP").touch()
+    p = spawn.Process(target=fault_campaign.consumer, args=(ring_name, str(tmp_path), f"c-{mode}-1", mode))
+    p.start()
+    p.join(30)
+    alive = p.is_alive()
+    if alive:
+        p.kill()
+        p.join(5)
+    assert not alive and p.exitcode == 0, (tmp_path / f"stack-c-{mode}-1.txt").read_text()[-2000:]
