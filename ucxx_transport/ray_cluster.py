@@ -31,8 +31,14 @@ log = logging.getLogger("ucxx_transport.ray_cluster")
 RAY_HINT = "pip install 'ucxx-transport[ray]'"
 NAMESPACE = "ucxx-transport"
 DIRECTORY_ACTOR = "ucxx-transport-directory"
-#: environment that keeps Ray from dialling out (usage stats, proxies) on a laptop or a closed network
+#: port 9 (discard) on loopback: nothing listens, so an HTTP request through this "proxy" fails at once
+_CLOSED_PROXY = "http://127.0.0.1:9"
+#: environment that keeps Ray from dialling out (usage stats, cloud probes) on a laptop or a closed network
 QUIET_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
+                 # Ray probes cloud metadata (169.254.169.254, metadata.google.internal) at start: send any
+                 # such HTTP request to a closed loopback port; loopback itself goes direct
+                 "http_proxy": _CLOSED_PROXY, "https_proxy": _CLOSED_PROXY,
+                 "HTTP_PROXY": _CLOSED_PROXY, "HTTPS_PROXY": _CLOSED_PROXY,
                  "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",
                  # resolve "127.0.0.1" as itself, not as the address that routes to the internet
                  "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
