@@ -157,8 +157,10 @@ class TransportClient:
         if self._loop is not None:
             try:
                 asyncio.run_coroutine_threadsafe(self._net.aclose(), self._loop).result(timeout)
-            except Exception as exc:
-                log.debug("closing pool: %r", exc)
+            except Exception as exc:  # noqa: BLE001 - closing goes on; what it may cost is said
+                log.warning("closing the endpoint pool did not finish within %.1f s (%r): an ACK not yet "
+                            "confirmed may be undone by its server (the payload is then served again)",
+                            timeout, exc)
             engine.release(timeout)
             self._loop = None
         self._local.clear()  # handles close when no payload view uses them
