@@ -134,6 +134,7 @@ class TransportClient:
         self._local = LocalReader(self._ledger, enabled=local_fast_path and device == "cpu",
                                   max_attempts=self.max_attempts)
         self._fanins: dict = {}  # id(directory) -> FanIn, for take_any
+        self._fanins_lock = threading.Lock()  # also makes close() run once
         self._exchanges = Exchanges(self._net, self._ledger, self._buffers, device=device, max_nbytes=max_nbytes,
                                     timeout=self.timeout, min_rate=self.min_rate)
 
@@ -148,12 +149,17 @@ class TransportClient:
 
     def close(self, timeout: float = 5.0) -> None:
         """Close pooled endpoints and release UCX (bounded; idempotent)."""
-        if self._closed:
-            return
-        for fanin in list(self._fanins.values()):  # give back what their TAKEs hold, while UCX still runs
-            fanin.close(timeout)
-        self._fanins.clear()
-        self._closed = True
+        with self._fanins_lock:
+            if self._closed:
+                return
+            self._closed = True
+            fanins, self._fanins = list(self._fanins.values()), {}
+        for fanin in fanins:  # give back what their TAKEs hold, while UCX still runs
+            try:
+                fanin.close(timeout)
+            except Exception as exc:  # noqa: BLE001 - closing goes on; what it may cost is said
+                log.warning("closing a FanIn failed (%r): payloads its TAKEs held go back to READY when "
+                            "their servers' holds run out", exc)
         if self._loop is not None:
             try:
                 asyncio.run_coroutine_threadsafe(self._net.aclose(), self._loop).result(timeout)
@@ -312,11 +318,14 @@ class TransportClient:
         the first. Dead servers are skipped and re-admitted when they re-register;
         exactly once per client. For repeated pulls keep one
         :class:`~clients.fanin.FanIn` (its fairness carries over between calls)."""
-        fanin = self._fanins.get(id(directory))
-        if fanin is None or fanin.directory is not directory:
-            from .fanin import FanIn
+        from .fanin import FanIn
 
-            fanin = self._fanins[id(directory)] = FanIn(self, directory)
+        with self._fanins_lock:
+            if self._closed:
+                raise TransportError("client is closed")
+            fanin = self._fanins.get(id(directory))
+            if fanin is None or fanin.directory is not directory:
+                fanin = self._fanins[id(directory)] = FanIn(self, directory)
         return fanin.take(n, wait)
 
     def server_stats(self, address) -> dict:

@@ -28,6 +28,8 @@ log = logging.getLogger("clients.local")
 #: a ring name that did not attach locally is tried again after this long
 RING_RETRY_S = 5.0
 _ALONE = object()  # a same-host ref the batch leaves to the one-by-one path
+#: how long a batch's one-by-one ACK waits for one slot's lock (a frozen process may hold it)
+ACK_LOCK_TIMEOUT_S = 0.5
 
 
 def _local_addresses() -> frozenset[str]:
@@ -135,11 +137,19 @@ class LocalReader:
                     out[j] = CorruptPayloadError(f"local frame of {refs[j].key}: {exc}")
                     continue
                 leases.append((j, got))
+        acked = leases
         if leases and not ring.try_finalise_many([le for _, le in leases], True):
-            for _, le in leases:  # some slot's lock is busy: one by one, each waits up to its timeout
-                le.ack()
-        per = (time.perf_counter() - t0) / max(1, len(leases))
-        for j, le in leases:
+            acked = []
+            for j, le in leases:  # some slot's lock is busy: one by one, briefly each (the call has a deadline)
+                try:
+                    le.ack(lock_timeout=ACK_LOCK_TIMEOUT_S)
+                except shm.SlotLockTimeoutError as exc:  # that slot only (a frozen process holds its lock)
+                    out[j] = ServerBusyError(f"local ack of {refs[j].key}: {exc}")
+                    le.nack_soon()  # back to READY as soon as the lock is free: a later round gets it
+                    continue
+                acked.append((j, le))
+        per = (time.perf_counter() - t0) / max(1, len(acked))
+        for j, le in acked:
             self._ledger.remember(refs[j].key)
             self._ledger.count("local_fetches")
             self._ledger.count("bytes", le.nbytes)

@@ -164,9 +164,16 @@ class SlotLease:
             raise RingError("lease already finalised: take the payload before ack/nack (views taken before "
                             "stay valid)")
         if self._payload is None:
-            u8, self._watch = anchored(self._ring.slot_buffer(self.slot, self.nbytes), readonly=True,
-                                       on_gone=self._views_gone)
-            self._payload = payload_from(parse_index(u8), u8)
+            u8, watch = anchored(self._ring.slot_buffer(self.slot, self.nbytes), readonly=True,
+                                 on_gone=self._views_gone)
+            try:
+                payload = payload_from(parse_index(u8), u8)
+            except FrameError:
+                # nothing was handed out: the view living on in this traceback must not count as a
+                # reader's view (it would defer the reader's nack, and drop its undecodable flag)
+                del u8
+                raise
+            self._watch, self._payload = watch, payload
             self._ring._viewed.add(self)
         return self._payload
 
@@ -214,6 +221,20 @@ class SlotLease:
         done = self._finalise(True, lock_timeout)
         self._done = True
         return done
+
+    def nack_soon(self) -> None:
+        """Give the payload back without waiting for its slot's lock: applied now if the lock
+        is free, else by the next call on the ring (or, while views of it are alive, once they
+        are gone). For a holder that must not block (a frozen process holds the lock)."""
+        if self._done or self._ring._table is None:
+            return
+        self._payload = None
+        self._done = True
+        if self.views_alive:
+            self._decision = False
+            if self.views_alive:
+                return
+        self._ring._table.finalise_soon(self.slot, self._lease, False)
 
     def nack(self, *, undecodable: bool = False, lock_timeout: float = LOCK_TIMEOUT_S) -> bool:
         """Give the payload back (READING -> READY; while views of it are alive, once

@@ -460,3 +460,68 @@ def test_local_batch_gives_each_ref_its_own_outcome(make_ring, ring_name):
         assert isinstance(again[1].error, (AlreadyDeliveredError, StaleSlotError))
         del res, again
     assert ring.state_counts()["FREE"] == 8
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["fetch", "fetch_many"])
+def test_corrupt_payload_on_the_same_host_path_is_dead_lettered(make_ring, how):
+    """A frame that does not decode, read through the local fast path, is NACKed as undecodable
+    at once (the failed decode's leftovers never count as a reader's live view): after
+    DEAD_LETTER_AFTER tries it is DEAD, never consumed, never stuck in READING."""
+    from clients import CorruptPayloadError
+
+    ring = make_ring(slots=4)
+    poison = ring.put({"x": np.arange(100, dtype=np.int32)})
+    ring.slot_array(poison.slot)[:4] = 0  # frame magic destroyed after publish
+    t = ring._table
+    with TransportClient(timeout=2.0, max_attempts=1, max_rounds=1) as c:
+        for i in range(1, shm.DEAD_LETTER_AFTER + 1):
+            if how == "fetch":
+                with pytest.raises(CorruptPayloadError) as ei:
+                    c.fetch(poison)
+                assert ei.value.__cause__ is not None  # the decode error, traceback and all, still alive
+            else:
+                (r,) = c.fetch_many([poison])
+                assert isinstance(r.error, CorruptPayloadError)
+            # the error (and its traceback) is still referenced here: the slot must not wait for it
+            assert int(t.failures[poison.slot]) == i
+            assert int(t.state[poison.slot]) == (shm.state.DEAD if i == shm.DEAD_LETTER_AFTER else shm.state.READY)
+    assert ring.stats()["consumed"] == 0 and [d["slot"] for d in ring.dead_letters()] == [poison.slot]
+
+
+@pytest.mark.timeout(60)
+def test_local_batch_ack_blocked_by_a_frozen_process_fails_that_ref_only(make_ring, ring_name, spawn, monkeypatch):
+    """Same-host fetch_many: a process frozen holding one slot's lock after we claimed it makes that
+    slot's ACK time out; that ref alone is an error (BUSY, retryable), the others are delivered and
+    recorded, none is lost."""
+    ring = make_ring(slots=8)
+    refs = [ring.put({"i": np.int64(i)}) for i in range(4)]
+    held = spawn.Event()
+    frozen = []
+    with TransportClient(timeout=2.0, max_attempts=1, max_rounds=1) as c:
+        local_ring = c._local.ring_for(refs[0])
+        real_claim_many = local_ring.claim_many
+
+        def claim_then_freeze_one(slots, gens):  # wraps the claim: a producer freezes on slot 2's lock after it
+            got = real_claim_many(slots, gens)
+            p = spawn.Process(target=helpers.freeze_holding_slot_lock, args=(ring_name, refs[2].slot, held))
+            p.start()
+            frozen.append(p)
+            assert held.wait(20)
+            return got
+
+        monkeypatch.setattr(local_ring, "claim_many", claim_then_freeze_one)
+        try:
+            res = c.fetch_many(refs)
+        finally:
+            for p in frozen:
+                p.kill()
+                p.join(10)
+        assert [r.ok for r in res] == [True, True, False, True]
+        assert getattr(res[2].error, "retryable", False)
+        assert [int(res[i].payload["i"]) for i in (0, 1, 3)] == [0, 1, 3]
+        assert all(c.delivered(refs[i].key) for i in (0, 1, 3)) and not c.delivered(refs[2].key)
+        # the frozen process is gone: the give-back queued on the client's handle applies at its next
+        # call on the ring, and that fetch gets the payload (never lost, never stuck)
+        assert int(c.fetch(refs[2])["i"]) == 2
+    assert ring.stats()["consumed"] == 4
