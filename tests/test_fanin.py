@@ -208,7 +208,8 @@ def test_take_any_and_budget_arguments_on_the_client(tmp_path):
     try:
         for k, r in enumerate(rings):
             _fill(r, k, 4)
-        servers = [_Server(nm, dfile) for nm in names]
+        for nm in names:  # one by one: a server that fails to start still lets finally stop the others
+            servers.append(_Server(nm, dfile))
         directory = StaticDirectory(path=dfile)
         with TransportClient(timeout=3.0, local_fast_path=False, max_idle_endpoints=3, max_idle_per_server=1,
                              endpoint_idle_s=5) as c:
