@@ -166,13 +166,10 @@ class SlotLease:
         if self._payload is None:
             u8, watch = anchored(self._ring.slot_buffer(self.slot, self.nbytes), readonly=True,
                                  on_gone=self._views_gone)
-            try:
-                payload = payload_from(parse_index(u8), u8)
-            except FrameError:
-                # nothing was handed out: the view living on in this traceback must not count as a
-                # reader's view (it would defer the reader's nack, and drop its undecodable flag)
-                del u8
-                raise
+            # the watch is armed only once a payload exists: a failed decode hands out nothing, and
+            # what its traceback still references must not count as a reader's view (that would
+            # defer the reader's nack and drop its undecodable flag)
+            payload = payload_from(parse_index(u8), u8)
             self._watch, self._payload = watch, payload
             self._ring._viewed.add(self)
         return self._payload

@@ -25,8 +25,7 @@ PER_NODE = 20
 def cluster():
     from ray.cluster_utils import Cluster
 
-    env = dict(ray_cluster.QUIET_RAY_ENV, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
-               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
+    env = dict(ray_cluster.QUIET_RAY_ENV,  # its proxy settings keep Ray's cloud probes on loopback
                PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
