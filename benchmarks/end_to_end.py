@@ -31,6 +31,7 @@ import os
 import platform
 import sys
 import time
+import itertools
 import uuid
 
 import numpy as np
@@ -50,6 +51,8 @@ DEFAULT_REPS = 1
 BATCH_REPS = 3
 #: frame bytes around one uint8 field (header + field entry): a payload of S - this is an S-byte frame
 FRAME_OVERHEAD = encoded_size({"x": np.zeros(0, np.uint8)})
+#: phase numbers: the refs a producer queues carry the phase that published them
+_EPOCHS = itertools.count(1)
 
 
 # ============================================================ workers =======
@@ -93,7 +96,7 @@ def _producer_worker(ring_name: str, conn, refq) -> None:
         if cmd[0] != "fill":
             break
         payload = _payload_for(cmd[1])
-        with_refs = cmd[2]
+        with_refs, epoch = cmd[2], cmd[3]
         n = 0
         t_put = 0.0
         arr = payload["x"]
@@ -102,7 +105,7 @@ def _producer_worker(ring_name: str, conn, refq) -> None:
         def flush():
             while batch and not conn.poll():
                 try:
-                    refq.put(list(batch), timeout=0.05)
+                    refq.put((epoch, list(batch)), timeout=0.05)
                     batch.clear()
                 except Exception:
                     continue
@@ -128,7 +131,7 @@ def _producer_worker(ring_name: str, conn, refq) -> None:
 
 
 def _client_worker(kind: str, conn, args: dict, refq) -> None:
-    """Runs phases: ("run", size, duration, warmup) -> stats."""
+    """Runs phases: ("run", size, duration, warmup, epoch) -> stats."""
     logging.basicConfig(level=logging.WARNING)
     device = args.get("device", "cpu")
     state: dict = {}
@@ -156,8 +159,8 @@ def _client_worker(kind: str, conn, args: dict, refq) -> None:
         cmd = conn.recv()
         if cmd[0] != "run":
             break
-        _, size, duration, warmup = cmd
-        op = _make_op(kind, size, state, args, refq)
+        _, size, duration, warmup, epoch = cmd
+        op = _make_op(kind, size, state, args, refq, epoch)
         end_warm = time.perf_counter() + warmup
         while time.perf_counter() < end_warm:
             op()
@@ -195,13 +198,20 @@ def _client_worker(kind: str, conn, args: dict, refq) -> None:
     conn.send("bye")
 
 
-def _make_op(kind: str, size: int, state: dict, args: dict, refq):
-    """A zero-arg callable doing one transfer of ``size`` bytes; returns bytes moved."""
+def _make_op(kind: str, size: int, state: dict, args: dict, refq, epoch: int):
+    """A zero-arg callable doing one transfer of ``size`` bytes; returns bytes moved.
+
+    Refs arrive tagged with the phase (``epoch``) whose producers published them: a
+    batch a producer queued just before the previous phase ended can still be in
+    flight when the orchestrator drains the queue and the ring, and its slots are
+    gone by now, so it is skipped rather than fetched."""
     pending: list = []
 
     def next_ref():
-        if not pending:
-            pending.extend(refq.get(timeout=30))
+        while not pending:
+            queued_in, refs = refq.get(timeout=30)
+            if queued_in == epoch:
+                pending.extend(refs)
         return pending.pop(0)
 
     if kind == "ours-get":
@@ -492,11 +502,12 @@ def run_bench(a) -> dict:
 
 def _ours_phase(kind, mode, size, clients, prods, refq, ring, sconn, sp, duration, warmup) -> dict:
     """One repetition of one of our modes at one size: producers fill the ring (and
-    queue refs for get/local) while the clients measure."""
+    queue refs for get/local, tagged with this phase's epoch) while the clients measure."""
+    epoch = next(_EPOCHS)
     for _, pc in prods:
-        pc.send(("fill", size, mode in ("get", "local")))
+        pc.send(("fill", size, mode in ("get", "local"), epoch))
     row = _phase(kind, size, clients, duration, warmup,
-                 {"server": [sp.pid], "producers": [p.pid for p, _ in prods]})
+                 {"server": [sp.pid], "producers": [p.pid for p, _ in prods]}, epoch)
     for _, pc in prods:
         pc.send(("stop",))
     pstats = [_recv(pc, 60, "producer") for _, pc in prods]
@@ -579,14 +590,15 @@ def _cpu_rss(pids) -> tuple[float, int]:
     return cpu, rss
 
 
-def _phase(kind: str, size: int, clients, duration: float, warmup: float, others: dict | None = None) -> dict:
+def _phase(kind: str, size: int, clients, duration: float, warmup: float, others: dict | None = None,
+           epoch: int = 0) -> dict:
     """One measurement. ``others``: role -> pids (server, producers) whose CPU%
     and RSS are sampled by this process over the phase."""
     others = others or {}
     before = {role: _cpu_rss(pids) for role, pids in others.items()}
     t0 = time.perf_counter()
     for _, c in clients:
-        c.send(("run", size, duration, warmup))
+        c.send(("run", size, duration, warmup, epoch))
     res = [_recv(c, duration + warmup + 120, kind) for _, c in clients]
     wall = time.perf_counter() - t0
     after = {role: _cpu_rss(pids) for role, pids in others.items()}

@@ -80,3 +80,28 @@ def test_plot_axes_in_kib_mib_with_a_latency_panel(tmp_path):
     assert "min-max" in thr.get_ylabel() and "p99" in lat.get_title()
     assert {ln.get_label() for ln in lat.get_lines()} >= {"ours-get p50", "ours-get p99"}
     assert rows[0]["gbps_min"] == 0.5 and rows[0]["gbps_max"] == 2.0 and rows[0]["gbps"] == 1.0
+
+
+@pytest.mark.timeout(60)
+def test_bench_client_skips_refs_queued_in_an_earlier_phase(make_ring):
+    """A producer's last batch of refs can still be in flight when a phase ends and the ring
+    is drained; the next phase's client must skip it (its slots are gone), not fetch it."""
+    import queue
+
+    import numpy as np
+
+    from benchmarks.end_to_end import _make_op
+    from clients import TransportClient
+
+    ring = make_ring(slots=8)
+    stale = ring.put({"x": np.full(16, 1, np.uint8)})
+    with ring.claim(stale):
+        pass  # drained between phases: the slot is FREE, its ref STALE
+    live = ring.put({"x": np.full(16, 2, np.uint8)})
+    refq = queue.Queue()
+    refq.put((1, [stale]))
+    refq.put((2, [live]))
+    with TransportClient(local_fast_path=True, timeout=5) as client:
+        op = _make_op("ours-local", 16, {"client": client}, {}, refq, 2)
+        assert op() > 0
+    assert refq.empty() and ring.state_counts()["FREE"] == 8
