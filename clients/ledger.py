@@ -39,6 +39,19 @@ class Ledger:
                 self._delivered.popitem(last=False)
             return True
 
+    def remember_batch(self, keys: list, counter: str, nbytes: int, seconds_each: float) -> None:
+        """Record a batch of deliveries (keys the caller checked are new): ``counter`` and
+        ``bytes`` counted, one latency sample of ``seconds_each`` per item."""
+        with self._lock:
+            d = self._delivered
+            for key in keys:
+                d[key] = None
+            for _ in range(len(d) - self._window):
+                d.popitem(last=False)
+            self._counts[counter] += len(keys)
+            self._counts["bytes"] += nbytes
+            self._latency.add_many(seconds_each, len(keys))
+
     def seen(self, key) -> bool:
         """Was the payload ``key`` ((ring id, slot, generation)) delivered already?"""
         return key in self._delivered  # one dict lookup: atomic under the GIL

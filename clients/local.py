@@ -109,51 +109,55 @@ class LocalReader:
         return payload
 
     def fetch_many(self, ring: shm.RingBuffer, refs: list) -> list:
-        """Same-host refs of one ring, claimed and acked together (one lock syscall
-        each way): per ref its Payload or the error it would have raised. Refs that
-        the batch cannot settle (a slot named twice, a slot busy right now, a repeat
-        delivery) go through :meth:`fetch` one by one, with its retries."""
+        """Same-host refs of one ring, claimed, decoded and acked together (one lock
+        syscall each way, one view anchor for the batch: the slots are freed together
+        once no view of any of these payloads is left): per ref its Payload or the
+        error it would have raised. Refs that the batch cannot settle (a slot named
+        twice, a slot busy right now, a repeat delivery) go through :meth:`fetch` one
+        by one, with its retries."""
         t0 = time.perf_counter()
         out: list = [_ALONE] * len(refs)
         first: dict[int, int] = {}  # slot -> index of the first ref naming it
+        seen = self._ledger.seen
         for j, r in enumerate(refs):
-            if not self._ledger.seen(r.key) and r.slot not in first:
+            if r.slot not in first and not seen(r.key):
                 first[r.slot] = j
         idx = list(first.values())
         try:
-            claims = ring.claim_many([refs[j].slot for j in idx], [refs[j].generation for j in idx])
+            batch, codes = ring.claim_batch([refs[j].slot for j in idx], [refs[j].generation for j in idx])
         except ValueError:  # a slot beyond this ring's size: each ref gets its own error below
-            claims = [_ALONE] * len(idx)
-        leases = []
-        for j, got in zip(idx, claims):
-            if isinstance(got, shm.StaleSlotError):
+            batch, codes = None, ()
+        claimed = []
+        for j, code in zip(idx, codes.tolist() if batch is not None else ()):
+            if code > 0:
+                claimed.append(j)
+            elif code == 0:
                 self._ledger.count("stale")
-                out[j] = StaleSlotError(f"local claim of {refs[j].key}: {got}")
-            elif isinstance(got, shm.SlotLease):
-                try:
-                    out[j] = got.payload
-                except shm.FrameError as exc:
-                    got.nack(undecodable=True)
-                    out[j] = CorruptPayloadError(f"local frame of {refs[j].key}: {exc}")
-                    continue
-                leases.append((j, got))
-        acked = leases
-        if leases and not ring.try_finalise_many([le for _, le in leases], True):
-            acked = []
-            for j, le in leases:  # some slot's lock is busy: one by one, briefly each (the call has a deadline)
-                try:
-                    le.ack(lock_timeout=ACK_LOCK_TIMEOUT_S)
-                except shm.SlotLockTimeoutError as exc:  # that slot only (a frozen process holds its lock)
-                    out[j] = ServerBusyError(f"local ack of {refs[j].key}: {exc}")
-                    le.nack_soon()  # back to READY as soon as the lock is free: a later round gets it
-                    continue
-                acked.append((j, le))
-        per = (time.perf_counter() - t0) / max(1, len(acked))
-        for j, le in acked:
-            self._ledger.remember(refs[j].key)
-            self._ledger.count("local_fetches")
-            self._ledger.count("bytes", le.nbytes)
-            self._ledger.add_latency(per)
+                out[j] = StaleSlotError(f"local claim of {refs[j].key}: slot {refs[j].slot} generation "
+                                        f"{refs[j].generation} is gone")
+            # BUSY: left to the one-by-one path, which retries
+        delivered = []  # (batch item, ref index)
+        if claimed:
+            for k, (j, payload) in enumerate(zip(claimed, batch.payloads())):
+                if isinstance(payload, shm.FrameError):
+                    self._give_back_undecodable(batch, k)
+                    out[j] = CorruptPayloadError(f"local frame of {refs[j].key}: {payload}")
+                else:
+                    out[j] = payload
+                    delivered.append((k, j))
+            del payload
+            if not batch.finalise(True):  # some slot's lock is busy: one by one, briefly each
+                for k, j in list(delivered):
+                    try:
+                        batch.finalise_item(k, True, lock_timeout=ACK_LOCK_TIMEOUT_S)
+                    except shm.SlotLockTimeoutError as exc:  # that slot only (a frozen process holds its lock)
+                        out[j] = ServerBusyError(f"local ack of {refs[j].key}: {exc}")  # its payload dropped:
+                        batch.give_back_soon(k)  # back to READY as soon as the lock is free
+                        delivered.remove((k, j))
+            if delivered:
+                self._ledger.remember_batch([refs[j].key for _, j in delivered], "local_fetches",
+                                            int(batch.nbytes[[k for k, _ in delivered]].sum()),
+                                            (time.perf_counter() - t0) / len(delivered))
         for j, o in enumerate(out):
             if o is _ALONE:
                 try:
@@ -161,6 +165,13 @@ class LocalReader:
                 except (TransportError, shm.RingError) as exc:
                     out[j] = exc
         return out
+
+    @staticmethod
+    def _give_back_undecodable(batch: shm.LeaseBatch, k: int) -> None:
+        try:
+            batch.finalise_item(k, False, undecodable=True, lock_timeout=ACK_LOCK_TIMEOUT_S)
+        except shm.SlotLockTimeoutError:  # a frozen process holds its lock: given back later, uncounted
+            batch.give_back_soon(k)
 
     def claim(self, ref: shm.SlotRef):
         """(payload, lease) claimed from this host's shared memory, or None."""

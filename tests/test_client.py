@@ -500,17 +500,17 @@ def test_local_batch_ack_blocked_by_a_frozen_process_fails_that_ref_only(make_ri
     frozen = []
     with TransportClient(timeout=2.0, max_attempts=1, max_rounds=1) as c:
         local_ring = c._local.ring_for(refs[0])
-        real_claim_many = local_ring.claim_many
+        real_claim_batch = local_ring.claim_batch
 
         def claim_then_freeze_one(slots, gens):  # wraps the claim: a producer freezes on slot 2's lock after it
-            got = real_claim_many(slots, gens)
+            got = real_claim_batch(slots, gens)
             p = spawn.Process(target=helpers.freeze_holding_slot_lock, args=(ring_name, refs[2].slot, held))
             p.start()
             frozen.append(p)
             assert held.wait(20)
             return got
 
-        monkeypatch.setattr(local_ring, "claim_many", claim_then_freeze_one)
+        monkeypatch.setattr(local_ring, "claim_batch", claim_then_freeze_one)
         try:
             res = c.fetch_many(refs)
         finally:

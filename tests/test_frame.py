@@ -209,3 +209,138 @@ def test_meta_of_one_payload_is_its_own():
     a, b = decode(memoryview(buf)[:n]), decode(memoryview(buf)[:n])
     a.meta["seen"] = True
     assert b.meta == {} and decode(memoryview(buf)[:n]).meta == {}
+
+
+# ------------------------------------------------------------ decode_many --
+def _same_decode(a, b) -> bool:
+    """Two outcomes of decoding one frame agree: both FrameError, or equal payloads."""
+    if isinstance(a, FrameError) or isinstance(b, FrameError):
+        return isinstance(a, FrameError) and isinstance(b, FrameError)
+    if a.meta != b.meta or a.nbytes != b.nbytes or a.is_raw != b.is_raw:
+        return False
+    return bytes(a.raw) == bytes(b.raw) if a.is_raw else repr(a) == repr(b) and all(
+        _same_value(a[k], b[k]) for k in a)
+
+
+def _same_value(x, y) -> bool:
+    if isinstance(x, np.ndarray):
+        return (isinstance(y, np.ndarray) and x.dtype == y.dtype and x.shape == y.shape
+                and x.tobytes() == y.tobytes())
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(_same_value(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return len(x) == len(y) and all(_same_value(p, q) for p, q in zip(x, y))
+    return repr(x) == repr(y)
+
+
+def _batch_payload(rng, kind: int):
+    n = int(rng.integers(0, 40))
+    import ml_dtypes
+
+    return [
+        lambda: {"tok": np.arange(n, dtype=np.int64), "lp": np.ones(n, np.float32), "r": np.float32(n)},
+        lambda: {"tok": np.arange(n, dtype=np.int64), "lp": np.ones((n, 2), ml_dtypes.bfloat16)},
+        lambda: {"x": np.arange(n, dtype=np.uint8), "empty": np.zeros((0, 3), np.float32)},
+        lambda: {"nested": {"a": np.ones(n), "s": "text"}, "l": [np.zeros(2, np.uint8), 3]},
+        lambda: b"raw %d" % n,
+    ][kind]()
+
+
+FIELDS_AT = FRAME_HEADER.size  # the first field's offset: the table follows the data
+
+
+def _pick(rng, values: list) -> int:
+    return values[int(rng.integers(0, len(values)))]  # Python ints: some exceed int64
+
+
+def _mutate(rng, buf, start: int, length: int) -> None:
+    """Damage one frame where the batch checks look: a header word, a table word, any byte."""
+    where = rng.integers(0, 7)
+    head = list(FRAME_HEADER.unpack_from(buf[start:start + 64].tobytes())) if length >= 64 else None
+    if where == 3 and head and 72 <= head[6] <= head[5] <= length:  # the index moved 8 bytes back:
+        to, total = head[6], head[5]                                  # consistent, but unaligned
+        buf[start + to - 8:start + total - 8] = buf[start + to:start + total].copy()
+        head[5], head[6], head[7] = total - 8, to - 8, head[7] - 8
+        buf[start:start + 64] = np.frombuffer(FRAME_HEADER.pack(*head), np.uint8)
+    elif where == 4 and head and head[3] and head[6] + FIELD_ENTRY.size <= length:  # a field moved 8 bytes on
+        at = start + head[6]
+        off = int.from_bytes(buf[at:at + 8].tobytes(), "little")
+        buf[at:at + 8] = np.frombuffer(((off + 8) % (1 << 64)).to_bytes(8, "little"), np.uint8)
+    elif where == 5 and head and head[3]:  # the frame's length moved by a word: the index is inconsistent
+        head[5] = max(0, head[5] + _pick(rng, [-8, 8]))
+        buf[start:start + 64] = np.frombuffer(FRAME_HEADER.pack(*head), np.uint8)
+    elif where == 6 and head and head[3] and head[6] + FIELD_ENTRY.size <= length:  # field 0 grown, its shape
+        at = start + head[6]                                      # and size consistent, past the data area
+        off, nbytes, ndim = (int.from_bytes(buf[at + k:at + k + 8].tobytes(), "little") for k in (0, 8, 16))
+        rows = int.from_bytes(buf[at + 24:at + 32].tobytes(), "little")
+        if ndim & 0xFF == 1 and 0 < rows and nbytes % rows == 0:
+            size = nbytes // rows
+            grow = -(-(head[6] - off - nbytes + 64) // size)
+            for k, v in ((8, nbytes + grow * size), (24, rows + grow)):
+                buf[at + k:at + k + 8] = np.frombuffer(v.to_bytes(8, "little"), np.uint8)
+    elif where == 0:  # a header field, set to a small, a plausible or a huge value
+        off = _pick(rng, [6, 8, 12, 16, 24, 32, 40, 48])
+        width = 4 if off in (8, 12) else 2 if off == 6 else 8
+        val = _pick(rng, [0, 1, 64, 128, length, length + 64, (1 << (8 * width)) - 1, int(rng.integers(0, 1 << 16))])
+        buf[start + off:start + off + width] = np.frombuffer(val.to_bytes(width, "little"), np.uint8)
+    elif where == 1:  # a word of the field table
+        table_off = int.from_bytes(buf[start + 24:start + 32].tobytes(), "little")
+        if table_off + FIELD_ENTRY.size <= length:
+            off = table_off + int(rng.integers(0, FIELD_ENTRY.size // 8)) * 8
+            val = _pick(rng, [0, 1, 63, 64, 1 << 20, (1 << 63) + 64, (1 << 64) - 1])
+            buf[start + off:start + off + 8] = np.frombuffer(val.to_bytes(8, "little"), np.uint8)
+    else:
+        buf[start + int(rng.integers(0, length))] = rng.integers(0, 256)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_decode_many_agrees_with_decoding_each_frame_alone(seed):
+    """The batch decoder validates a batch's headers and tables as arrays: whatever the
+    frames (ragged, bf16, nested, raw, with meta, damaged anywhere, truncated), each item
+    is exactly what decode() of it alone gives, payload or FrameError."""
+    from shm.frame import _decode_one, decode_many
+
+    rng = np.random.default_rng(seed)
+    stride, checked, errors = 4096, 0, 0
+    for trial in range(60):
+        b = int(rng.integers(1, 24))
+        buf = np.zeros(b * stride, np.uint8)
+        uniform = trial % 2 == 0  # half the batches share one field set (the fast path)
+        starts, lengths = [], []
+        for i in range(b):
+            start = i * stride + (0 if trial % 3 else int(rng.integers(0, 4)) * 8)  # some unaligned
+            p = _batch_payload(rng, 0 if uniform else int(rng.integers(0, 5)))
+            n = encode_into(memoryview(buf)[start:start + stride - 64], p, {"i": i} if rng.random() < 0.3 else None)
+            starts.append(start)
+            lengths.append(min(n + 64, stride - 64) if rng.random() < 0.3 else n)
+        for _ in range(int(rng.integers(0, 4))):
+            i = int(rng.integers(0, b))
+            _mutate(rng, buf, starts[i], lengths[i])
+        if rng.random() < 0.2:
+            lengths[int(rng.integers(0, b))] = int(rng.integers(0, 200))
+        got = decode_many(buf, starts, lengths)
+        for i in range(b):
+            want = _decode_one(buf, starts[i], lengths[i])
+            assert _same_decode(got[i], want), (trial, i, got[i], want)
+            checked += 1
+            errors += isinstance(want, FrameError)
+    assert errors > 20 and checked - errors > 500  # both outcomes were exercised
+
+
+def test_decode_many_validates_a_ragged_batch_together(monkeypatch):
+    """Rollouts of one batch differ in length; their fields have the same names and dtypes:
+    none of them needs the one-by-one decoder (that is what makes a batch cheap)."""
+    import shm.frame as frame
+
+    stride = 8192
+    buf = np.zeros(64 * stride, np.uint8)
+    lengths = [encode_into(memoryview(buf)[i * stride:(i + 1) * stride],
+                           {"tok": np.arange(10 + i), "lp": np.ones(10 + i, np.float32), "done": np.bool_(True)},
+                           {"step": i}) for i in range(64)]
+    alone = []
+    monkeypatch.setattr(frame, "_decode_one", lambda *a: alone.append(a) or decode(buf[a[1]:a[1] + a[2]]))
+    got = frame.decode_many(buf, np.arange(64) * stride, lengths)
+    assert not alone
+    assert [p["tok"].tolist() for p in got] == [list(range(10 + i)) for i in range(64)]
+    assert [p.meta for p in got] == [{"step": i} for i in range(64)] and got[5]["done"].shape == ()
+    assert all(p.nbytes == n for p, n in zip(got, lengths))

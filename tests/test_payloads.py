@@ -2,6 +2,7 @@
 torch in and out, nested dicts and lists, ragged sequences, strings, scalars -- and
 views that can never show a recycled slot's bytes."""
 
+import json
 import math
 import os
 import signal
@@ -308,6 +309,78 @@ def test_process_killed_holding_views_frees_its_slots(make_ring, ring_name):
         proc.wait(10)
         assert ring.recover() == 1
         assert ring.state_counts()["FREE"] == 2 and ring.stats()["consumed"] == 1  # consumed once, not redelivered
+    finally:
+        proc.kill()
+
+
+def test_a_decoded_batch_keeps_all_its_slots_until_its_last_view_is_gone(make_ring, ring_name):
+    """A batch decoded together shares one anchor: one live view of any of its payloads keeps
+    every slot of the batch PINNED (never handed to a writer), and when the last view goes
+    they are all freed; their views are read-only and show their own payload's bytes."""
+    ring = make_ring(slots=8, slot_bytes=1 << 16)
+    refs = [ring.put({"x": np.full(1024, i, np.int64)}) for i in range(4)]
+    batch, codes = ring.claim_batch([r.slot for r in refs], [r.generation for r in refs])
+    assert (codes > 0).all()
+    payloads = batch.payloads()
+    kept = payloads[2]["x"]
+    assert not kept.flags.writeable and [int(p["x"][0]) for p in payloads] == [0, 1, 2, 3]
+    del payloads
+    assert batch.finalise(True)
+    assert ring.state_counts()["PINNED"] == 4 and ring.stats()["consumed"] == 4
+    out = subprocess.run([sys.executable, "-c", PRODUCE_CONSUME, ring_name, str(refs[0].slot), "100"],
+                         capture_output=True, text=True, timeout=60, cwd=helpers.REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]  # 4 slots left to reuse
+    assert ring.state_counts()["PINNED"] == 4 and kept.tolist() == [2] * 1024
+    del kept
+    assert ring.state_counts() == {**{s.name: 0 for s in shm.SlotState}, "FREE": 8}
+
+
+def test_a_decoded_batch_nacked_with_live_views_goes_back_only_when_they_are_gone(make_ring):
+    ring = make_ring(slots=4)
+    refs = [ring.put({"x": np.arange(8) + i}) for i in range(3)]
+    batch, _ = ring.claim_batch([r.slot for r in refs], [r.generation for r in refs])
+    view = batch.payloads()[1]["x"]
+    assert batch.finalise(False)
+    assert ring.state_counts()["READING"] == 3 and ring.try_claim() is None  # nobody can rewrite them yet
+    del view
+    assert ring.state_counts()["READY"] == 3
+    assert [int(ring.claim(r).payload["x"][0]) for r in refs] == [0, 1, 2]
+
+
+def test_a_decoded_batch_freed_while_the_ring_is_busy_is_applied_later(make_ring):
+    ring = make_ring(slots=4)
+    refs = [ring.put({"x": np.arange(4)}) for _ in range(2)]
+    batch, _ = ring.claim_batch([r.slot for r in refs], [r.generation for r in refs])
+    views = [p["x"] for p in batch.payloads()]
+    assert batch.finalise(True) and ring.state_counts()["PINNED"] == 2
+    with ring._table._tlock:  # what a ring call interrupted by the collector would hold
+        del views  # the batch's callback runs now: it must not deadlock
+    assert ring.state_counts()["PINNED"] == 0 and ring.state_counts()["FREE"] == 4
+
+
+BATCH_HOLDER = textwrap.dedent("""
+    import json, sys, time, shm
+    from clients import TransportClient
+    refs = [shm.SlotRef.from_dict(json.loads(arg)) for arg in sys.argv[1:]]
+    client = TransportClient(local_fast_path=True, timeout=5)
+    views = [r.payload["x"] for r in client.fetch_many(refs)]
+    print("holding", len(views), flush=True)
+    time.sleep(60)
+""")
+
+
+def test_process_killed_holding_a_batchs_views_frees_its_slots_and_redelivers_nothing(make_ring, ring_name):
+    ring = make_ring(slots=8)
+    refs = [ring.put({"x": np.arange(8) + i}) for i in range(5)]
+    proc = subprocess.Popen([sys.executable, "-c", BATCH_HOLDER, *[json.dumps(r.to_dict()) for r in refs]],
+                            stdout=subprocess.PIPE, text=True, cwd=helpers.REPO)
+    try:
+        assert proc.stdout.readline().split() == ["holding", "5"]
+        assert ring.state_counts()["PINNED"] == 5 and ring.recover() == 0  # alive: its slots are kept
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert ring.recover() == 5
+        assert ring.state_counts()["FREE"] == 8 and ring.stats()["consumed"] == 5  # consumed once each
     finally:
         proc.kill()
 

@@ -37,6 +37,17 @@ class Reservoir:
         if v > self.max:
             self.max = v
 
+    def add_many(self, v: float, n: int) -> None:
+        """``n`` samples of the same value (a batch's per-item share)."""
+        if n <= 0:
+            return
+        self._buf.extend([v] * min(n, self._buf.maxlen or n))
+        self.count += n
+        self.sum += v * n
+        self._counts[bisect.bisect_left(self.buckets, v)] += n
+        if v > self.max:
+            self.max = v
+
     def histogram(self) -> dict:
         """Cumulative counts per upper bound (Prometheus ``le``), plus sum and count."""
         cum, out = 0, []
