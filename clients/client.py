@@ -49,6 +49,7 @@ from .errors import (
     NoAddressError,
     StaleSlotError,
     TransportError,
+    detached,
 )
 from .exchanges import Exchanges
 from .held import LocalDelivery
@@ -285,10 +286,47 @@ class TransportClient:
         if fields is not None:
             encode_fields(fields)  # a bad list fails here, before anything is claimed
         refs = list(refs)
+        here = self._fetch_same_host(refs, fields)
+        if here is not None:
+            return self._present_results(here)
+        return self._present_results(self._run(self._fetch_many, refs, fields, budget=self._batch_budget(refs)))
+
+    def _batch_budget(self, refs: list) -> float:
         total = sum(getattr(r, "nbytes", 0) if isinstance(getattr(r, "nbytes", 0), int) else 0 for r in refs)
         waves = max(1, -(-len(refs) // self.max_inflight))
-        budget = (self.call_budget() * waves + self._exchanges.transfer_s(min(total, 1 << 50))) * self.max_rounds
-        return self._present_results(self._run(self._fetch_many, refs, fields, budget=budget))
+        return (self.call_budget() * waves + self._exchanges.transfer_s(min(total, 1 << 50))) * self.max_rounds
+
+    def _fetch_same_host(self, refs: list, fields) -> list[FetchResult] | None:
+        """A batch of refs that all name one ring of this host, fetched in the caller's
+        thread (claimed, decoded and acked together; no hop to the UCX loop and back):
+        its results, or None for any other batch (the general path takes it). A ref
+        that fails retryably (a slot busy right now) goes on to the general path's
+        later rounds."""
+        if not (refs and self._local.enabled and self.device == "cpu"):
+            return None
+        try:
+            checked = [self._checked(r) for r in refs]
+        except InvalidRefError:
+            return None  # the general path gives that ref its own error
+        where = (checked[0].ring, checked[0].ring_id, checked[0].host)
+        if any((r.ring, r.ring_id, r.host) != where for r in checked):
+            return None
+        ring = self._local.ring_for(checked[0])
+        if ring is None:
+            return None
+        results = [FetchResult(r, None, detached(o)) if isinstance(o, BaseException) else FetchResult(r, o)
+                   for r, o in zip(checked, self._local.fetch_many(ring, checked))]
+        retry = [i for i, r in enumerate(results) if r.error is not None and getattr(r.error, "retryable", False)]
+        if retry and self.max_rounds > 1:
+            again = self._run(self._fetch_many, [checked[i] for i in retry], fields, 1,
+                              budget=self._batch_budget([checked[i] for i in retry]))
+            for i, r in zip(retry, again):
+                results[i] = r
+        if fields is not None:
+            for r in results:
+                if r.payload is not None:
+                    r.payload = r.payload.select(fields)
+        return results
 
     async def afetch_many(self, refs: Sequence[shm.SlotRef], *, fields=None) -> list[FetchResult]:
         """:meth:`fetch_many` for callers with their own event loop."""
@@ -520,7 +558,7 @@ class TransportClient:
             log.debug("fetched %s (%d bytes) in %.0f us", ref.key, payload.nbytes, dt * 1e6)
         return got
 
-    async def _fetch_many(self, refs: list, fields=None) -> list[FetchResult]:
+    async def _fetch_many(self, refs: list, fields=None, first_round: int = 0) -> list[FetchResult]:
         """Layer 3: rounds; only retryable failures go to the next round. Refs of one
         server and ring travel as batches (GETV: one request, one entry table, small
         payloads coalesced, one ACK), several batches in flight at once."""
@@ -530,13 +568,13 @@ class TransportClient:
             try:
                 checked[i] = self._checked(r)
             except Exception as exc:  # noqa: BLE001 - any failure is this ref's result; siblings go on
-                results[i].error = exc.with_traceback(None)
+                results[i].error = detached(exc)
         sem = asyncio.Semaphore(self.max_inflight)
         loop = asyncio.get_running_loop()
 
         def put(i, outcome):
             if isinstance(outcome, BaseException):
-                results[i].payload, results[i].error = None, outcome.with_traceback(None)
+                results[i].payload, results[i].error = None, detached(outcome)
             else:
                 results[i].payload, results[i].error = outcome, None
 
@@ -572,7 +610,7 @@ class TransportClient:
                     put(i, o)
 
         pending = list(checked)
-        for rnd in range(self.max_rounds):
+        for rnd in range(first_round, self.max_rounds):
             if not pending:
                 break
             if rnd:

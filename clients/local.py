@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import psutil
 
 import shm
@@ -116,50 +117,62 @@ class LocalReader:
         twice, a slot busy right now, a repeat delivery) go through :meth:`fetch` one
         by one, with its retries."""
         t0 = time.perf_counter()
-        out: list = [_ALONE] * len(refs)
-        first: dict[int, int] = {}  # slot -> index of the first ref naming it
-        seen = self._ledger.seen
-        for j, r in enumerate(refs):
-            if r.slot not in first and not seen(r.key):
-                first[r.slot] = j
-        idx = list(first.values())
+        n = len(refs)
+        keys = [r.key for r in refs]
+        slots = [r.slot for r in refs]
+        repeats = set(filter(self._ledger.seen, keys))  # delivered before: the one-by-one path drops them
+        if not repeats and len(set(slots)) == n:
+            idx = list(range(n))  # the usual batch: every ref new, every slot named once
+        else:
+            first: dict[int, int] = {}  # slot -> index of the first ref naming it
+            for j, (slot, key) in enumerate(zip(slots, keys)):
+                if slot not in first and key not in repeats:
+                    first[slot] = j
+            idx = list(first.values())
+        out: list = [_ALONE] * n
         try:
-            batch, codes = ring.claim_batch([refs[j].slot for j in idx], [refs[j].generation for j in idx])
+            batch, codes = ring.claim_batch([slots[j] for j in idx], [refs[j].generation for j in idx])
         except ValueError:  # a slot beyond this ring's size: each ref gets its own error below
-            batch, codes = None, ()
-        claimed = []
-        for j, code in zip(idx, codes.tolist() if batch is not None else ()):
-            if code > 0:
-                claimed.append(j)
-            elif code == 0:
-                self._ledger.count("stale")
-                out[j] = StaleSlotError(f"local claim of {refs[j].key}: slot {refs[j].slot} generation "
-                                        f"{refs[j].generation} is gone")
-            # BUSY: left to the one-by-one path, which retries
-        delivered = []  # (batch item, ref index)
+            batch, codes = None, np.zeros(0, np.int64)
+        if batch is not None and len(batch) == len(idx):
+            claimed = idx
+        else:
+            claimed = []
+            for j, code in zip(idx, codes.tolist()):
+                if code > 0:
+                    claimed.append(j)
+                elif code == 0:
+                    self._ledger.count("stale")
+                    out[j] = StaleSlotError(f"local claim of {keys[j]}: slot {slots[j]} generation "
+                                            f"{refs[j].generation} is gone")
+                # BUSY: left to the one-by-one path, which retries
         if claimed:
-            for k, (j, payload) in enumerate(zip(claimed, batch.payloads())):
-                if isinstance(payload, shm.FrameError):
-                    self._give_back_undecodable(batch, k)
-                    out[j] = CorruptPayloadError(f"local frame of {refs[j].key}: {payload}")
-                else:
-                    out[j] = payload
-                    delivered.append((k, j))
-            del payload
+            results = batch.payloads()
+            ok = range(len(claimed))
+            broken = [k for k, p in enumerate(results) if isinstance(p, shm.FrameError)]
+            for k in broken:
+                self._give_back_undecodable(batch, k)
+                results[k] = CorruptPayloadError(f"local frame of {keys[claimed[k]]}: {results[k]}")
+            if broken:
+                ok = sorted(set(ok) - set(broken))
             if not batch.finalise(True):  # some slot's lock is busy: one by one, briefly each
-                for k, j in list(delivered):
+                acked = []
+                for k in ok:
                     try:
                         batch.finalise_item(k, True, lock_timeout=ACK_LOCK_TIMEOUT_S)
+                        acked.append(k)
                     except shm.SlotLockTimeoutError as exc:  # that slot only (a frozen process holds its lock)
-                        out[j] = ServerBusyError(f"local ack of {refs[j].key}: {exc}")  # its payload dropped:
+                        results[k] = ServerBusyError(f"local ack of {keys[claimed[k]]}: {exc}")  # payload dropped:
                         batch.give_back_soon(k)  # back to READY as soon as the lock is free
-                        delivered.remove((k, j))
-            if delivered:
-                self._ledger.remember_batch([refs[j].key for _, j in delivered], "local_fetches",
-                                            int(batch.nbytes[[k for k, _ in delivered]].sum()),
-                                            (time.perf_counter() - t0) / len(delivered))
-        for j, o in enumerate(out):
-            if o is _ALONE:
+                ok = acked
+            for j, result in zip(claimed, results):
+                out[j] = result
+            del results
+            if ok:
+                self._ledger.remember_batch([keys[claimed[k]] for k in ok], "local_fetches",
+                                            int(batch.nbytes[list(ok)].sum()), (time.perf_counter() - t0) / len(ok))
+        if len(claimed) < n:
+            for j in [j for j, o in enumerate(out) if o is _ALONE]:
                 try:
                     out[j] = self.fetch(refs[j])
                 except (TransportError, shm.RingError) as exc:
@@ -179,7 +192,8 @@ class LocalReader:
         if ring is None:
             return None
         t0 = time.perf_counter()
-        last: BaseException | None = None
+        last = ""  # the message, not the exception: its traceback would tie this frame (and its
+        # caller's, holding a batch's payloads) into a cycle that only the garbage collector frees
         for attempt in range(self.max_attempts):
             try:
                 lease = ring.claim(ref, timeout=0 if attempt == 0 else 0.05)
@@ -188,7 +202,7 @@ class LocalReader:
                 self._ledger.count("stale")
                 raise StaleSlotError(str(exc)) from None
             except shm.SlotBusyError as exc:
-                last = exc
+                last = str(exc)
                 self._ledger.count("retries")
         else:
             raise ServerBusyError(f"local claim of {ref.key}: {last}")

@@ -415,13 +415,13 @@ class RingBuffer:
             self._check_ref(ref)
         deadline = _deadline(timeout if ref is None else (timeout or 0), self.default_timeout)
         slot_, gen_ = (None, None) if ref is None else (ref.slot, ref.generation)
-        busy: list[SlotBusyError] = []
+        busy: list[str] = []  # the message: an exception kept here would tie this frame into a cycle
 
         def attempt():
             try:
                 return t.claim_ready(slot_, gen_)
             except SlotBusyError as exc:
-                busy[:] = [exc]
+                busy[:] = [str(exc)]
                 return None
 
         got = attempt()
@@ -429,7 +429,7 @@ class RingBuffer:
             got = self._wait_for(t.ready_addr, t.ready_word, attempt, deadline)
         if got is None:
             if busy:
-                raise busy[0]
+                raise SlotBusyError(busy[0])
             raise RingEmptyError(f"ring {self._name!r}: no READY payload within the timeout")
         return SlotLease(self, *got)
 

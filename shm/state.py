@@ -73,11 +73,31 @@ DEAD_LETTER_AFTER = 3
 #: default bound of a finaliser's wait for its own slot's transition lock (seconds)
 LOCK_TIMEOUT_S = 5.0
 
-# Ownerships held by this process, across every RingBuffer instance:
-# (st_dev, st_ino, slot) -> (lease, id of the SlotTable).  Used to judge slots whose
-# recorded owner pid is our own (an OFD lock does not conflict with its own description).
-# Single dict operations are atomic under the GIL.
-_OWNED: dict[tuple[int, int, int], tuple[int, int]] = {}
+class _Ownerships:
+    """The slots this process holds in one ring, across every handle of it: per slot
+    the lease and the id of the holding :class:`SlotTable` (0: none). Used to judge
+    slots whose recorded owner pid is our own (an OFD lock does not conflict with its
+    own description). Arrays, so that a batch records its slots in one operation;
+    every update happens under the slot's transition lock."""
+
+    __slots__ = ("lease", "holder")
+
+    def __init__(self, n: int):
+        self.lease = np.zeros(n, np.uint64)
+        self.holder = np.zeros(n, np.int64)
+
+
+#: (st_dev, st_ino) of a ring's segment -> this process's ownerships in it
+_OWNED: dict[tuple[int, int], _Ownerships] = {}
+_OWNED_LOCK = threading.Lock()
+
+
+def _ownerships(ident: tuple[int, int], n: int) -> _Ownerships:
+    with _OWNED_LOCK:
+        o = _OWNED.get(ident)
+        if o is None or len(o.lease) != n:  # (a new ring on a reused inode: the old one is gone)
+            o = _OWNED[ident] = _Ownerships(n)
+        return o
 _U64_MAX = np.uint64(2**64 - 1)
 
 
@@ -106,6 +126,7 @@ class SlotTable:
         self._ready_word = header["ready_futex"]
         self._free_word = header["free_futex"]
         self._pid = os.getpid()
+        self._owned = _ownerships(self._ident, self.n)
         # late finalisations (slot, lease, ack) from view callbacks, applied on the next call
         self._soon: collections.deque = collections.deque()
 
@@ -163,19 +184,19 @@ class SlotTable:
         self.lease[slot] = lease
         self.owner[slot] = self._pid
         self.claimed_ns[slot] = time.time_ns()
-        _OWNED[(*self._ident, slot)] = (lease, id(self))
+        self._owned.lease[slot] = lease
+        self._owned.holder[slot] = id(self)
         return lease
 
     def forget_ownerships(self) -> None:
         """This handle is closing (its OFD locks die with its file description):
         slots it still holds become recoverable by this process too."""
-        me = id(self)
-        for key in [k for k, v in _OWNED.items() if v[1] == me]:
-            _OWNED.pop(key, None)
+        holder = self._owned.holder
+        holder[holder == id(self)] = 0
 
     def _drop_ownership(self, slot: int) -> None:
         self.owner[slot] = 0
-        _OWNED.pop((*self._ident, slot), None)
+        self._owned.holder[slot] = 0
         _sync.lock_release(self._fd, LOCK_OWNER_BASE + slot)
 
     # ------------------------------------------------------------- wakes ---
@@ -410,9 +431,8 @@ class SlotTable:
                 self.owner[take] = self._pid
                 self.claimed_ns[take] = time.time_ns()
                 self.state[take] = READING
-                me = id(self)
-                for sl, le in zip(take.tolist(), leases.tolist()):
-                    _OWNED[(*self._ident, sl)] = (le, me)
+                self._owned.lease[take] = leases
+                self._owned.holder[take] = id(self)
                 out[ok] = leases.astype(np.int64)
         finally:
             self._unlock_range(lo, hi)
@@ -450,8 +470,7 @@ class SlotTable:
             self.owner[released] = 0
             for start, n in _sync.runs(np.sort(released).tolist()):
                 _sync.lock_release(self._fd, LOCK_OWNER_BASE + start, n)
-            for sl in released.tolist():
-                _OWNED.pop((*self._ident, sl), None)
+            self._owned.holder[released] = 0
         finally:
             self._unlock_range(lo, hi)
         if len(freed):
@@ -545,8 +564,7 @@ class SlotTable:
                 self.owner[released] = 0
                 for start, n in _sync.runs(np.sort(released).tolist()):
                     _sync.lock_release(self._fd, LOCK_OWNER_BASE + start, n)
-                for sl in released.tolist():
-                    _OWNED.pop((*self._ident, sl), None)
+                self._owned.holder[released] = 0
             finally:
                 fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK,
                             _sync.flock_bytes(fcntl.F_UNLCK, LOCK_SLOT_BASE + lo, hi - lo + 1))
@@ -593,8 +611,8 @@ class SlotTable:
     def owner_alive(self, slot: int) -> bool:
         """Is the process holding ``slot`` (WRITING/READING) still alive?"""
         if int(self.owner[slot]) == self._pid:
-            entry = _OWNED.get((*self._ident, slot))
-            return entry is not None and entry[0] == int(self.lease[slot])
+            o = self._owned
+            return bool(o.holder[slot]) and bool(o.lease[slot] == self.lease[slot])
         return _sync.lock_held_elsewhere(self._fd, LOCK_OWNER_BASE + slot)
 
     def recover(self) -> int:

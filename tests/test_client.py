@@ -462,6 +462,30 @@ def test_local_batch_gives_each_ref_its_own_outcome(make_ring, ring_name):
     assert ring.state_counts()["FREE"] == 8
 
 
+def test_dropped_batch_results_free_their_slots_without_the_garbage_collector(make_ring):
+    """A same-host batch's payloads share their slots' lifetime; an error kept as a result
+    must not keep the frames it was raised through (and the batch's payloads they hold)
+    alive in a reference cycle: dropping the results frees every slot at once."""
+    import gc
+
+    ring = make_ring(slots=8)
+    refs = [ring.put({"x": np.full(4, i)}) for i in range(5)]
+    with ring.claim(refs[0]):
+        pass  # STALE
+    busy = ring.claim(refs[1])  # BUSY: the one-by-one path raises through its retries
+    gc.collect()
+    gc.disable()
+    try:
+        with TransportClient(timeout=2.0, max_attempts=2, max_rounds=1) as c:
+            res = c.fetch_many([refs[0], refs[1], refs[2], refs[2], refs[3], refs[4]])
+            assert [r.ok for r in res] == [False, False, True, False, True, True]
+            del res
+            assert ring.state_counts()["PINNED"] == 0 and ring.state_counts()["FREE"] == 7
+    finally:
+        gc.enable()
+    busy.nack()
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("how", ["fetch", "fetch_many"])
 def test_corrupt_payload_on_the_same_host_path_is_dead_lettered(make_ring, how):

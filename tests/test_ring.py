@@ -352,3 +352,22 @@ def test_finalise_after_close_is_a_logged_noop(make_ring, ring_name, caplog):
     assert r.state_counts()["READING"] == 1
     # the closed handle's ownership lock is gone with its file description: recoverable
     assert r.recover() == 1 and r.ready_count() == 1
+
+
+def test_slots_one_handle_holds_are_alive_to_another_handle_of_the_same_process(make_ring, ring_name):
+    """The owner pid of a held slot is our own: whether its holder is alive is judged by this
+    process's record of ownerships, for single leases and batches alike; once the holding
+    handle closes they are recoverable."""
+    ring = make_ring(slots=8)
+    refs = [ring.put({"x": np.arange(4) + i}) for i in range(4)]
+    holder = shm.RingBuffer.attach(ring_name)
+    try:
+        batch, codes = holder.claim_batch([r.slot for r in refs[:3]], [r.generation for r in refs[:3]])
+        single = holder.claim(refs[3])
+        assert (codes > 0).all() and ring.state_counts()["READING"] == 4
+        assert ring.recover() == 0  # alive, in this very process
+        batch.finalise(True)
+        assert ring.recover() == 0 and ring.state_counts()["FREE"] == 7
+    finally:
+        holder.close()
+    assert single is not None and ring.recover() == 1 and ring.ready_count() == 1
