@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import shm
-from shm.frame import FRAME_HEADER, decode, decode_views, index_tail_range, parse_index
+from shm.frame import FRAME_HEADER, decode, decode_many, decode_views, index_tail_range, parse_index
 from shm.views import anchored
 from ucxx_transport import engine
 from ucxx_transport.buffers import BufferPool
@@ -198,16 +198,14 @@ class Exchanges:
             pool.put(base)
             return out
         u8, _ = anchored(view, readonly=False, on_gone=lambda: pool.put(base))
-        for i, off, n in items:
-            try:
-                p = decode(u8[off:off + n], readonly=False)
-                if p.nbytes != n:
-                    raise CorruptPayloadError(f"{where}: item {i}: frame length {p.nbytes} != {n}")
+        decoded = decode_many(u8, [off for _, off, _ in items], [n for _, _, n in items])
+        for (i, _, n), p in zip(items, decoded):
+            if isinstance(p, shm.FrameError):
+                out[i] = CorruptPayloadError(f"{where}: item {i}: {p}")
+            elif p.nbytes != n:
+                out[i] = CorruptPayloadError(f"{where}: item {i}: frame length {p.nbytes} != {n}")
+            else:
                 out[i] = p
-            except shm.FrameError as exc:
-                out[i] = CorruptPayloadError(f"{where}: item {i}: {exc}")
-            except CorruptPayloadError as exc:
-                out[i] = exc
         return out
 
     async def recv_batch_head(self, pe: PooledEndpoint, rid: int, n: int, where: str):
