@@ -620,29 +620,35 @@ class TransportClient:
             tasks = []
             groups: dict = collections.defaultdict(list)
             here: dict = {}  # id(ring) -> (ring, indices): same-host refs, claimed a ring at a time
-            rings: dict = {}  # (ring, ring id, host) -> this host's ring or None: looked up once a round
+            # (ring, ring id, host, ports) -> (same host?, the indices of its batch): looked up once
+            # a round (attaching a ring maps its segment: never on this loop)
+            places: dict = {}
+            seen = self._ledger.seen
             for i in pending:
                 ref = checked[i]
-                try:
-                    if self.device != "cpu":
-                        tasks.append(one(i))
-                        continue
-                    where = (ref.ring, ref.ring_id, ref.host)
-                    if where not in rings:  # attaching maps the segment: never on this loop
-                        rings[where] = await loop.run_in_executor(None, self._local.ring_for, ref) \
-                            if self._local.enabled else None
-                    ring = rings[where]
-                    if ring is not None:
-                        here.setdefault(id(ring), (ring, []))[1].append(i)
-                        continue
-                    host, ports = self._where(ref)
-                except Exception as exc:  # noqa: BLE001 - e.g. no address: this ref's result
-                    put(i, exc)
-                    continue
-                if self._ledger.seen(ref.key):  # served again after a crash: GET it alone (ACKed, dropped)
+                if self.device != "cpu":
                     tasks.append(one(i))
                     continue
-                groups[(host, tuple(ports), ref.ring, ref.ring_id)].append(i)
+                place = (ref.ring, ref.ring_id, ref.host, ref.ports)
+                target = places.get(place)
+                if target is None:
+                    try:
+                        ring = await loop.run_in_executor(None, self._local.ring_for, ref) \
+                            if self._local.enabled else None
+                        if ring is None:
+                            host, ports = self._where(ref)
+                            target = (False, groups[(host, tuple(ports), ref.ring, ref.ring_id)])
+                        else:
+                            target = (True, here.setdefault(id(ring), (ring, []))[1])
+                    except Exception as exc:  # noqa: BLE001 - e.g. no address: this ref's result
+                        put(i, exc)
+                        continue
+                    places[place] = target
+                local, idxs = target
+                if not local and seen(ref.key):  # served again after a crash: GET it alone (ACKed, dropped)
+                    tasks.append(one(i))
+                    continue
+                idxs.append(i)
             for ring, idxs in here.values():
                 tasks.append(local_batch(idxs, ring))
             for (host, ports, _, _), idxs in groups.items():

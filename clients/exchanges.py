@@ -222,9 +222,7 @@ class Exchanges:
             return resp, None
         if not 1 <= resp.count <= n:
             raise ProtocolError(f"batch answer of {resp.count} items to a request of {n}")
-        t = read_batch_array(head, resp.count, RESPONSE.size)
-        return resp, list(zip(t["status"].tolist(), t["slot"].tolist(), t["generation"].tolist(),
-                              t["nbytes"].tolist()))
+        return resp, read_batch_array(head, resp.count, RESPONSE.size)
 
     async def getv_once(self, refs: list, host: str, port: int, fields=None) -> list:
         """GETV ``refs`` (one ring) from one port: per ref a Payload or an error
@@ -277,44 +275,63 @@ class Exchanges:
             if len(entries) != n:
                 raise ProtocolError(f"{where}: {len(entries)} answers for {n} refs")
             out: list = [None] * n
-            ok = []
-            for i, (st, slot, gen, nbytes) in enumerate(entries):
-                r = refs[i]
-                if (slot, gen) != (r.slot, r.generation):
-                    raise ProtocolError(f"{where}: item {i} answers slot {slot}@{gen}, asked {r.slot}@{r.generation}")
-                if st == Status.OK:
-                    if nbytes != r.nbytes and not blob:
-                        raise ProtocolError(f"{where}: item {i} has {nbytes} bytes, the ref says {r.nbytes}")
-                    ok.append((i, nbytes))
-                else:
-                    try:
-                        out[i] = status_error(Status(st), "", f"{where}: item {i}")
-                    except ValueError:
-                        raise ProtocolError(f"{where}: unknown status {st}") from None
-                    if st == Status.STALE:
-                        self._ledger.count("stale")
+            ok = self.check_answers(entries, slots, gens, None if blob else sizes, out, where)
             if one:
                 got = self.decode_shared(base, msg, [(i, offsets[i], nb) for i, nb in ok], where)
             else:
                 got = await self.recv_planned(pe, ok, where)
             await self.ack_batch(pe, rid, n, got)
+            delivered = []
             for i, p in got.items():
                 if isinstance(p, BaseException):
                     out[i] = p
-                elif not self._ledger.remember(refs[i].key):
-                    p.release()
+                else:
+                    delivered.append(i)
+            fresh = self._ledger.remember_batch([refs[i].key for i in delivered], "fetches",
+                                                [got[i].nbytes for i in delivered])
+            for i, new in zip(delivered, fresh):
+                if new:
+                    out[i] = got[i]
+                else:
+                    got[i].release()
                     out[i] = AlreadyDeliveredError(f"{where}: {refs[i].key} already returned by this client "
                                                    f"(served again after a server crash); ACKed and dropped")
-                else:
-                    out[i] = p
-                    self._ledger.count("fetches")
-                    self._ledger.count("bytes", p.nbytes)
             return out, True
 
         try:
             return await self._net.with_endpoint(host, port, self.timeout, body, where)
         except Answered as a:
             raise a.error from None
+
+    def check_answers(self, entries: np.ndarray, slots: list, gens: list, sizes: list | None, out: list,
+                      where: str) -> list:
+        """The answer's entry table against the request: [(index, nbytes)] of the items
+        sent (``out`` gets the others' errors). Any answer for another slot, generation or
+        (``sizes`` given) size than asked is a protocol violation."""
+        wrong = (entries["slot"] != np.asarray(slots, np.uint64)) | \
+            (entries["generation"] != np.asarray(gens, np.uint64))
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            raise ProtocolError(f"{where}: item {i} answers slot {int(entries['slot'][i])}@"
+                                f"{int(entries['generation'][i])}, asked {slots[i]}@{gens[i]}")
+        status = entries["status"]
+        sent = status == Status.OK
+        if sizes is not None:
+            bad = sent & (entries["nbytes"] != np.asarray(sizes, np.uint64))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ProtocolError(f"{where}: item {i} has {int(entries['nbytes'][i])} bytes, "
+                                    f"the ref says {sizes[i]}")
+        for i in np.flatnonzero(~sent).tolist():
+            st = int(status[i])
+            try:
+                out[i] = status_error(Status(st), "", f"{where}: item {i}")
+            except ValueError:
+                raise ProtocolError(f"{where}: unknown status {st}") from None
+            if st == Status.STALE:
+                self._ledger.count("stale")
+        idx = np.flatnonzero(sent)
+        return list(zip(idx.tolist(), entries["nbytes"][idx].tolist()))
 
     async def ack_batch(self, pe: PooledEndpoint, rid: int, n: int, got: dict) -> None:
         """One message finalises the batch: ACK (all), or per-item verdicts when some
@@ -338,7 +355,9 @@ class Exchanges:
                                          flags=(FLAG_HOLD if hold else 0) | (FLAG_FIELDS if fields_blob else 0),
                                          hold_s=hold_seconds(hold), slot=len(fields_blob or b"")))
             await engine.send(pe.ep, req + fields_blob if fields_blob else req)
-            resp, entries = await self.recv_batch_head(pe, rid, n, where)
+            resp, table = await self.recv_batch_head(pe, rid, n, where)
+            entries = None if table is None else list(zip(
+                table["status"].tolist(), table["slot"].tolist(), table["generation"].tolist(), table["nbytes"].tolist()))
             if entries is None:
                 if resp.status == Status.EMPTY:
                     return (HeldDelivery(self._ledger, self._net, None, rid, [], 0) if hold else []), True

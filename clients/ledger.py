@@ -39,18 +39,31 @@ class Ledger:
                 self._delivered.popitem(last=False)
             return True
 
-    def remember_batch(self, keys: list, counter: str, nbytes: int, seconds_each: float) -> None:
-        """Record a batch of deliveries (keys the caller checked are new): ``counter`` and
-        ``bytes`` counted, one latency sample of ``seconds_each`` per item."""
+    def remember_batch(self, keys: list, counter: str, sizes: list, seconds_each: float | None = None) -> list:
+        """Record a batch of deliveries under one lock: per key True if it is new (counted
+        in ``counter`` and ``bytes`` with its size, plus a latency sample of ``seconds_each``
+        when given), False if it was delivered before (a duplicate, counted as such)."""
+        fresh = []
         with self._lock:
             d = self._delivered
-            for key in keys:
+            nbytes = 0
+            for key, size in zip(keys, sizes):
+                if key in d:
+                    fresh.append(False)
+                    continue
                 d[key] = None
+                fresh.append(True)
+                nbytes += size
             for _ in range(len(d) - self._window):
                 d.popitem(last=False)
-            self._counts[counter] += len(keys)
+            n_new = sum(fresh)
+            self._counts[counter] += n_new
             self._counts["bytes"] += nbytes
-            self._latency.add_many(seconds_each, len(keys))
+            if len(keys) > n_new:
+                self._counts["duplicates_dropped"] += len(keys) - n_new
+            if seconds_each is not None:
+                self._latency.add_many(seconds_each, n_new)
+        return fresh
 
     def seen(self, key) -> bool:
         """Was the payload ``key`` ((ring id, slot, generation)) delivered already?"""

@@ -168,9 +168,9 @@ class LocalReader:
             for j, result in zip(claimed, results):
                 out[j] = result
             del results
-            if ok:
+            if ok:  # keys the caller had not seen: the claim of a slot at a generation happens once
                 self._ledger.remember_batch([keys[claimed[k]] for k in ok], "local_fetches",
-                                            int(batch.nbytes[list(ok)].sum()), (time.perf_counter() - t0) / len(ok))
+                                            batch.nbytes[list(ok)].tolist(), (time.perf_counter() - t0) / len(ok))
         if len(claimed) < n:
             for j in [j for j, o in enumerate(out) if o is _ALONE]:
                 try:
