@@ -282,7 +282,13 @@ class TransportClient:
         consumed whole: what was not asked for is dropped with it (a payload is the
         unit of exactly-once delivery; leaving part of it behind would let it be
         consumed twice). Same-host refs are read in place and simply restricted;
-        with ``device="cuda"`` the whole payload travels and is restricted here."""
+        with ``device="cuda"`` the whole payload travels and is restricted here.
+
+        The payloads of one batch share their memory's lifetime (one anchor per
+        received message, or per same-host ring): a view kept from any of them keeps
+        the memory of all of them (slots stay PINNED) until it is gone; ``copy()``
+        what must outlive the step. A batch whose refs all name one ring of this
+        host is fetched in the calling thread, without the hop to the UCX loop."""
         if fields is not None:
             encode_fields(fields)  # a bad list fails here, before anything is claimed
         refs = list(refs)
