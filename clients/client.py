@@ -110,10 +110,10 @@ class TransportClient:
         #: True: hand out owned copies; the slot or receive buffer is freed at once, whatever the caller keeps
         self.copy = copy
         self.token = token.decode() if isinstance(token, bytes) else token
-        self.timeout = resolve("timeout", timeout)
-        self.min_rate = resolve("min_rate", min_rate)
+        self._timeout = resolve("timeout", timeout)
+        self._min_rate = resolve("min_rate", min_rate)
         self._resolver = resolver
-        self.max_attempts = resolve("max_attempts", max_attempts)
+        self._max_attempts = resolve("max_attempts", max_attempts)
         self.max_rounds = resolve("max_rounds", max_rounds)
         self.max_inflight = resolve("max_inflight", max_inflight)
         self._ledger = Ledger(dedup_window)
@@ -126,8 +126,8 @@ class TransportClient:
         self._pool = self._net.pool
         self._buffers = BufferPool(device)
         self.device = device
-        self.local_fast_path = local_fast_path
-        self.max_nbytes = max_nbytes
+        self._local_fast_path = bool(local_fast_path)
+        self._max_nbytes = max_nbytes
         self._mode = progress_mode
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
@@ -138,6 +138,57 @@ class TransportClient:
         self._fanins_lock = threading.Lock()  # also makes close() run once
         self._exchanges = Exchanges(self._net, self._ledger, self._buffers, device=device, max_nbytes=max_nbytes,
                                     timeout=self.timeout, min_rate=self.min_rate)
+
+    # ------------------------------------------- settings (live: settable) --
+    # Each is read by the parts of the client that use it (connector, exchanges, same-host
+    # reader): setting it on the client sets it there too, for the next call.
+    @property
+    def timeout(self) -> float:
+        """Deadline (s) of one network call, plus ``nbytes / min_rate`` for a transfer."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._timeout = self._net.timeout = self._exchanges.timeout = resolve("timeout", value)
+
+    @property
+    def min_rate(self) -> float:
+        """Slowest expected link (bytes/s): a transfer's extra deadline is ``nbytes / min_rate``."""
+        return self._min_rate
+
+    @min_rate.setter
+    def min_rate(self, value: float) -> None:
+        self._min_rate = self._exchanges.min_rate = resolve("min_rate", value)
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts per ref (network retries, and same-host claims of a busy slot)."""
+        return self._max_attempts
+
+    @max_attempts.setter
+    def max_attempts(self, value: int) -> None:
+        self._max_attempts = self._local.max_attempts = resolve("max_attempts", value)
+
+    @property
+    def max_nbytes(self) -> int:
+        """Payloads larger than this are refused before asking (0: no limit)."""
+        return self._max_nbytes
+
+    @max_nbytes.setter
+    def max_nbytes(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"max_nbytes must be an int >= 0 (0: no limit), got {value!r}")
+        self._max_nbytes = self._exchanges.max_nbytes = value
+
+    @property
+    def local_fast_path(self) -> bool:
+        """Read refs of this host's rings straight from shared memory (host memory only)."""
+        return self._local_fast_path
+
+    @local_fast_path.setter
+    def local_fast_path(self, value: bool) -> None:
+        self._local_fast_path = bool(value)
+        self._local.enabled = self._local_fast_path and self.device == "cpu"
 
     # ----------------------------------------------------------- lifetime --
     def _ucx_loop(self) -> asyncio.AbstractEventLoop:
@@ -452,6 +503,13 @@ class TransportClient:
                 f"TransportClient a resolver")
         return found
 
+    async def _where_from_loop(self, ref: shm.SlotRef) -> tuple[str, list[int]]:
+        """:meth:`_where` called from the UCX loop: a ref without an address is looked up in an
+        executor (it may attach this host's ring: an mmap, never on the loop)."""
+        if ref.host and ref.ports:
+            return ref.host, list(ref.ports)
+        return await asyncio.get_running_loop().run_in_executor(None, self._where, ref)
+
     def _resolve(self, ref: shm.SlotRef) -> tuple[str, list[int]] | None:
         """The current server address of ref's ring, or None."""
         ring = self._local.ring_here(ref)
@@ -509,7 +567,7 @@ class TransportClient:
     async def _retrying(self, attempt, on_retryable=None):
         """Layer 2: ``await attempt()`` up to ``max_attempts`` times while it fails with a
         retryable error, backing off 50 ms x attempt (at most 0.5 s) between tries;
-        ``on_retryable(exc)`` runs after each such failure. Final errors (STALE,
+        ``await on_retryable(exc)`` runs after each such failure. Final errors (STALE,
         DENIED, BAD_REQUEST, ...) and the last retryable one are raised."""
         last: TransportError | None = None
         for n in range(self.max_attempts):
@@ -525,19 +583,20 @@ class TransportClient:
                     raise
                 last = exc
                 if on_retryable is not None:
-                    on_retryable(exc)
+                    await on_retryable(exc)
         assert last is not None
         raise last
 
     async def _fetch_ref(self, ref: shm.SlotRef, hold: float = 0):
         """Layer 2 for one ref (GET). With ``hold``, a :class:`HeldDelivery` whose ACK
         waits for :meth:`HeldDelivery.settle`."""
-        where = [self._where(ref)]  # (host, ports): a quarantined address is looked up again
+        loop = asyncio.get_running_loop()
+        where = [await self._where_from_loop(ref)]  # (host, ports): a quarantined address is looked up again
         t0 = time.perf_counter()
 
-        def moved(exc: TransportError) -> None:
+        async def moved(exc: TransportError) -> None:
             if exc.quarantine:  # the address may be stale (server restarted on other ports)
-                found = self._resolve(ref)
+                found = await loop.run_in_executor(None, self._resolve, ref)  # may attach a ring: not here
                 if found is not None and found != where[0]:
                     log.info("GET %s: server of ring %r moved to %s:%s", ref.key, ref.ring, *found)
                     where[0] = found
@@ -642,7 +701,7 @@ class TransportClient:
                         ring = await loop.run_in_executor(None, self._local.ring_for, ref) \
                             if self._local.enabled else None
                         if ring is None:
-                            host, ports = self._where(ref)
+                            host, ports = await self._where_from_loop(ref)
                             target = (False, groups[(host, tuple(ports), ref.ring, ref.ring_id)])
                         else:
                             target = (True, here.setdefault(id(ring), (ring, []))[1])

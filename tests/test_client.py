@@ -549,3 +549,48 @@ def test_local_batch_ack_blocked_by_a_frozen_process_fails_that_ref_only(make_ri
         # call on the ring, and that fetch gets the payload (never lost, never stuck)
         assert int(c.fetch(refs[2])["i"]) == 2
     assert ring.stats()["consumed"] == 4
+
+
+def test_settings_changed_after_construction_apply_to_the_next_call(make_ring, ring_name, serve):
+    """timeout, max_nbytes, local_fast_path and max_attempts are read by the client's parts
+    (connector, exchanges, same-host reader): setting them on the client takes effect."""
+    from clients.errors import PayloadTooLargeError
+
+    ring = make_ring(slots=8)
+    serve(ring_name)
+    with TransportClient(timeout=5.0) as c:
+        ref = ring.put({"x": np.arange(64)})
+        assert int(c.fetch(ref)["x"][3]) == 3 and c.stats()["local_fetches"] == 1
+        c.local_fast_path = False
+        assert int(c.fetch(ring.put({"x": np.arange(64)}))["x"][5]) == 5 and c.stats()["fetches"] == 1
+        c.max_nbytes = 64
+        big = ring.put({"x": np.arange(64)})
+        with pytest.raises(PayloadTooLargeError):
+            c.fetch(big)
+        c.max_nbytes = 0
+        c.timeout, c.max_attempts = 2.0, 2
+        assert int(c.fetch(big)["x"][7]) == 7 and c.call_budget() < 5.0 * 3
+        with pytest.raises(ValueError):
+            c.max_nbytes = -1
+
+
+def test_a_ref_without_an_address_never_maps_a_ring_on_the_ucx_loop(make_ring, ring_name, serve, monkeypatch):
+    """A ref published while no server ran carries no address: the client finds the server in
+    the ring's header, which may mean attaching the ring (an mmap with MAP_POPULATE). That must
+    happen in an executor thread, never on the loop every endpoint of the client shares."""
+    ring = make_ring(slots=8)
+    bare = [ring.put({"x": np.arange(4) + i}) for i in range(3)]  # before any server: no address
+    assert bare[0].host is None
+    serve(ring_name)
+    attached_on = []
+    real_attach = shm.RingBuffer.attach
+
+    def attach(name, *a, **k):
+        attached_on.append(threading.current_thread().name)
+        return real_attach(name, *a, **k)
+
+    monkeypatch.setattr(shm.RingBuffer, "attach", staticmethod(attach))
+    with TransportClient(local_fast_path=False, timeout=5.0) as c:
+        assert int(c.fetch(bare[0])["x"][0]) == 0
+        assert [int(r.payload["x"][0]) for r in c.fetch_many(bare[1:])] == [1, 2]
+    assert attached_on and "ucxx-transport-loop" not in attached_on, attached_on
