@@ -5,6 +5,8 @@ Every numeric numpy dtype (bool, int, uint, float, complex) is recorded by its
 the float8/float6/float4 family, int4/int2 -- come from ``ml_dtypes`` (the
 numpy extension JAX uses) and are recorded by *name* (``"bfloat16"``), so a
 reader without torch still gets a correct numpy array of the right type.
+``ml_dtypes`` is imported on first need (its import takes about a second): a
+process that never meets one of its types never pays for it.
 
 Tensors of other libraries are converted here too, without copying data:
 torch CPU tensors (any dtype, non-contiguous, ``requires_grad``) become numpy
@@ -14,10 +16,10 @@ memory (bf16/fp8 included). torch is imported only when a torch object is seen.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 #: numpy dtype kinds recorded by dtype.str: bool, signed, unsigned, float, complex
@@ -28,9 +30,30 @@ _ML_NAMES = (
     "float8_e3m4", "float8_e4m3", "float8_e8m0fnu", "float6_e2m3fn", "float6_e3m2fn", "float4_e2m1fn",
     "int4", "uint4", "int2", "uint2",
 )
-#: ml_dtypes types by the name a frame records (those this ml_dtypes version has)
-ML_DTYPES: dict[str, np.dtype] = {n: np.dtype(getattr(ml_dtypes, n)) for n in _ML_NAMES if hasattr(ml_dtypes, n)}
-_ML_BY_DTYPE = {dt: name for name, dt in ML_DTYPES.items()}
+#: ml_dtypes types by the name a frame records (those this ml_dtypes version has), once loaded
+_ML: dict[str, np.dtype] = {}
+_ML_BY_DTYPE: dict[np.dtype, str] = {}
+
+
+def ml_dtypes_by_name() -> dict[str, np.dtype]:
+    """The ml_dtypes types by the name a frame records (imports ml_dtypes once)."""
+    if not _ML:
+        import ml_dtypes
+
+        found = {n: np.dtype(getattr(ml_dtypes, n)) for n in _ML_NAMES if hasattr(ml_dtypes, n)}
+        _ML_BY_DTYPE.update({dt: name for name, dt in found.items()})
+        _ML.update(found)
+    return _ML
+
+
+def _ml_name(dtype: np.dtype) -> str | None:
+    """The recorded name of an ml_dtypes type, None for any other dtype. numpy's own types
+    never are one (ml_dtypes' are user-defined: ``isbuiltin`` 2); an ml_dtypes array
+    exists only once ml_dtypes is imported."""
+    if dtype.isbuiltin != 2 or "ml_dtypes" not in sys.modules:
+        return None
+    ml_dtypes_by_name()
+    return _ML_BY_DTYPE.get(dtype)
 
 #: torch dtype name -> the ml_dtypes name of the same bits (torch's own numpy() cannot export these)
 _TORCH_TO_ML = {
@@ -45,7 +68,7 @@ _quiet_readonly = False
 
 def is_supported(dtype: np.dtype) -> bool:
     """Can a field hold elements of ``dtype``?"""
-    if dtype in _ML_BY_DTYPE:
+    if _ml_name(dtype) is not None:
         return True
     return dtype.kind in NUMERIC_KINDS and dtype.fields is None and dtype.subdtype is None
 
@@ -55,14 +78,14 @@ def check(dtype: np.dtype, name: str) -> np.dtype:
     if not is_supported(dtype):
         raise TypeError(
             f"field {name!r}: dtype {dtype} is not supported; use a numeric dtype (bool, int, uint, float, "
-            f"complex) or one of ml_dtypes' {', '.join(ML_DTYPES)}"
+            f"complex) or one of ml_dtypes' {', '.join(ml_dtypes_by_name())}"
         )
     return dtype
 
 
 def encode_name(dtype: np.dtype) -> str:
     """The name a frame records for ``dtype``."""
-    return _ML_BY_DTYPE.get(dtype) or dtype.str
+    return _ml_name(dtype) or dtype.str
 
 
 _DECODED: dict[bytes, np.dtype] = {}
@@ -73,7 +96,7 @@ def decode_name(code: bytes) -> np.dtype:
     dt = _DECODED.get(code)
     if dt is None:
         text = code.decode("ascii")
-        dt = ML_DTYPES.get(text)
+        dt = ml_dtypes_by_name().get(text) if text in _ML_NAMES else None
         if dt is None:
             dt = np.dtype(text)
             if dt.kind not in NUMERIC_KINDS:  # a bare "V2" or "O" is never a field type
@@ -110,10 +133,10 @@ def torch_as_numpy(t) -> np.ndarray:
         ml = _TORCH_TO_ML.get(str(t.dtype).removeprefix("torch."))
         if ml is None:
             via = _TORCH_VIA[t.dtype] = ()
-        elif ml not in ML_DTYPES:
-            raise TypeError(f"torch dtype {t.dtype} needs a newer ml_dtypes (has {', '.join(ML_DTYPES)})")
+        elif ml not in ml_dtypes_by_name():
+            raise TypeError(f"torch dtype {t.dtype} needs a newer ml_dtypes (has {', '.join(ml_dtypes_by_name())})")
         else:
-            dt = ML_DTYPES[ml]
+            dt = ml_dtypes_by_name()[ml]
             via = _TORCH_VIA[t.dtype] = (getattr(torch, np.dtype(_SAME_WIDTH_INT[dt.itemsize]).name), dt)
     if via:
         return t.view(via[0]).numpy().view(via[1])
@@ -133,7 +156,7 @@ def to_torch(arr: np.ndarray, device: str | None = None):
         return arr if device is None or device == "cpu" else arr.to(device)
     if not isinstance(arr, np.ndarray):  # device memory (cupy): shared through DLPack, no copy
         return torch.from_dlpack(arr)
-    ml = _ML_BY_DTYPE.get(arr.dtype)
+    ml = _ml_name(arr.dtype)
     if ml is not None:
         tdt = getattr(torch, ml, None)
         if tdt is None:

@@ -549,3 +549,25 @@ def test_torch_values_pad_copy_and_write_like_numpy(make_ring, torch):
         del tt, padded, lp, p
     assert ring.state_counts()["FREE"] == 2
     assert owned["turns"][0].tolist() == [0, 1, 2]
+
+
+LAZY_READER = textwrap.dedent("""
+    import sys
+    import shm, clients, ucxx_transport.cli  # noqa: F401
+    assert "ml_dtypes" not in sys.modules, "ml_dtypes imported eagerly (a second of start-up for every process)"
+    ring = shm.RingBuffer.attach(sys.argv[1])
+    with ring.claim() as lease:
+        p = lease.payload
+        print(p["b"].dtype, p["f8"].dtype, p["x"].dtype, float(p["f8"][1]), flush=True)
+""")
+
+
+def test_ml_dtypes_is_imported_only_when_a_payload_needs_it(make_ring, ring_name):
+    """ml_dtypes costs about a second to import: the CLI, servers and readers of numpy-only
+    payloads never load it; a reader that meets bf16/fp8 fields loads it then and gets them."""
+    ring = make_ring(slots=2)
+    ring.put({"b": np.ones(4, ml_dtypes.bfloat16), "f8": np.full(2, 0.5, ml_dtypes.float8_e5m2), "x": np.arange(3)})
+    out = subprocess.run([sys.executable, "-c", LAZY_READER, ring_name], capture_output=True, text=True, timeout=60,
+                         cwd=helpers.REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["bfloat16", "float8_e5m2", "int64", "0.5"]
