@@ -117,9 +117,9 @@ def test_serve_create_existing_ring_is_ring_error(make_ring, ring_name):
     (["status", "--address", "127.0.0.1:1", "--token-file", "/nonexistent/tok"], "cannot read --token-file"),
     (["serve", "--ring", "x", "--slots", "0"], "--slots"),
     (["serve"], "--ring"),
-    (["--log-level", "LOUD", "doctor"], "invalid log level"),
-    (["doctor", "--log-level", "LOUD"], "invalid log level"),
-    (["bench", "--log-format", "yaml"], "invalid log format"),
+    (["--log-level", "LOUD", "doctor"], "invalid log_level 'LOUD'"),
+    (["doctor", "--log-level", "LOUD"], "invalid log_level 'LOUD'"),
+    (["bench", "--log-format", "yaml"], "invalid log_format 'yaml'"),
     (["status", "--ring", "x", "--count", "2"], "--count needs --watch"),
     (["status", "--ring", "x", "--watch", "0"], "--watch must be > 0"),
     (["teleport"], "invalid choice"),
@@ -159,4 +159,4 @@ def test_log_format_json_writes_one_json_object_per_line(make_ring, ring_name):
     assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
     assert any(r["message"].startswith("signal 15: stopping") for r in records)
     bad, _ = cli("status", "--ring", ring_name, "--log-format", "yaml")
-    assert bad.returncode == ExitCode.USAGE and "invalid log format 'yaml'" in one_error_line(bad)
+    assert bad.returncode == ExitCode.USAGE and "invalid log_format 'yaml'" in one_error_line(bad)

@@ -59,8 +59,8 @@ def test_log_flags_accepted_after_every_command(cmd):
 
 
 @pytest.mark.parametrize("cmd", ["serve", "status", "doctor", "bench"])
-@pytest.mark.parametrize("flag, value, says", [("--log-level", "LOUD", "invalid log level 'LOUD'"),
-                                               ("--log-format", "yaml", "invalid log format 'yaml'")])
+@pytest.mark.parametrize("flag, value, says", [("--log-level", "LOUD", "invalid log_level 'LOUD'"),
+                                               ("--log-format", "yaml", "invalid log_format 'yaml'")])
 def test_log_flags_validated_after_every_command(cmd, flag, value, says, capsys):
     with pytest.raises(SystemExit) as e:
         cli.build_parser().parse_args([cmd, *BASE_ARGS.get(cmd, []), flag, value])

@@ -148,3 +148,11 @@ def test_field_list_round_trip_and_limits():
         protocol.encode_fields("tokens")
     with pytest.raises(ValueError):
         protocol.encode_fields([])
+
+
+def test_the_log_knobs_are_in_the_table_like_every_other():
+    assert resolve("log_level", "debug", env={}) == "DEBUG"
+    assert resolve("log_level", None, env={"UCXX_TRANSPORT_LOG_LEVEL": "warning"}) == "WARNING"
+    assert resolve("log_format", None, env={"UCXX_TRANSPORT_LOG_FORMAT": "JSON"}) == "json"
+    with pytest.raises(ConfigError, match="UCXX_TRANSPORT_LOG_LEVEL.*one of DEBUG"):
+        resolve("log_level", None, env={"UCXX_TRANSPORT_LOG_LEVEL": "loud"})

@@ -135,9 +135,21 @@ def _add(p: argparse.ArgumentParser, name: str, **kw):
 QUIET_COMMANDS = ("status", "doctor")
 
 
+def _knob_type(name: str):
+    """An argparse ``type`` checking a flag by its knob (the message names the knob and its variable)."""
+    def parse(text):
+        try:
+            return resolve(name, text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
 def _add_log_flags(p: argparse.ArgumentParser, default) -> None:
-    p.add_argument("--log-level", type=logs.log_level, default=default, help=logs.LOG_LEVEL_HELP)
-    p.add_argument("--log-format", type=logs.log_format, default=default, help=logs.LOG_FORMAT_HELP)
+    for name in ("log_level", "log_format"):  # checked when parsed: the flag may follow any command
+        k = KNOBS[name]
+        p.add_argument(k.flag, dest=name, type=_knob_type(name), default=default,
+                       metavar="{" + ",".join(k.choices()) + "}", help=help_text(name) + "; before or after the command")
 
 
 # ------------------------------------------------------------------ serve ---
@@ -409,14 +421,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        level = logs.log_level(a.log_level or os.environ.get("UCXX_TRANSPORT_LOG_LEVEL")
-                           or ("ERROR" if a.cmd in QUIET_COMMANDS else "INFO"))
-    except argparse.ArgumentTypeError as exc:  # from the environment variable
-        parser.error(f"UCXX_TRANSPORT_LOG_LEVEL: {exc}")
-    try:
-        fmt = logs.log_format(a.log_format or os.environ.get("UCXX_TRANSPORT_LOG_FORMAT") or "text")
-    except argparse.ArgumentTypeError as exc:
-        parser.error(f"UCXX_TRANSPORT_LOG_FORMAT: {exc}")
+        level = resolve("log_level", a.log_level) or ("ERROR" if a.cmd in QUIET_COMMANDS else "INFO")
+        fmt = resolve("log_format", a.log_format)
+    except ConfigError as exc:
+        parser.error(str(exc))
     logs.setup(level, fmt)
     try:
         return int(a.func(a) or 0)

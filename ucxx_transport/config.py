@@ -66,6 +66,18 @@ def _on_full_policies() -> tuple[str, ...]:
     return tuple(ON_FULL_CODES)
 
 
+def _log_levels() -> tuple[str, ...]:
+    from .logs import LOG_LEVELS
+
+    return LOG_LEVELS
+
+
+def _log_formats() -> tuple[str, ...]:
+    from .logs import LOG_FORMATS
+
+    return LOG_FORMATS
+
+
 def _bool(text) -> bool:
     if isinstance(text, bool):
         return text
@@ -85,6 +97,8 @@ class Knob:
     help: str
     #: the accepted values of a choice knob, from the module that defines them
     choices: Callable[[], tuple[str, ...]] | None = None
+    #: the default as ``--help`` words it, where it is not one value
+    default_help: str | None = None
 
     @property
     def flag(self) -> str:
@@ -131,6 +145,13 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
     Knob("max_idle_per_server", None, _int_range(1, 1 << 16), "client: idle pooled endpoints kept per server, "
          "across its ports (default: no cap beyond --pool-size per port)"),
     Knob("endpoint_idle_s", 60.0, _positive_duration, "client: a pooled endpoint idle this long is closed"),
+    # logging (the CLI's flags, accepted before or after any command)
+    Knob("log_level", None, lambda t: _choice(_log_levels)(str(t).upper()),
+         "DEBUG logs every request (and the traceback of an error)", _log_levels,
+         default_help="INFO; ERROR for status and doctor"),
+    Knob("log_format", "text", lambda t: _choice(_log_formats)(str(t).lower()),
+         "text lines, or json: one object per line with time, level, logger, message (python-json-logger)",
+         _log_formats),
 ]}
 
 
@@ -167,4 +188,4 @@ def help_text(name: str) -> str:
     """The ``--help`` line of knob ``name``: what it does, its choices, variable and default."""
     k = KNOBS[name]
     choices = f"; one of {', '.join(k.choices())}" if k.choices else ""
-    return f"{k.help}{choices} [env {k.env}; default {k.default}]"
+    return f"{k.help}{choices} [env {k.env}; default {k.default if k.default_help is None else k.default_help}]"
