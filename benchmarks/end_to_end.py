@@ -29,6 +29,7 @@ import logging
 import multiprocessing as mp
 import os
 import platform
+import queue
 import sys
 import time
 import itertools
@@ -38,6 +39,7 @@ import numpy as np
 
 from shm.frame import encoded_size
 
+from ucxx_transport import ucxx_compat as compat
 from ucxx_transport.config import help_text, resolve
 from ucxx_transport.units import format_size, parse_duration, parse_size
 
@@ -107,7 +109,7 @@ def _producer_worker(ring_name: str, conn, refq) -> None:
                 try:
                     refq.put((epoch, list(batch)), timeout=0.05)
                     batch.clear()
-                except Exception:
+                except queue.Full:  # the clients are behind: try again unless the phase ended
                     continue
 
         while not conn.poll():
@@ -310,7 +312,7 @@ def _raw_server_worker(progress_mode: str, max_size: int, conn) -> None:
                 await engine.recv(ep, req)
                 n = int(req[:8].view(np.int64)[0])
                 await engine.send(ep, payload[:n])
-        except Exception:
+        except compat.ucx_errors():  # the client closed its endpoint: this exchange is over
             pass
 
     async def start():
@@ -396,7 +398,7 @@ def machine_info() -> dict:
 
         info["ucxx"] = getattr(ucxx, "__version__", "?")
         info["ucx"] = ucxx.__ucx_version__
-    except Exception:
+    except (ImportError, AttributeError):  # no ucxx here, or one without these attributes
         pass
     try:
         import zmq

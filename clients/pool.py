@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 
 from ucxx_transport import engine
+from ucxx_transport import ucxx_compat as compat
 from ucxx_transport.config import resolve
 
 log = logging.getLogger("clients.pool")
@@ -62,7 +63,7 @@ class PooledEndpoint:
     def abort(self) -> None:
         try:
             engine.abort(self.ep)
-        except Exception as exc:  # an endpoint that already failed may refuse; never fatal
+        except compat.ucx_errors() as exc:  # an endpoint that already failed may refuse; never fatal
             log.debug("abort %s:%d: %r", self.host, self.port, exc)
 
 

@@ -141,16 +141,17 @@ class FetchStream:
                         while len(pending) >= self._depth and not self._stop.is_set():
                             fut, ref = pending.popleft()
                             self._forward(_Item(fut.result(budget), ref))
-                except BaseException as exc:  # the source, or the oldest fetch, failed
+                except BaseException as exc:  # noqa: BLE001 - the source, or the oldest fetch, failed: the
+                    # consumer's iteration raises it (after the fetches already started are delivered)
                     error = exc
                 # the tail (or, after an error, every fetch already started), in order; then the first error
                 while pending and not self._stop.is_set():
                     fut, ref = pending.popleft()
                     try:
                         self._forward(_Item(fut.result(budget), ref))
-                    except BaseException as exc:
+                    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, as above
                         error = error or exc
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, as above
             error = error or exc
         finally:
             for fut, _ in pending:  # only when the consumer left: give back what it will never see

@@ -11,6 +11,7 @@ table and its mapping.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
@@ -108,12 +109,13 @@ class SlotWriter:
         self.abort()
 
     def __del__(self):  # pragma: no cover
+        if getattr(self, "_done", True) or sys.is_finalizing():
+            return  # (at interpreter exit the slot is recovered: its owner is gone)
+        log.warning("SlotWriter for slot %d dropped without publish/abort: aborting", self.slot)
         try:
-            if not self._done:
-                log.warning("SlotWriter for slot %d dropped without publish/abort: aborting", self.slot)
-                self.abort()
-        except Exception:
-            pass
+            self.abort()
+        except (RingError, OSError) as exc:  # its lock stays busy, or the ring is gone: recovery reclaims it
+            log.debug("abort of dropped writer on slot %d: %s", self.slot, exc)
 
 
 class SlotLease:
@@ -258,12 +260,13 @@ class SlotLease:
             self.nack()
 
     def __del__(self):  # pragma: no cover
+        if getattr(self, "_done", True) or sys.is_finalizing():
+            return  # (at interpreter exit the slot is recovered: its owner is gone)
+        log.warning("lease on slot %d dropped without ack/nack: nacking", self.slot)
         try:
-            if not self._done:
-                log.warning("lease on slot %d dropped without ack/nack: nacking", self.slot)
-                self.nack()
-        except Exception:
-            pass
+            self.nack()
+        except (RingError, OSError) as exc:  # its lock stays busy, or the ring is gone: recovery reclaims it
+            log.debug("nack of dropped lease on slot %d: %s", self.slot, exc)
 
 
 class LeaseBatch:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+import sys
 import mmap
 import os
 import weakref
@@ -279,10 +280,12 @@ class RingBuffer:
         self.close()
 
     def __del__(self):  # pragma: no cover
+        if sys.is_finalizing() or not hasattr(self, "_closed"):
+            return  # interpreter exit (the OS unmaps and unlocks), or a handle that never opened
         try:
             self.close()
-        except Exception:
-            pass
+        except OSError as exc:  # the descriptor is gone already
+            log.debug("closing ring handle %r: %s", getattr(self, "_name", "?"), exc)
 
     def _check_open(self):
         if self._closed:

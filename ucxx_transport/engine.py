@@ -356,7 +356,7 @@ async def connect(host: str, port: int, timeout: float):
         try:
             ucx_ep.close_blocking(period=10**10, max_attempts=1)  # cancels the exchange's requests
             ucx_ep.remove_close_callback()
-        except Exception as close_exc:  # pragma: no cover - an endpoint that failed may refuse
+        except compat.ucx_errors() as close_exc:  # pragma: no cover - an endpoint that failed may refuse
             log.debug("closing a failed endpoint: %r", close_exc)
         finally:
             kick()
@@ -412,14 +412,14 @@ def _reset_locked() -> None:
     else:
         try:
             _context().worker.cancel_inflight_requests()
-        except Exception as exc:  # pragma: no cover
+        except compat.ucx_errors() as exc:  # pragma: no cover
             log.debug("cancel_inflight_requests: %s", exc)
         clear_progress_tasks()
         _state["ctx"] = None  # ucxx.reset() refuses a context still referenced
         gc.collect()
         try:
             ucxx.reset()
-        except Exception as exc:
+        except compat.ucx_errors() as exc:
             _orphaned.extend(pending)  # the worker outlives us: so must they
             # ucxx has already dropped its context; an object still referencing it
             # (e.g. an endpoint inside a caller-held exception traceback) frees it later.
@@ -489,7 +489,7 @@ def release(timeout: float = 5.0) -> None:
 
         try:
             asyncio.run_coroutine_threadsafe(_teardown(), loop).result(timeout)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever the teardown hit; it is logged
             log.warning("UCX teardown did not finish cleanly: %r", exc)
         loop.call_soon_threadsafe(loop.stop)
         t.join(timeout)
@@ -596,7 +596,7 @@ class AdaptiveProgress:
             return
         try:
             req.check_error()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the request's own failure, handed to its awaiter
             fut.set_exception(exc)
         else:
             fut.set_result(None)

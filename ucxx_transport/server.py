@@ -271,7 +271,7 @@ class TransportServer:
                 pass
         try:
             fut.result(timeout)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - stop() goes on whatever the loop ended with; it is logged
             if not isinstance(exc, concurrent.futures.CancelledError) and self._error is None:
                 log.warning("server stopped with %r", exc)
             fut.cancel()
@@ -317,7 +317,7 @@ class TransportServer:
                                     self.ring.name, str(exc).splitlines()[0][:120])
                 try:
                     listeners.append(ucxx.create_listener(cb, port))
-                except Exception as exc:
+                except (compat.ucx_errors() + (OSError, RuntimeError)) as exc:  # reported by start()
                     self._error = OSError(f"cannot listen on port {port}: {exc} (in use? pick another with "
                                           f"--ports, or 0 for any free port)")
                     self._ready.set()
