@@ -7,6 +7,10 @@ finalises what it received (ACK; NACK with the undecodable flag for a corrupt
 frame; with ``hold`` a :class:`~clients.held.HeldDelivery` settled later).
 Retrying is the caller's job (:class:`~clients.client.TransportClient`).
 Runs on the client's UCX loop thread.
+
+Why one module past 400 lines: each exchange is a request, its answer's checks and
+its finalisation, and they share the receiving and decoding code; split, the same
+answer checks would be written twice.
 """
 
 from __future__ import annotations

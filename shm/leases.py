@@ -6,6 +6,10 @@ once: a writer publishes or aborts, a lease acks or nacks (a view of its payload
 that is still alive keeps the slot PINNED, see :mod:`shm.views`). The ring
 (:mod:`shm.ring`) hands these out; they reach back into it only for its slot
 table and its mapping.
+
+Why one module past 400 lines: the three holders share one rule (finalise exactly
+once, and never under a live view), and keeping them side by side is how a change
+to that rule reaches all three.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ in place into FREE slots; readers ``claim`` READY payloads, read them as
 zero-copy views and ``ack`` (consume) or ``nack`` (give back) them.  The
 server exposes the same ring over the network through the same state machine
 (:mod:`shm.state`).
+
+Why one module past 400 lines: it is the ring's whole public surface, one class
+(create/attach/close, put and reserve, claim one or a batch, recovery, stats);
+the state machine, the frame format and the leases it hands out live in their
+own modules, so every method here is a short composition of them.
 """
 
 from __future__ import annotations
