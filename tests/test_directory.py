@@ -83,6 +83,15 @@ def test_keep_registered_heartbeats_reregisters_and_watch_sees_changes(tmp_path)
 
 
 # --------------------------------------------------------------- pool budget --
+class _FakeEndpoint:
+    """Stands in for a ucxx endpoint where only the pool's bookkeeping is under test."""
+
+    aborted = False
+
+    def abort(self):
+        self.aborted = True
+
+
 def _pool(retired, **kw):
     kw.setdefault("max_idle", 100)
     return EndpointPool(pool_size=2, endpoint_max_age_s=100, quarantine_s=30, retire=retired.append, **kw)
@@ -93,11 +102,11 @@ def test_pool_caps_idle_endpoints_per_server_and_in_all_lru_first():
     pool = _pool(retired, max_idle=3, max_idle_per_server=2)
     pool.order("a", [1, 2])
     pool.order("b", [3, 4])
-    eps = [PooledEndpoint(object(), h, p) for h, p in [("a", 1), ("a", 2), ("a", 1)]]
+    eps = [PooledEndpoint(_FakeEndpoint(), h, p) for h, p in [("a", 1), ("a", 2), ("a", 1)]]
     for pe in eps:
         pool.checkin(pe)
     assert retired == [eps[0]] and pool.stats["evicted_server_cap"] == 1, "server a over its cap: its LRU goes"
-    b = [PooledEndpoint(object(), "b", 3), PooledEndpoint(object(), "b", 4)]
+    b = [PooledEndpoint(_FakeEndpoint(), "b", 3), PooledEndpoint(_FakeEndpoint(), "b", 4)]
     for pe in b:
         pool.checkin(pe)
     assert pool.idle == 3 and retired[1:] == [eps[1]] and pool.stats["evicted_lru"] == 1, "total cap: global LRU"
@@ -108,17 +117,18 @@ def test_pool_caps_idle_endpoints_per_server_and_in_all_lru_first():
 def test_pool_closes_endpoints_idle_too_long_and_keeps_old_rules(monkeypatch):
     retired = []
     pool = _pool(retired, idle_s=0.2)
-    old = PooledEndpoint(object(), "h", 1)
+    old = PooledEndpoint(_FakeEndpoint(), "h", 1)
     pool.checkin(old)
     time.sleep(0.25)
     assert pool.checkout("h", 2) is None and retired == [old] and pool.stats["evicted_idle"] == 1
     # pool_size per (host, port) still holds, quarantine still drops idle endpoints
-    three = [PooledEndpoint(object(), "h", 1) for _ in range(3)]
+    three = [PooledEndpoint(_FakeEndpoint(), "h", 1) for _ in range(3)]
     for pe in three:
         pool.checkin(pe)
     assert retired[-1] is three[2] and pool.idle == 2
     pool.quarantine("h", 1, "test")
     assert pool.idle == 0 and pool.checkout("h", 1) is None
+    assert [pe.ep.aborted for pe in three[:2]] == [True, True]  # the idle ones were closed, not just forgotten
 
 
 def test_pool_budget_knobs_read_the_environment(monkeypatch):
