@@ -63,7 +63,7 @@ class PooledEndpoint:
     def abort(self) -> None:
         try:
             engine.abort(self.ep)
-        except compat.ucx_errors() as exc:  # an endpoint that already failed may refuse; never fatal
+        except (*compat.ucx_errors(), RuntimeError) as exc:  # an endpoint that already failed may refuse
             log.debug("abort %s:%d: %r", self.host, self.port, exc)
 
 

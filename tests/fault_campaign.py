@@ -113,6 +113,10 @@ def _consume(ring_name: str, workdir: str, client: str, mode: str) -> None:
                         _record(log, client, lease.payload)
                         lease.ack()
                         got = 1
+                elif mode == "batch":  # same-host batches: one anchor for a batch's views, held a while
+                    got = _consume_batch(ring, log, client, _new_refs(workdir, offsets))
+                    if not got:
+                        time.sleep(0.05)
                 else:
                     addr = ring.server_address()
                     deliveries = []
@@ -144,6 +148,38 @@ def _consume(ring_name: str, workdir: str, client: str, mode: str) -> None:
                 if time.monotonic() - idle_since > 2.0:
                     break
     ring.close()
+
+
+def _consume_batch(ring, log, client: str, refs: list) -> int:
+    """Claim the refs' payloads as one batch, record each before acking the batch, then keep
+    a view of one of them a little while (the whole batch stays PINNED) before dropping it."""
+    import random
+
+    import shm
+
+    by_slot: dict = {}
+    for ref in refs[-64:]:
+        by_slot[ref.slot] = ref  # a slot's newest generation: older ones are gone anyway
+    if not by_slot:
+        return 0
+    batch, _ = ring.claim_batch(list(by_slot), [r.generation for r in by_slot.values()])
+    if not len(batch):
+        return 0
+    payloads = batch.payloads()
+    kept = None
+    for k, p in enumerate(payloads):
+        if isinstance(p, shm.FrameError):
+            batch.finalise_item(k, False, undecodable=True)
+        else:
+            _record(log, client, p)
+            kept = p
+    batch.finalise(True)
+    n = sum(not isinstance(p, shm.FrameError) for p in payloads)
+    view = next(iter(kept.values())) if kept is not None and len(kept) else None
+    del payloads, kept
+    time.sleep(random.uniform(0, 0.05))  # a kill now must leave no slot PINNED for good
+    del view
+    return n
 
 
 def _new_refs(workdir: str, offsets: dict) -> list:
@@ -368,7 +404,7 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of fault injection (default 60)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--producers", type=int, default=2)
-    ap.add_argument("--clients", default="take,fetch,local", help="client modes, comma-separated")
+    ap.add_argument("--clients", default="take,fetch,local,batch", help="client modes, comma-separated")
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--fault-every", type=float, nargs=2, default=(0.05, 0.3), metavar=("MIN_S", "MAX_S"))
     a = ap.parse_args(argv)

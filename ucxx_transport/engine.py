@@ -39,33 +39,54 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import ucxx_compat as compat
 
 log = logging.getLogger("ucxx_transport.engine")
 
 #: how long the driver polls a receive abandoned by a cancelled task; after that its
-#: buffer moves to ``_orphaned`` (referenced for the life of the process, never freed)
+#: buffer moves to ``_Engine.orphaned`` (referenced for the life of the process, never freed)
 ABANDONED_KEEP_S = 300.0
 #: how often a connect in progress checks whether its endpoint died (refused)
 REFUSED_POLL_S = 0.005
 PROGRESS_MODES = ("adaptive", "thread", "thread-polling", "polling", "blocking")
 DEFAULT_PROGRESS_MODE = "adaptive"
 
-#: ``ctx``: the ucxx ApplicationContext in use; ``shared``: it was made by the application
-#: before us (we use its progress mode and never reset it); ``loops``: loops whose ucxx
-#: progress entry is ours (removed at teardown)
-_state = {"mode": None, "pid": None, "driver": None, "ctx": None, "shared": False, "loops": []}
-#: the context ucxx.init() made for us (weak): still ours if we find it again after a teardown
-#: that left it to the application
-_created: dict = {"ctx": None}
+@dataclass
+class _Engine:
+    """What this process runs UCX with, in one place (one instance, :data:`_engine`; its
+    fields change under :data:`_lock`, or on the UCX loop for the request lists)."""
+
+    #: progress mode in use (None: not initialised) and the process that initialised it
+    mode: str | None = None
+    pid: int | None = None
+    #: the adaptive progress driver (adaptive mode only)
+    driver: "AdaptiveProgress | None" = None
+    #: the ucxx ApplicationContext in use; ``shared``: the application made it before us (we
+    #: use its progress mode and never reset it); ``loops``: loops whose ucxx progress entry is ours
+    ctx: object = None
+    shared: bool = False
+    loops: list = field(default_factory=list)
+    #: the context ucxx.init() made for us (weak): still ours if found again after a teardown
+    #: that left it to the application
+    created_ctx: object = None
+    #: the shared UCX loop thread (:func:`acquire`) and how many holders it has
+    loop: asyncio.AbstractEventLoop | None = None
+    thread: threading.Thread | None = None
+    refs: int = 0
+    #: (request, keepalive) of requests abandoned outside the adaptive driver, kept until UCX is done
+    abandoned: list = field(default_factory=list)
+    #: keepalives of requests still pending when ucxx could not be reset (never freed: UCX may write there)
+    orphaned: list = field(default_factory=list)
+
+    def update(self, **fields) -> None:
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+_engine = _Engine()
 _lock = threading.RLock()
-_loop_state = {"loop": None, "thread": None, "refs": 0}
-#: (request, keepalive) of requests abandoned outside the adaptive driver, kept until UCX is done
-_abandoned: list = []
-#: keepalives of requests still pending when ucxx could not be reset (never freed: UCX may write there)
-_orphaned: list = []
 
 
 #: UCX settings we start with unless the environment sets them (measured A/B on TCP
@@ -132,40 +153,40 @@ def _ucxx_mode(mode: str) -> str:
 
 
 def _init_locked(mode: str) -> str:
-    if _state["mode"] is not None:
-        if _state["pid"] != os.getpid():
+    if _engine.mode is not None:
+        if _engine.pid != os.getpid():
             raise RuntimeError("ucxx was initialised in a parent process and this one was forked; "
                                "start children with the 'spawn' method")
-        if _state["mode"] != mode and not _state["shared"]:
+        if _engine.mode != mode and not _engine.shared:
             raise RuntimeError(f"ucxx already initialised in this process with progress mode "
-                               f"{_state['mode']!r}, asked for {mode!r}; use one mode per process")
-        return _state["mode"]
+                               f"{_engine.mode!r}, asked for {mode!r}; use one mode per process")
+        return _engine.mode
     ucxx = import_ucxx()
     ProgressTasks = compat.progress_tasks()
 
     existing = compat.current_context()
-    mine = _created["ctx"]() if _created["ctx"] is not None else None
+    mine = _engine.created_ctx() if _engine.created_ctx is not None else None
     if existing is not None and not (existing is mine and existing.progress_mode == _ucxx_mode(mode)):
         # the application initialised ucxx first: ucxx allows one context per process, so share it
         eff = existing.progress_mode
         log.info("ucxx is already initialised in this process (progress mode %r): sharing its context%s",
                  eff, "" if eff == mode else f" and its progress mode instead of {mode!r}")
-        _state.update(mode=eff, pid=os.getpid(), ctx=existing, shared=True, loops=[])
+        _engine.update(mode=eff, pid=os.getpid(), ctx=existing, shared=True, loops=[])
         return eff
     loops = []
     if existing is None:
         ucxx.init(progress_mode=_ucxx_mode(mode))
         existing = compat.current_context()
-        _created["ctx"] = weakref.ref(existing)
+        _engine.created_ctx = weakref.ref(existing)
         loops = list(ProgressTasks)  # ucxx.init() attached progress to the running loop, or a fresh one
-    _state.update(mode=mode, pid=os.getpid(), ctx=existing, shared=False, loops=loops)
+    _engine.update(mode=mode, pid=os.getpid(), ctx=existing, shared=False, loops=loops)
     log.debug("ucxx initialised, progress mode %s", mode)
     return mode
 
 
 def _context():
     """The ucxx context we use (the application's when shared)."""
-    ctx = _state["ctx"]
+    ctx = _engine.ctx
     if ctx is None:
         import_ucxx()
         return compat.get_or_create_context()
@@ -187,7 +208,7 @@ class _SharedThreadProgress:
 
 
 def mode() -> str | None:
-    return _state["mode"]
+    return _engine.mode
 
 
 def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -197,9 +218,9 @@ def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
 
     loop = loop or asyncio.get_running_loop()
     ctx = _context()
-    if loop not in _state["loops"] and loop not in ProgressTasks:
-        _state["loops"].append(loop)
-    if _state["mode"] == "adaptive":
+    if loop not in _engine.loops and loop not in ProgressTasks:
+        _engine.loops.append(loop)
+    if _engine.mode == "adaptive":
         old = ProgressTasks.get(loop)
         if not isinstance(old, AdaptiveProgress):
             if old is not None:  # ucxx.init() attached its polling task to this loop: replace it
@@ -208,8 +229,8 @@ def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
                         t.cancel()
             drv = AdaptiveProgress(ctx.worker, loop)
             ProgressTasks[loop] = drv
-            _state["driver"] = drv
-    elif _state["shared"] and _state["mode"].startswith("thread") and \
+            _engine.driver = drv
+    elif _engine.shared and _engine.mode.startswith("thread") and \
             any(isinstance(t, ThreadMode) for t in ProgressTasks.values()):
         ProgressTasks.setdefault(loop, _SharedThreadProgress(loop))
     else:
@@ -218,13 +239,13 @@ def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
 
 def progress_call_max_s() -> float | None:
     """Longest single UCX progress call seen by the adaptive driver (what bounds loop lag)."""
-    drv = _state["driver"]
+    drv = _engine.driver
     return None if drv is None else drv.max_call_s
 
 
 def kick() -> None:
     """Tell the progress driver an operation was just posted (no-op unless adaptive)."""
-    drv = _state["driver"]
+    drv = _engine.driver
     if drv is not None:
         drv.kick()
 
@@ -237,7 +258,7 @@ async def send(ep, buf):
     non-thread modes re-checks every pending request on every loop iteration,
     which keeps a server with idle connections at 100 % CPU).
     """
-    drv = _state["driver"]
+    drv = _engine.driver
     if drv is None:
         return await ep.send(buf)
     c = compat.names()
@@ -252,7 +273,7 @@ async def send(ep, buf):
 
 async def recv(ep, buf):
     """Receive into ``buf`` on a ucxx Endpoint (see :func:`send`)."""
-    drv = _state["driver"]
+    drv = _engine.driver
     if drv is None:
         return await ep.recv(buf)
     c = compat.names()
@@ -279,7 +300,7 @@ async def _await_request(req, keepalive) -> None:
     """Await UCX request ``req``; ``keepalive`` (the buffers UCX reads or writes)
     stays referenced until UCX is done with it, even if the awaiting task is
     cancelled (a late completion must never land in freed memory)."""
-    drv = _state["driver"]
+    drv = _engine.driver
     if drv is not None:
         await drv.wait(req, keepalive)
         return
@@ -287,12 +308,12 @@ async def _await_request(req, keepalive) -> None:
         await req.wait()
     except BaseException:
         if not req.completed:
-            _abandoned.append((req, keepalive))
+            _engine.abandoned.append((req, keepalive))
         raise
 
 
 def _prune_abandoned() -> None:
-    _abandoned[:] = [x for x in _abandoned if not x[0].completed]
+    _engine.abandoned[:] = [x for x in _engine.abandoned if not x[0].completed]
 
 
 async def connect(host: str, port: int, timeout: float):
@@ -382,7 +403,7 @@ def reset() -> None:
 
 
 def _reset_locked() -> None:
-    if _state["mode"] is None:
+    if _engine.mode is None:
         return
     import gc
 
@@ -390,24 +411,24 @@ def _reset_locked() -> None:
     c = compat.names()
     ProgressTasks, clear_progress_tasks = compat.progress_tasks(), c.clear_progress_tasks
 
-    drv = _state["driver"]
+    drv = _engine.driver
     if drv is not None:
         drv.stop()
     # buffers of requests UCX may still complete: referenced until the worker is gone
     pending = [item.keepalive for item in (drv.pending if drv is not None else ())]
-    pending += [keep for _, keep in _abandoned]
-    _abandoned.clear()
-    others = [lp for lp in ProgressTasks if lp not in _state["loops"] and not lp.is_closed()]
-    if _state["shared"] or others:
+    pending += [keep for _, keep in _engine.abandoned]
+    _engine.abandoned.clear()
+    others = [lp for lp in ProgressTasks if lp not in _engine.loops and not lp.is_closed()]
+    if _engine.shared or others:
         # the application's context (or ours, now progressed by the application's loops too):
         # leave its requests and its progress alone; drop only our loops' progress entries
         ThreadMode = c.ThreadMode
 
-        for lp in _state["loops"]:
+        for lp in _engine.loops:
             if not isinstance(ProgressTasks.get(lp), ThreadMode):  # collecting one stops the progress thread
                 ProgressTasks.pop(lp, None)
-        _orphaned.extend(pending)  # the worker outlives us: so must they
-        log.debug("ucxx context left running: %s", "the application's" if _state["shared"] else
+        _engine.orphaned.extend(pending)  # the worker outlives us: so must they
+        log.debug("ucxx context left running: %s", "the application's" if _engine.shared else
                   f"{len(others)} other event loop(s) use it")
     else:
         try:
@@ -415,17 +436,17 @@ def _reset_locked() -> None:
         except compat.ucx_errors() as exc:  # pragma: no cover
             log.debug("cancel_inflight_requests: %s", exc)
         clear_progress_tasks()
-        _state["ctx"] = None  # ucxx.reset() refuses a context still referenced
+        _engine.ctx = None  # ucxx.reset() refuses a context still referenced
         gc.collect()
         try:
             ucxx.reset()
         except compat.ucx_errors() as exc:
-            _orphaned.extend(pending)  # the worker outlives us: so must they
+            _engine.orphaned.extend(pending)  # the worker outlives us: so must they
             # ucxx has already dropped its context; an object still referencing it
             # (e.g. an endpoint inside a caller-held exception traceback) frees it later.
             log.info("ucxx.reset(): context still referenced, freed when that reference goes (%s)",
                      str(exc).splitlines()[0][:200])
-    _state.update(mode=None, pid=None, driver=None, ctx=None, shared=False, loops=[])
+    _engine.update(mode=None, pid=None, driver=None, ctx=None, shared=False, loops=[])
 
 
 # ------------------------------------------------------------ the UCX loop ---
@@ -435,7 +456,7 @@ def acquire(progress_mode: str | None = None) -> asyncio.AbstractEventLoop:
     shares it. Balance with :func:`release`."""
     mode = resolve_mode(progress_mode)
     with _lock:
-        if _loop_state["refs"] == 0:
+        if _engine.refs == 0:
             loop = asyncio.new_event_loop()
             started = threading.Event()
 
@@ -453,12 +474,12 @@ def acquire(progress_mode: str | None = None) -> asyncio.AbstractEventLoop:
                 loop.call_soon_threadsafe(loop.stop)
                 t.join(5)
                 raise
-            _loop_state.update(loop=loop, thread=t)
-        elif _state["mode"] != mode and not _state["shared"]:
-            raise RuntimeError(f"this process already runs UCX with progress mode {_state['mode']!r}; "
+            _engine.update(loop=loop, thread=t)
+        elif _engine.mode != mode and not _engine.shared:
+            raise RuntimeError(f"this process already runs UCX with progress mode {_engine.mode!r}; "
                                f"asked for {mode!r}: use one mode per process")
-        _loop_state["refs"] += 1
-        return _loop_state["loop"]
+        _engine.refs += 1
+        return _engine.loop
 
 
 async def _init_and_attach(mode: str):
@@ -470,13 +491,13 @@ def release(timeout: float = 5.0) -> None:
     """Drop one reference; the last one cancels every task on the loop, stops
     the progress driver, resets ucxx and joins the loop thread (bounded)."""
     with _lock:
-        if _loop_state["refs"] == 0:
+        if _engine.refs == 0:
             return
-        _loop_state["refs"] -= 1
-        if _loop_state["refs"]:
+        _engine.refs -= 1
+        if _engine.refs:
             return
-        loop, t = _loop_state["loop"], _loop_state["thread"]
-        _loop_state.update(loop=None, thread=None)
+        loop, t = _engine.loop, _engine.thread
+        _engine.update(loop=None, thread=None)
 
         async def _teardown():
             me = asyncio.current_task()
@@ -505,7 +526,7 @@ def run(coro, timeout: float | None = None):
     On ``timeout`` the coroutine is cancelled (nothing keeps running behind the
     caller's back) and ``TimeoutError`` is raised.
     """
-    loop = _loop_state["loop"]
+    loop = _engine.loop
     if loop is None:
         coro.close()
         raise RuntimeError("the UCX loop is not running (engine.acquire() first)")
@@ -618,7 +639,7 @@ class AdaptiveProgress:
                 elif now - item.abandoned_at > ABANDONED_KEEP_S:
                     # never completed nor cancelled: stop polling it, but never free its buffer
                     # (a late completion into freed memory is a SIGSEGV somewhere else)
-                    _orphaned.append(item.keepalive)
+                    _engine.orphaned.append(item.keepalive)
                     continue
             keep.append(item)
         self._pending = keep
