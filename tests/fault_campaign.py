@@ -353,6 +353,7 @@ class Campaign:
                     published[(d["tag"], d["seq"])] = d["crc"]
         delivered = collections.Counter()
         per_client = collections.Counter()
+        by_mode = collections.Counter()  # deliveries per consumer kind (client names are c-<mode>-<n>)
         wrong = 0
         for path in glob.glob(os.path.join(self.workdir, "got-*.log")):
             for line in open(path):
@@ -363,6 +364,7 @@ class Campaign:
                     continue
                 delivered[(d["tag"], d["seq"])] += 1
                 per_client[(d["client"], d["tag"], d["seq"])] += 1
+                by_mode[d["client"].split("-")[1]] += 1
                 wrong += not d["ok"]
         ring.recover()
         left = 0
@@ -383,6 +385,7 @@ class Campaign:
         return {
             "faults": dict(self.faults), "faults_total": sum(self.faults.values()),
             "published": len(published), "delivered": sum(delivered.values()), "left_in_ring": left,
+            "delivered_by_mode": dict(by_mode),
             "redelivered_after_client_kill": sum(n - 1 for n in delivered.values() if n > 1),
             "violations": {
                 "lost": len(set(published) - set(delivered)),
