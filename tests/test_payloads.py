@@ -2,6 +2,7 @@
 torch in and out, nested dicts and lists, ragged sequences, strings, scalars -- and
 views that can never show a recycled slot's bytes."""
 
+import gc
 import json
 import math
 import os
@@ -571,3 +572,30 @@ def test_ml_dtypes_is_imported_only_when_a_payload_needs_it(make_ring, ring_name
                          cwd=helpers.REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["bfloat16", "float8_e5m2", "int64", "0.5"]
+
+
+@pytest.mark.parametrize("how", ["lease", "batch"])
+def test_closing_a_handle_while_views_are_alive_keeps_their_memory_and_slots(make_ring, ring_name, how):
+    """A reader that closes its ring handle (or drops its batch) while arrays it was handed are
+    alive: the mapping stays (no view of unmapped memory), the slots stay PINNED, and they are
+    freed when the last view goes."""
+    ring = make_ring(slots=4)
+    refs = [ring.put({"x": np.arange(512) + i}) for i in range(2)]
+    reader = shm.RingBuffer.attach(ring_name)
+    if how == "lease":
+        lease = reader.claim(refs[0])
+        view = lease.payload["x"]
+        lease.ack()
+        del lease
+    else:
+        batch, _ = reader.claim_batch([r.slot for r in refs], [r.generation for r in refs])
+        view = batch.payloads()[1]["x"]
+        batch.finalise(True)
+        del batch
+    reader.close()
+    gc.collect()
+    assert ring.state_counts()["PINNED"] == (1 if how == "lease" else 2)
+    assert int(view.sum()) == int((np.arange(512) + (0 if how == "lease" else 1)).sum())  # still mapped
+    del view
+    counts = ring.state_counts()
+    assert counts["PINNED"] == 0 and counts["FREE"] == (3 if how == "lease" else 4)  # (the lease left one READY)
