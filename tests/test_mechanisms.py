@@ -496,3 +496,43 @@ def test_batch_ack_with_live_views_pins_the_slot_like_a_single_ack(make_ring):
     del view
     with ring.claim(ref) as again:
         assert again.payload["x"].tolist() == [5] * 8
+
+
+# ----------------------------------------------------- sync calls on the UCX loop --
+@pytest.mark.timeout(60)
+def test_engine_run_returns_raises_and_cancels_on_timeout():
+    """engine.run hands a coroutine to the UCX loop thread and waits: its result, its own
+    exception, or on timeout a TimeoutError with the coroutine cancelled (nothing keeps running
+    behind the caller's back)."""
+    import asyncio
+
+    from ucxx_transport import engine
+
+    engine.acquire()
+    try:
+        async def value():
+            await asyncio.sleep(0)
+            return 42
+
+        async def fails():
+            raise KeyError("inside")
+
+        cancelled = threading.Event()
+
+        async def hangs():
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        assert engine.run(value(), 5) == 42
+        with pytest.raises(KeyError, match="inside"):
+            engine.run(fails(), 5)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            engine.run(hangs(), 0.2)
+        assert time.monotonic() - t0 < 2 and cancelled.wait(5)
+        assert engine.run(value(), 5) == 42  # the loop is fine afterwards
+    finally:
+        engine.release()
