@@ -368,15 +368,21 @@ class TransportClient:
         where = (checked[0].ring, checked[0].ring_id, checked[0].host)
         if any((r.ring, r.ring_id, r.host) != where for r in checked):
             return None
-        ring = self._local.ring_for(checked[0])
+        try:
+            ring = self._local.ring_for(checked[0])
+        except (TransportError, shm.RingError):  # e.g. this host's ring of that name is another ring now
+            return None  # the general path gives each ref that error
         if ring is None:
             return None
         results = [FetchResult(r, None, detached(o)) if isinstance(o, BaseException) else FetchResult(r, o)
                    for r, o in zip(checked, self._local.fetch_many(ring, checked))]
         retry = [i for i, r in enumerate(results) if r.error is not None and getattr(r.error, "retryable", False)]
         if retry and self.max_rounds > 1:
-            again = self._run(self._fetch_many, [checked[i] for i in retry], fields, 1,
-                              budget=self._batch_budget([checked[i] for i in retry]))
+            try:
+                again = self._run(self._fetch_many, [checked[i] for i in retry], fields, 1,
+                                  budget=self._batch_budget([checked[i] for i in retry]))
+            except (TransportError, TimeoutError) as exc:  # the retried refs fail; the rest are delivered
+                again = [FetchResult(checked[i], None, detached(exc)) for i in retry]
             for i, r in zip(retry, again):
                 results[i] = r
         if fields is not None:

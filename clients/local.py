@@ -168,9 +168,16 @@ class LocalReader:
             for j, result in zip(claimed, results):
                 out[j] = result
             del results
-            if ok:  # keys the caller had not seen: the claim of a slot at a generation happens once
-                self._ledger.remember_batch([keys[claimed[k]] for k in ok], "local_fetches",
-                                            batch.nbytes[list(ok)].tolist(), (time.perf_counter() - t0) / len(ok))
+            if ok:
+                fresh = self._ledger.remember_batch([keys[claimed[k]] for k in ok], "local_fetches",
+                                                    batch.nbytes[list(ok)].tolist(),
+                                                    (time.perf_counter() - t0) / len(ok))
+                for k, new in zip(ok, fresh):
+                    if not new:  # delivered meanwhile by another path (a replay after a crash): acked, dropped
+                        j = claimed[k]
+                        out[j].release()
+                        out[j] = AlreadyDeliveredError(f"{keys[j]} was already delivered to this client "
+                                                       f"(ACKed again, dropped)")
         if len(claimed) < n:
             for j in [j for j, o in enumerate(out) if o is _ALONE]:
                 try:

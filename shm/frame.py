@@ -568,14 +568,22 @@ def decode_many(u8: np.ndarray, starts, lengths) -> list:
     starts = np.asarray(starts, np.int64)
     lengths = np.asarray(lengths, np.int64)
     out: list = [None] * len(starts)
-    inside = (lengths >= FRAME_HEADER.size) & (starts >= 0) & (starts + lengths <= len(u8))
+    inside = (lengths >= FRAME_HEADER.size) & (lengths <= len(u8)) & (starts >= 0) & (starts <= len(u8) - lengths)
     group = _batch_group(u8, starts, lengths, np.flatnonzero(inside))
     if group is not None:
-        _views_of_group(u8, starts, group, out)
+        try:
+            _views_of_group(u8, starts, group, out)
+        except _UNDECODABLE:  # a frame the checks let through fails to view: each one alone says which
+            out = [None] * len(starts)
     for i in range(len(out)):
         if out[i] is None:
             out[i] = _decode_one(u8, int(starts[i]), int(lengths[i]))
     return out
+
+
+#: what decoding a damaged frame may raise besides FrameError (a shape numpy cannot make, a
+#: JSON tree nested too deep): for a batch, that frame's result, never the whole batch's failure
+_UNDECODABLE = (FrameError, ValueError, OverflowError, RecursionError, IndexError)
 
 
 def _decode_one(u8: np.ndarray, start: int, length: int):
@@ -585,9 +593,24 @@ def _decode_one(u8: np.ndarray, start: int, length: int):
     frame = u8[start:start + length]
     try:
         return payload_from(parse_index(frame), frame)
-    except FrameError as exc:
-        exc.__traceback__ = None
-        return exc
+    except _UNDECODABLE as exc:
+        err = exc if isinstance(exc, FrameError) else FrameError(f"corrupt payload frame: {type(exc).__name__}: {exc}")
+        return _without_tracebacks(err)
+
+
+def _without_tracebacks(exc: BaseException) -> BaseException:
+    """``exc`` and the errors it chains without tracebacks: they hold the frames that viewed
+    the buffer, and a view kept alive that way would keep the batch's memory."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += (e.__cause__, e.__context__)
+    exc.__context__ = exc.__cause__ = None
+    return exc
 
 
 def _batch_group(u8, starts, lengths, cand):

@@ -468,6 +468,7 @@ class RingBuffer:
 
     def _batch_slots(self, slots) -> np.ndarray:
         self._check_open()
+        self._table.apply_pending()  # late finalisations queued by view callbacks, like every ring call
         slots = np.asarray(slots, np.int64)
         if len(slots) and (slots.min() < 0 or slots.max() >= self._slots):
             raise ValueError(f"slot out of range for ring {self._name!r} ({self._slots} slots)")

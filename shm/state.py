@@ -535,8 +535,9 @@ class SlotTable:
 
     def finalise_soon_many(self, slots, leases, acks) -> None:
         """:meth:`finalise_soon` for many slots (the last view of a batch that shares one
-        anchor is gone): one lock syscall for the batch when its range is free, else each
-        is queued for the next call. Same rules: never blocks, safe in a callback."""
+        anchor is gone): one lock syscall for the batch when its range is free, else slot by
+        slot (each queued for the next call if its own lock is busy). Same rules: never
+        blocks, safe in a callback."""
         slots = np.asarray(slots, np.int64)
         if not len(slots):
             return
@@ -548,28 +549,32 @@ class SlotTable:
             try:
                 fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK,
                             _sync.flock_bytes(fcntl.F_WRLCK, LOCK_SLOT_BASE + lo, hi - lo + 1))
-            except OSError:  # a slot of the range is busy: one by one, later
-                self._soon.extend(zip(slots.tolist(), np.asarray(leases).tolist(),
-                                      np.asarray(acks, bool).tolist()))
-                return
-            try:
-                st = self.state[slots]
-                valid = (self.lease[slots] == np.asarray(leases, np.uint64)) & ((st == PINNED) | (st == READING))
-                ack = np.asarray(acks, bool)
-                freed = valid & ((st == PINNED) | ack)
-                self.ctrl["consumed"][slots[valid & (st == READING) & ack]] += 1
-                self.state[slots[freed]] = FREE
-                self.state[slots[valid & ~freed]] = READY
-                released = slots[valid]
-                self.owner[released] = 0
-                for start, n in _sync.runs(np.sort(released).tolist()):
-                    _sync.lock_release(self._fd, LOCK_OWNER_BASE + start, n)
-                self._owned.holder[released] = 0
-            finally:
-                fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK,
-                            _sync.flock_bytes(fcntl.F_UNLCK, LOCK_SLOT_BASE + lo, hi - lo + 1))
+            except OSError:  # a slot of the range is busy (someone else's transition): slot by slot, below
+                busy = True
+            else:
+                busy = False
+                try:
+                    st = self.state[slots]
+                    valid = (self.lease[slots] == np.asarray(leases, np.uint64)) & ((st == PINNED) | (st == READING))
+                    ack = np.asarray(acks, bool)
+                    freed = valid & ((st == PINNED) | ack)
+                    self.ctrl["consumed"][slots[valid & (st == READING) & ack]] += 1
+                    self.state[slots[freed]] = FREE
+                    self.state[slots[valid & ~freed]] = READY
+                    released = slots[valid]
+                    self.owner[released] = 0
+                    for start, n in _sync.runs(np.sort(released).tolist()):
+                        _sync.lock_release(self._fd, LOCK_OWNER_BASE + start, n)
+                    self._owned.holder[released] = 0
+                finally:
+                    fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK,
+                                _sync.flock_bytes(fcntl.F_UNLCK, LOCK_SLOT_BASE + lo, hi - lo + 1))
         finally:
             self._tlock.release()
+        if busy:
+            for slot, lease, ack in zip(slots.tolist(), np.asarray(leases).tolist(), np.asarray(acks, bool).tolist()):
+                self.finalise_soon(slot, lease, ack)  # now if its own lock is free, else queued
+            return
         if freed.any():
             self.signal_free()
         if (valid & ~freed).any():

@@ -594,3 +594,39 @@ def test_a_ref_without_an_address_never_maps_a_ring_on_the_ucx_loop(make_ring, r
         assert int(c.fetch(bare[0])["x"][0]) == 0
         assert [int(r.payload["x"][0]) for r in c.fetch_many(bare[1:])] == [1, 2]
     assert attached_on and "ucxx-transport-loop" not in attached_on, attached_on
+
+
+def test_same_host_batch_of_a_recreated_ring_gives_each_ref_its_error(make_ring, ring_name):
+    """fetch_many never raises for one ref's sake: refs of a ring that was removed and
+    re-created under the same name are each STALE, not an exception out of the batch."""
+    ring = make_ring(slots=4)
+    ring.set_server_address("127.0.0.1", [9])  # refs name this host: the ring here is the one they mean
+    refs = [ring.put({"x": np.arange(4)}) for _ in range(2)]
+    assert refs[0].host == "127.0.0.1"
+    ring.close()
+    shm.RingBuffer.unlink_name(ring_name)
+    again = make_ring(slots=4)
+    again.put({"x": np.arange(4)})
+    with TransportClient(timeout=2.0, max_rounds=1) as c:
+        res = c.fetch_many(refs)
+    assert [type(r.error).__name__ for r in res] == ["StaleSlotError", "StaleSlotError"]
+    assert again.ready_count() == 1  # the new ring's payload is untouched
+
+
+def test_a_frame_numpy_cannot_view_fails_alone_and_strands_no_slot(make_ring):
+    """A damaged frame can pass every check and still not be viewable (a zero-size field whose
+    other dimension is beyond numpy's limit): in a same-host batch that item is corrupt, the
+    others are delivered, and no slot is left READING."""
+    ring = make_ring(slots=4)
+    good = ring.put({"x": np.arange(4)})
+    bad = ring.put({"e": np.zeros((0, 3), np.float32)})
+    frame = ring.slot_array(bad.slot, bad.nbytes)
+    table_off = int.from_bytes(frame[24:32].tobytes(), "little")
+    frame[table_off + 32:table_off + 40] = np.frombuffer((1 << 63).to_bytes(8, "little"), np.uint8)  # shape[1]
+    with TransportClient(timeout=2.0, max_rounds=1) as c:
+        res = c.fetch_many([good, bad])
+        assert res[0].ok and res[0].payload["x"].tolist() == [0, 1, 2, 3]
+        assert type(res[1].error).__name__ == "CorruptPayloadError"
+        del res
+    counts = ring.state_counts()
+    assert counts["READING"] == 0 and counts["PINNED"] == 0, counts

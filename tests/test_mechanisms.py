@@ -536,3 +536,60 @@ def test_engine_run_returns_raises_and_cancels_on_timeout():
         assert engine.run(value(), 5) == 42  # the loop is fine afterwards
     finally:
         engine.release()
+
+
+@pytest.mark.timeout(60)
+def test_engine_run_reports_a_cancelled_call_as_an_exception_and_a_negative_timeout_as_one():
+    import asyncio
+    import concurrent.futures
+
+    from ucxx_transport import engine
+
+    engine.acquire()
+    try:
+        async def cancelled_on_the_loop():
+            asyncio.current_task().cancel()
+            await asyncio.sleep(0)
+
+        async def slow():
+            await asyncio.sleep(30)
+
+        with pytest.raises(concurrent.futures.CancelledError):
+            engine.run(cancelled_on_the_loop(), 5)
+        with pytest.raises(TimeoutError):
+            engine.run(slow(), -1)
+    finally:
+        engine.release()
+
+
+def test_a_decode_error_kept_by_the_caller_holds_no_view_of_the_batch():
+    import gc
+
+    from shm.frame import decode_many, encode_into
+    from shm.views import anchored
+
+    buf = bytearray(8192)
+    n = encode_into(memoryview(buf)[:4096], {"x": np.arange(4)}, {"k": 1})
+    meta_at = n - 7
+    buf[meta_at] = ord("#")  # the metadata is no longer JSON: decoded alone, with a FrameError
+    gone = []
+    u8, watch = anchored(buf, readonly=True, on_gone=lambda: gone.append(True))
+    (err,) = decode_many(u8, [0], [n])
+    assert isinstance(err, shm.FrameError)
+    del u8
+    gc.collect()
+    assert gone and watch() is None, "the error's chained traceback keeps the buffer's views alive"
+    assert isinstance(err, shm.FrameError)
+
+
+def test_late_finalisations_queued_by_a_batch_are_applied_by_the_next_batch_claim(make_ring):
+    ring = make_ring(slots=4)
+    refs = [ring.put({"x": np.arange(4)}) for _ in range(2)]
+    batch, _ = ring.claim_batch([r.slot for r in refs], [r.generation for r in refs])
+    views = [p["x"] for p in batch.payloads()]
+    assert batch.finalise(True)
+    with ring._table._tlock:  # a ring call in progress when the collector frees the views
+        del views
+    assert len(ring._table._soon) == 2
+    ring.claim_batch([], [])  # a batch-only reader: its next call applies them
+    assert not ring._table._soon and (ring._table.state == shm.SlotState.FREE).all()
