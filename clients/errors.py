@@ -26,6 +26,7 @@ import errno
 import socket
 
 import shm
+from shm.errors import without_tracebacks
 from ucxx_transport.protocol import ProtocolError, Status
 
 
@@ -146,16 +147,5 @@ def classify(exc: BaseException, where: str) -> TransportError:
     return err
 
 
-def detached(exc: BaseException) -> BaseException:
-    """``exc`` with no traceback, nor any on the errors it chains (cause, context): an
-    error kept as a batch's result must not keep alive the frames it passed through,
-    nor the payload views those frames hold (a batch's views share their slots)."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        e.__traceback__ = None
-        todo += (e.__cause__, e.__context__)
-    return exc
+#: an error kept as a batch's result, freed of the frames it passed through (shm's helper)
+detached = without_tracebacks

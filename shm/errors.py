@@ -88,3 +88,18 @@ class PayloadReleasedError(RingError, RuntimeError):
     """A payload was used after :meth:`~shm.Payload.release`. Views taken from it
     before the release stay valid (they keep its memory); the payload object
     itself hands out nothing more."""
+
+
+def without_tracebacks(exc: BaseException) -> BaseException:
+    """``exc`` with no traceback, nor any on the errors it chains (cause, context): an error
+    kept as a result must not keep alive the frames it passed through, nor the payload views
+    those frames hold (a batch's views share their memory)."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += (e.__cause__, e.__context__)
+    return exc

@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import dtypes, tree
-from .errors import FrameError, PayloadTooLargeError
+from .errors import FrameError, PayloadTooLargeError, without_tracebacks
 from .payload import Payload
 from .views import anchored
 
@@ -595,22 +595,7 @@ def _decode_one(u8: np.ndarray, start: int, length: int):
         return payload_from(parse_index(frame), frame)
     except _UNDECODABLE as exc:
         err = exc if isinstance(exc, FrameError) else FrameError(f"corrupt payload frame: {type(exc).__name__}: {exc}")
-        return _without_tracebacks(err)
-
-
-def _without_tracebacks(exc: BaseException) -> BaseException:
-    """``exc`` and the errors it chains without tracebacks: they hold the frames that viewed
-    the buffer, and a view kept alive that way would keep the batch's memory."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        e.__traceback__ = None
-        todo += (e.__cause__, e.__context__)
-    exc.__context__ = exc.__cause__ = None
-    return exc
+        return without_tracebacks(err)
 
 
 def _batch_group(u8, starts, lengths, cand):
