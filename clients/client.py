@@ -739,7 +739,8 @@ class TransportClient:
         got = await self._retrying(lambda: self._net.call(
             host, ports, lambda h, p: self._exchanges.takev_once(h, p, n, wait, hold, fields_blob), f"TAKE {n}"))
         self._ledger.count("takes")
-        self._ledger.count("bytes", sum(p.nbytes for p in (got.payloads if hold else got)))
+        if hold:  # a take's delivered bytes are counted where its payloads are recorded
+            self._ledger.count("bytes", sum(p.nbytes for p in got.payloads))
         return got
 
     async def _server_stats(self, host: str, ports) -> dict:

@@ -30,6 +30,7 @@ from ucxx_transport.protocol import (
     FLAG_FIELDS,
     FLAG_HOLD,
     FLAG_ONE_MESSAGE,
+    FLAG_PAYLOADS_INLINE,
     FLAG_UNDECODABLE,
     FLAG_VERDICTS,
     MAX_HOLD_S,
@@ -78,6 +79,8 @@ class Exchanges:
         self.max_nbytes = max_nbytes
         self.timeout = timeout
         self.min_rate = min_rate
+        #: the largest payload lately taken (sizes a TAKEV's one-message buffer; decays by 1/8 a take)
+        self._take_item_bytes = 64 << 10
 
     def transfer_s(self, nbytes: int) -> float:
         """Extra deadline for moving ``nbytes`` over the slowest expected link."""
@@ -350,49 +353,89 @@ class Exchanges:
         pe.unconfirmed_ack = True
 
     async def takev_once(self, host: str, port: int, n: int, wait: float, hold: float = 0, fields_blob=None):
-        """TAKEV from one port: the next READY payloads (or, with ``hold``, a HeldDelivery)."""
+        """TAKEV from one port: the next READY payloads (or, with ``hold``, a HeldDelivery).
+        On the host, whole payloads: the answer is asked for as one message into one
+        pooled buffer sized from recent payload sizes (the server falls back to the
+        usual batch answer when it does not fit)."""
         where = f"TAKE {n} from {host}:{port}"
+        inline = self.device == "cpu" and not fields_blob
+        cap = self.take_capacity(n) if inline else 0
 
         async def body(pe):
             rid = self._net.next_id()
             req = encode_request(Request(Op.TAKEV, rid, n=n, wait_ms=int(wait * 1000), max_nbytes=self.max_nbytes,
-                                         flags=(FLAG_HOLD if hold else 0) | (FLAG_FIELDS if fields_blob else 0),
-                                         hold_s=hold_seconds(hold), slot=len(fields_blob or b"")))
-            await engine.send(pe.ep, req + fields_blob if fields_blob else req)
-            resp, table = await self.recv_batch_head(pe, rid, n, where)
-            entries = None if table is None else list(zip(
-                table["status"].tolist(), table["slot"].tolist(), table["generation"].tolist(), table["nbytes"].tolist()))
-            if entries is None:
+                                         flags=(FLAG_HOLD if hold else 0) | (FLAG_FIELDS if fields_blob else 0)
+                                         | (FLAG_ONE_MESSAGE if inline else 0),
+                                         hold_s=hold_seconds(hold), slot=len(fields_blob or b""), generation=cap))
+            req = req + fields_blob if fields_blob else req
+            base = None
+            if inline:  # post the receive first: the answer may be one message of up to cap bytes
+                base = self._buffers.get(cap)
+                msg = base[:cap]
+                msg[:RESPONSE.size] = 0
+                recv = asyncio.ensure_future(engine.recv(pe.ep, msg))
+                try:
+                    await engine.send(pe.ep, req)
+                    await recv
+                except BaseException:
+                    recv.cancel()  # the buffer stays out of the pool: UCX may still write into it
+                    raise
+                pe.unconfirmed_ack = False
+                resp, table = self.parse_batch_head(msg, rid, n)
+                if table is None or not resp.flags & FLAG_PAYLOADS_INLINE:
+                    self._buffers.put(base)
+                    base = None
+            else:
+                await engine.send(pe.ep, req)
+                resp, table = await self.recv_batch_head(pe, rid, n, where)
+            if table is None:
                 if resp.status == Status.EMPTY:
                     return (HeldDelivery(self._ledger, self._net, None, rid, [], 0) if hold else []), True
                 raise Answered(status_error(resp.status, resp.message, where))
+            count = len(table)
+            sizes = table["nbytes"].tolist()
+            bad = table["status"] != Status.OK
+            if self.max_nbytes:
+                bad |= table["nbytes"] > self.max_nbytes
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ProtocolError(f"{where}: item {i} status {int(table['status'][i])}, {sizes[i]} bytes "
+                                    f"(max_nbytes={self.max_nbytes})")
+            self._take_item_bytes = max(max(sizes), self._take_item_bytes * 7 // 8)
+            if base is not None:
+                offsets, size = one_message_layout(count, sizes)
+                if size > cap:
+                    raise ProtocolError(f"{where}: a one-message answer of {size} bytes for a {cap}-byte buffer")
+                if size * 4 <= len(base):  # a few payloads in a big buffer: move them, hold only what they need
+                    small = self._buffers.get(size)
+                    small[:size] = base[:size]
+                    self._buffers.put(base)
+                    base = small
+                got = self.decode_shared(base, base[:size], [(i, offsets[i], sizes[i]) for i in range(count)], where)
+            else:
+                got = await self.recv_planned(pe, list(enumerate(sizes)), where)
             rid_hex = ring_id_hex(resp.ring_id)
-            for st, _, _, nbytes in entries:
-                if st != Status.OK or (self.max_nbytes and nbytes > self.max_nbytes):
-                    raise ProtocolError(f"{where}: item status {st}, {nbytes} bytes (max_nbytes={self.max_nbytes})")
-            got = await self.recv_planned(pe, [(i, e[3]) for i, e in enumerate(entries)], where)
-            keys = [(rid_hex, e[1], e[2]) for e in entries]
+            keys = [(rid_hex, s, g) for s, g in zip(table["slot"].tolist(), table["generation"].tolist())]
             corrupt = [i for i, p in got.items() if isinstance(p, BaseException)]
             if hold:
                 if corrupt:
-                    e = entries[corrupt[0]]
-                    await engine.send(pe.ep, encode_request(Request(Op.NACK, rid, e[1], e[2],
+                    i = corrupt[0]
+                    await engine.send(pe.ep, encode_request(Request(Op.NACK, rid, keys[i][1], keys[i][2],
                                                                     flags=FLAG_UNDECODABLE)))
                     for p in got.values():
                         if not isinstance(p, BaseException):
                             p.release()
                     raise Answered(CorruptPayloadError(f"{where}: corrupt payload (batch NACKed)"))
-                return HeldDelivery(self._ledger, self._net, pe, rid, [(keys[i], got[i]) for i in range(len(entries))], hold), HELD
-            await self.ack_batch(pe, rid, len(entries), got)
+                return HeldDelivery(self._ledger, self._net, pe, rid, [(keys[i], got[i]) for i in range(count)], hold), HELD
+            await self.ack_batch(pe, rid, count, got)
+            delivered = [i for i in range(count) if not isinstance(got[i], BaseException)]
+            fresh = self._ledger.remember_batch([keys[i] for i in delivered], None, [sizes[i] for i in delivered])
             kept = []
-            for i in range(len(entries)):
-                p = got[i]
-                if isinstance(p, BaseException):
-                    continue
-                if self._ledger.remember(keys[i]):
-                    kept.append(p)
+            for i, new in zip(delivered, fresh):
+                if new:
+                    kept.append(got[i])
                 else:
-                    p.release()
+                    got[i].release()
             if corrupt and not kept:
                 raise Answered(CorruptPayloadError(f"{where}: {len(corrupt)} corrupt payload(s) (NACKed)"))
             return kept, True
@@ -401,6 +444,14 @@ class Exchanges:
             return await self._net.with_endpoint(host, port, self.timeout + wait, body, where)
         except Answered as a:
             raise a.error from None
+
+    def take_capacity(self, n: int) -> int:
+        """The receive buffer a one-message TAKEV of ``n`` asks for: room for ``n`` payloads
+        a quarter larger than the largest lately taken (at most ONE_MESSAGE_MAX bytes)."""
+        item = self._take_item_bytes + self._take_item_bytes // 4
+        if self.max_nbytes:
+            item = min(item, self.max_nbytes)
+        return min(one_message_layout(n, [item] * n)[1], ONE_MESSAGE_MAX)
 
     async def stats_once(self, h: str, p: int) -> dict:
         """The STATS answer of the server at ``h:p`` (a JSON object)."""

@@ -39,10 +39,10 @@ class Ledger:
                 self._delivered.popitem(last=False)
             return True
 
-    def remember_batch(self, keys: list, counter: str, sizes: list, seconds_each: float | None = None) -> list:
+    def remember_batch(self, keys: list, counter: str | None, sizes: list, seconds_each: float | None = None) -> list:
         """Record a batch of deliveries under one lock: per key True if it is new (counted
-        in ``counter`` and ``bytes`` with its size, plus a latency sample of ``seconds_each``
-        when given), False if it was delivered before (a duplicate, counted as such)."""
+        in ``counter``, when given, and in ``bytes`` with its size, plus a latency sample of
+        ``seconds_each`` when given), False if it was delivered before (a duplicate, counted as such)."""
         fresh = []
         with self._lock:
             d = self._delivered
@@ -57,7 +57,8 @@ class Ledger:
             for _ in range(len(d) - self._window):
                 d.popitem(last=False)
             n_new = sum(fresh)
-            self._counts[counter] += n_new
+            if counter is not None:
+                self._counts[counter] += n_new
             self._counts["bytes"] += nbytes
             if len(keys) > n_new:
                 self._counts["duplicates_dropped"] += len(keys) - n_new

@@ -158,6 +158,42 @@ def test_fetch_many_200_with_stale(make_ring, ring_name, serve):
     assert helpers.wait_until(lambda: helpers.all_free(ring)), ring.state_counts()  # ACKs are fire-and-forget
 
 
+def test_take_outgrowing_its_one_message_buffer_falls_back_then_adapts(make_ring, ring_name, serve, monkeypatch):
+    from clients.exchanges import Exchanges
+
+    ring = make_ring(slots=8, slot_bytes=1 << 20)
+    srv = serve(ring_name)
+    formats = []
+    planned = Exchanges.recv_planned
+
+    async def recv_planned(self, *args):  # the usual batch answer's payload messages
+        formats.append("batch")
+        return await planned(self, *args)
+
+    monkeypatch.setattr(Exchanges, "recv_planned", recv_planned)
+    address = (srv.host, srv.ports)
+    with TransportClient(local_fast_path=False) as c:
+        big = [ring.put({"x": np.full(300_000, i, np.uint8)}) for i in range(3)]  # 3 x 300 KB: past the first guess
+        got = c.take(address, n=3, wait=5)
+        assert [int(p["x"][0]) for p in got] == [0, 1, 2] and formats == ["batch"]
+        assert all(p.nbytes == r.nbytes for p, r in zip(got, big))
+        del got
+        for i in range(3):
+            ring.put({"x": np.full(300_000, 10 + i, np.uint8)})
+        got = c.take(address, n=3, wait=5)  # sized from what came before: one message now
+        assert [int(p["x"][-1]) for p in got] == [10, 11, 12] and formats == ["batch"]
+        del got
+        ring.put({"x": np.arange(50, dtype=np.int32)})
+        (small,) = c.take(address, n=8, wait=5)  # one small payload in a buffer sized for 8 big ones
+        np.testing.assert_array_equal(small["x"], np.arange(50))
+        assert formats == ["batch"]
+        held = small["x"]
+        while isinstance(held, memoryview) or held.base is not None:  # down to the memory the view keeps
+            held = held.obj if isinstance(held, memoryview) else held.base
+        assert held.nbytes < 64 << 10, f"a 1-payload answer holds a {held.nbytes}-byte buffer"
+    assert helpers.wait_until(lambda: helpers.all_free(ring)), ring.state_counts()
+
+
 def test_take_two_consumer_processes_exactly_once(make_ring, ring_name, serve, spawn):
     ring = make_ring(slots=16, slot_bytes=1 << 17)
     srv = serve(ring_name)

@@ -323,6 +323,40 @@ def test_get_one_message_header_in_slot_headroom(make_ring, ring_name, serve):
     assert ring.state_counts()["FREE"] == 2
 
 
+def test_takev_one_message_when_the_answer_fits_the_clients_buffer(make_ring, ring_name, serve):
+    from ucxx_transport.protocol import (FLAG_ONE_MESSAGE, FLAG_PAYLOADS_INLINE, RESPONSE, batch_table_size,
+                                         decode_response, message_size, one_message_layout, plan_batch,
+                                         read_batch_array)
+
+    ring = make_ring(slots=8)
+    srv = serve(ring_name)
+    refs = [ring.put({"x": np.full(100 + 30 * i, i, np.int64)}) for i in range(3)]
+    sizes = [r.nbytes for r in refs]
+    offsets, size = one_message_layout(3, sizes)
+    head = RESPONSE.size + batch_table_size(3)
+    with RawConn("127.0.0.1", srv.ports[0]) as c:
+        # a buffer one byte short: the usual batch answer (header + table, then the payloads)
+        c.send(Request(Op.TAKEV, 1, n=3, flags=FLAG_ONE_MESSAGE, generation=size - 1))
+        msg = c.recv_bytes(head)
+        r = decode_response(msg[:RESPONSE.size])
+        assert r.status == Status.OK and r.count == 3 and not r.flags & FLAG_PAYLOADS_INLINE
+        assert read_batch_array(msg, 3, RESPONSE.size)["nbytes"].tolist() == sizes
+        (plan,) = plan_batch(list(enumerate(sizes)))
+        body = c.recv_bytes(message_size(plan, dict(enumerate(sizes))))
+        assert [int(decode(body[off:off + sizes[i]])["x"][0]) for i, off in plan] == [0, 1, 2]
+        c.send(Request(Op.NACK, 1))  # all three back to READY
+        # room enough: header, table and the three payloads are one message of exactly that size
+        c.send(Request(Op.TAKEV, 2, n=3, flags=FLAG_ONE_MESSAGE, generation=size))
+        msg = c.recv_bytes(size)
+        r = decode_response(msg[:RESPONSE.size])
+        assert r.status == Status.OK and r.count == 3 and r.flags & FLAG_PAYLOADS_INLINE
+        for i, off in enumerate(offsets):
+            np.testing.assert_array_equal(decode(msg[off:off + sizes[i]])["x"], np.full(100 + 30 * i, i))
+        c.send(Request(Op.ACK, 2))
+        assert c.request(Request(Op.PING, 3)).status == Status.OK
+    assert ring.state_counts()["FREE"] == 8
+
+
 def test_idle_server_uses_no_cpu(make_ring, ring_name, serve):
     import psutil
 

@@ -41,8 +41,13 @@ MAX_TAKE = 256
 FLAG_MORE = 0x1
 #: GET request flag: send the response header and the payload as ONE message of
 #: RESPONSE.size + max_nbytes bytes (max_nbytes = the ref's exact nbytes); an
-#: error answer is the header alone
+#: error answer is the header alone. GETV: the whole batch answer is one message
+#: (one_message_layout). TAKEV: the client's receive buffer holds ``generation``
+#: bytes; the answer is one message when it fits (the response says so with
+#: FLAG_PAYLOADS_INLINE), else the usual batch answer
 FLAG_ONE_MESSAGE = 0x1
+#: response flag (TAKEV): the payloads are in this same message, at one_message_layout's offsets
+FLAG_PAYLOADS_INLINE = 0x2
 #: NACK request flag: the payloads could not be decoded (counted towards dead-lettering)
 FLAG_UNDECODABLE = 0x2
 #: GET/TAKE request flag: the client will hold the payloads up to ``hold_s`` seconds

@@ -55,6 +55,7 @@ from .metrics import ServerMetrics
 from .protocol import (
     FLAG_MORE,
     FLAG_ONE_MESSAGE,
+    FLAG_PAYLOADS_INLINE,
     RESPONSE,
     MAX_TAKE,
     REQUEST,
@@ -676,7 +677,11 @@ class TransportServer:
                 log.warning("batch projection skipped, a frame does not parse (%s): payloads sent whole", exc)
                 indexes = None
         total = int(table["nbytes"][ok].sum())
-        one = req.op == Op.GETV and req.flags & FLAG_ONE_MESSAGE
+        # TAKEV with FLAG_ONE_MESSAGE: inline when the whole answer fits the client's buffer
+        inline = bool(req.op == Op.TAKEV and req.flags & FLAG_ONE_MESSAGE and fields is None
+                      and one_message_layout(n, table["nbytes"].tolist())[1] <= min(req.generation,
+                                                                                     ONE_MESSAGE_MAX))
+        one = inline or bool(req.op == Op.GETV and req.flags & FLAG_ONE_MESSAGE)
         staged = []  # pooled staging buffers: back to the pool once their send completed
         if one:  # header, table and every payload in one message
             offsets, size = one_message_layout(n, table["nbytes"].tolist())
@@ -685,8 +690,8 @@ class TransportServer:
             batch.copy_frames(msg, [offsets[i] for i in ok.tolist()]) if held else None
         else:
             msg = np.empty(RESPONSE.size + batch_table_size(n), np.uint8)
-        encode_response(Response(Status.OK, req.request_id, nbytes=total, count=n, ring_id=self._ring_id),
-                        msg[:RESPONSE.size].data.cast("B"))
+        encode_response(Response(Status.OK, req.request_id, nbytes=total, count=n, ring_id=self._ring_id,
+                                 flags=FLAG_PAYLOADS_INLINE if inline else 0), msg[:RESPONSE.size].data.cast("B"))
         write_batch_array(table, msg, RESPONSE.size)
         t0 = time.monotonic()
         hold = min(req.hold_s, MAX_HOLD_S) if req.flags & FLAG_HOLD else 0

@@ -9,6 +9,11 @@ of ``create_endpoint`` (whose own version frees a buffer UCX may still write to)
 These names moved between ucxx releases before, so they are looked up here only,
 after ``ucxx`` itself was imported (by :func:`ucxx_transport.engine.import_ucxx`),
 and a ucxx outside :data:`TESTED` logs one warning naming the version.
+
+One behaviour is relied on as well: a tag receive into a buffer larger than the
+message completes with the shorter message (UCX's own rule; ucxx 0.52 does not check
+the length). A one-message TAKEV answer arrives that way; tests/test_client.py and
+tests/test_server.py fail if a release starts refusing it.
 """
 
 from __future__ import annotations
