@@ -63,7 +63,9 @@ _TORCH_TO_ML = {
 _SAME_WIDTH_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 #: torch dtype -> (torch int dtype of the same width, ml_dtypes dtype), or () for torch's own numpy types
 _TORCH_VIA: dict = {}
-_quiet_readonly = False
+#: numpy dtype -> (numpy dtype viewed as for torch.from_numpy, torch dtype of the tensor's view); see to_torch
+_NUMPY_TO_TORCH: dict = {}
+_from_numpy = None  # torch.from_numpy, once torch is loaded and its read-only warning silenced
 
 
 def is_supported(dtype: np.dtype) -> bool:
@@ -123,9 +125,10 @@ def torch_as_numpy(t) -> np.ndarray:
 
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_cpu:
+        t = t.detach().cpu()
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
     via = _TORCH_VIA.get(t.dtype)
@@ -146,31 +149,45 @@ def torch_as_numpy(t) -> np.ndarray:
         raise TypeError(f"torch dtype {t.dtype} cannot be stored in a payload: {exc}") from None
 
 
+def _torch_view_of(dtype: np.dtype) -> tuple:
+    """How a numpy array of ``dtype`` becomes a torch tensor: (the numpy dtype to view
+    it as for ``torch.from_numpy``, the torch dtype to view the tensor as), or (None,
+    None) for numpy's own types; cached per dtype."""
+    spec = _NUMPY_TO_TORCH.get(dtype)
+    if spec is None:
+        import torch
+
+        ml = _ml_name(dtype)
+        if ml is None:
+            spec = (None, None)
+        elif getattr(torch, ml, None) is None:
+            raise TypeError(f"torch has no {ml} dtype; read this field as numpy")
+        else:
+            spec = (_SAME_WIDTH_INT[dtype.itemsize], getattr(torch, ml))
+        _NUMPY_TO_TORCH[dtype] = spec
+    return spec
+
+
 def to_torch(arr: np.ndarray, device: str | None = None):
     """A torch tensor sharing ``arr``'s memory (bf16/fp8 included); with ``device``
     (e.g. "cuda") a copy on that device. A read-only view becomes a tensor that
     must not be written to (torch has no read-only tensors)."""
+    global _from_numpy
+    if type(arr) is np.ndarray:  # the common case first: this runs per field per payload read
+        as_np, as_torch = _torch_view_of(arr.dtype)
+        if _from_numpy is None:  # views of shared memory are read-only on purpose; torch has no such flag
+            import torch
+
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+            _from_numpy = torch.from_numpy
+        t = _from_numpy(arr if as_np is None else arr.view(as_np))
+        if as_torch is not None:
+            t = t.view(as_torch)
+        return t if device is None or device == "cpu" else t.to(device)
     import torch
 
     if isinstance(arr, torch.Tensor):
         return arr if device is None or device == "cpu" else arr.to(device)
-    if not isinstance(arr, np.ndarray):  # device memory (cupy): shared through DLPack, no copy
-        return torch.from_dlpack(arr)
-    ml = _ml_name(arr.dtype)
-    if ml is not None:
-        tdt = getattr(torch, ml, None)
-        if tdt is None:
-            raise TypeError(f"torch has no {ml} dtype; read this field as numpy")
-        base = arr.view(_SAME_WIDTH_INT[arr.dtype.itemsize])
-    else:
-        tdt, base = None, arr
-    global _quiet_readonly
-    if not _quiet_readonly:  # views of shared memory are read-only on purpose; torch has no such flag
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-        _quiet_readonly = True
-    t = torch.from_numpy(base)
-    if tdt is not None:
-        t = t.view(tdt)
-    if device is not None and device != "cpu":
-        t = t.to(device)
-    return t
+    if isinstance(arr, np.ndarray):  # a subclass of ndarray
+        return to_torch(np.asarray(arr), device)
+    return torch.from_dlpack(arr)  # device memory (cupy): shared through DLPack, no copy

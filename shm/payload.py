@@ -94,7 +94,7 @@ class Payload(Mapping):
         fields = self._live()
         if not torch:
             return dict(fields)
-        return tree.map_arrays(fields, lambda a: dtypes.to_torch(a, device))
+        return tree.map_arrays(fields, dtypes.to_torch if device is None else lambda a: dtypes.to_torch(a, device))
 
     def to_torch(self, device: str | None = None) -> dict:
         """Shorthand for ``as_dict(torch=True, device=device)``."""

@@ -281,7 +281,7 @@ def map_arrays(value, fn):
     if isinstance(value, np.ndarray):  # the common case first: this runs per field per payload
         return fn(value)
     if isinstance(value, dict):
-        return {k: map_arrays(v, fn) for k, v in value.items()}
+        return {k: fn(v) if type(v) is np.ndarray else map_arrays(v, fn) for k, v in value.items()}
     if isinstance(value, Ragged):
         return Ragged(values=fn(value.values), offsets=fn(value.offsets))
     if isinstance(value, list):

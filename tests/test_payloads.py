@@ -211,6 +211,21 @@ def test_torch_in_any_dtype_noncontiguous_requires_grad(make_ring, torch):
         assert t["ids"].data_ptr() == p["ids"].ctypes.data
 
 
+def test_to_torch_of_arrays_tensors_and_array_subclasses(torch):
+    from shm import dtypes
+
+    sub = np.arange(6, dtype=np.float32).reshape(2, 3).view(np.recarray)  # an ndarray subclass
+    assert torch.equal(dtypes.to_torch(sub), torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    bf = np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    t = dtypes.to_torch(bf)
+    assert t.dtype == torch.bfloat16 and t.tolist() == [0.0, 1.0, 2.0, 3.0] and t.data_ptr() == bf.ctypes.data
+    own = torch.ones(3)
+    assert dtypes.to_torch(own) is own
+    grad = torch.ones(3, requires_grad=True)
+    assert not dtypes.torch_as_numpy(grad).flags.owndata  # detached, then shared: no copy
+    np.testing.assert_array_equal(dtypes.torch_as_numpy(grad), np.ones(3, np.float32))
+
+
 def test_client_tensor_type_torch_over_the_network(make_ring, ring_name, serve, torch):
     ring = make_ring(slots=8)
     srv = serve(ring_name)
