@@ -262,15 +262,7 @@ class Exchanges:
                 offsets, size = one_message_layout(n, sizes)
                 base = self._buffers.get(size)
                 msg = base[:size]
-                msg[:RESPONSE.size] = 0
-                recv = asyncio.ensure_future(engine.recv(pe.ep, msg))
-                try:
-                    await engine.send(pe.ep, req)
-                    await recv
-                except BaseException:
-                    recv.cancel()
-                    raise
-                pe.unconfirmed_ack = False
+                await self.ask_into(pe, req, msg)
                 resp, entries = self.parse_batch_head(msg, rid, n)
                 if entries is None:
                     self._buffers.put(base)
@@ -309,6 +301,22 @@ class Exchanges:
             return await self._net.with_endpoint(host, port, self.timeout, body, where)
         except Answered as a:
             raise a.error from None
+
+    @staticmethod
+    async def ask_into(pe: PooledEndpoint, req, msg) -> None:
+        """Send ``req`` with the receive of its one-message answer into ``msg`` posted
+        first (the answer lands straight in ``msg``, never in UCX's unexpected queue).
+        If anything fails the receive is cancelled and ``msg`` must not be reused: UCX
+        may still write into it."""
+        msg[:RESPONSE.size] = 0
+        recv = asyncio.ensure_future(engine.recv(pe.ep, msg))
+        try:
+            await engine.send(pe.ep, req)
+            await recv
+        except BaseException:
+            recv.cancel()
+            raise
+        pe.unconfirmed_ack = False
 
     def check_answers(self, entries: np.ndarray, slots: list, gens: list, sizes: list | None, out: list,
                       where: str) -> list:
@@ -372,15 +380,7 @@ class Exchanges:
             if inline:  # post the receive first: the answer may be one message of up to cap bytes
                 base = self._buffers.get(cap)
                 msg = base[:cap]
-                msg[:RESPONSE.size] = 0
-                recv = asyncio.ensure_future(engine.recv(pe.ep, msg))
-                try:
-                    await engine.send(pe.ep, req)
-                    await recv
-                except BaseException:
-                    recv.cancel()  # the buffer stays out of the pool: UCX may still write into it
-                    raise
-                pe.unconfirmed_ack = False
+                await self.ask_into(pe, req, msg)
                 resp, table = self.parse_batch_head(msg, rid, n)
                 if table is None or not resp.flags & FLAG_PAYLOADS_INLINE:
                     self._buffers.put(base)
