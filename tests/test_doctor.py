@@ -48,6 +48,7 @@ def test_json_report_has_the_same_fields():
     assert rep["memlock"]["soft"] and rep["dev_shm"]["free"] > 0 and rep["dev_shm"]["ring_bytes"] > 0
     assert rep["progress_mode"] == rep["progress_mode_in_force"] == "adaptive"
     assert rep["ucx_settings"]["UCX_TCP_MAX_NUM_EPS"] == "1024"
+    assert rep["ucx_settings"]["UCX_TCP_MAX_POLL"] == "1"  # ours, since the environment sets none
     lb = rep["loopback"]
     assert lb["transfers"] >= 1 and lb["gbps"] > 0 and lb["seconds"] < 5
     assert rep["expect"]
@@ -99,3 +100,14 @@ def test_rdma_and_cuda_are_classified_and_no_tcp_only_warning():
     doctor._expectation(rep)
     assert not any("TCP only" in w for w in rep["warnings"])
     assert "RDMA/verbs on mlx5_0:1" in rep["expect"] and "cuda_ipc" in rep["expect"] and "gdr_copy" in rep["expect"]
+
+
+def test_our_ucx_defaults_never_override_the_environment(monkeypatch):
+    from ucxx_transport import engine
+
+    monkeypatch.delenv("UCX_TCP_MAX_POLL", raising=False)
+    monkeypatch.setenv("UCX_TCP_TX_SEG_SIZE", "64K")
+    settings = engine.ucx_settings()
+    assert settings["UCX_TCP_MAX_POLL"] == "1" and settings["UCX_TCP_TX_SEG_SIZE"] == "64K"
+    engine.apply_ucx_defaults()
+    assert os.environ["UCX_TCP_MAX_POLL"] == "1" and os.environ["UCX_TCP_TX_SEG_SIZE"] == "64K"
