@@ -304,10 +304,10 @@ class Exchanges:
 
     @staticmethod
     async def ask_into(pe: PooledEndpoint, req, msg) -> None:
-        """Send ``req`` with the receive of its one-message answer into ``msg`` posted
-        first (the answer lands straight in ``msg``, never in UCX's unexpected queue).
-        If anything fails the receive is cancelled and ``msg`` must not be reused: UCX
-        may still write into it."""
+        """Send ``req`` and receive its one-message answer into ``msg`` (the receive is
+        posted as soon as the send is: long before the peer can answer). If anything
+        fails the receive is cancelled and ``msg`` must not be reused: UCX may still
+        write into it."""
         msg[:RESPONSE.size] = 0
         recv = asyncio.ensure_future(engine.recv(pe.ep, msg))
         try:
@@ -377,9 +377,10 @@ class Exchanges:
                                          hold_s=hold_seconds(hold), slot=len(fields_blob or b""), generation=cap))
             req = req + fields_blob if fields_blob else req
             base = None
-            if inline:  # post the receive first: the answer may be one message of up to cap bytes
+            if inline:  # the answer may be one message of up to cap bytes
                 base = self._buffers.get(cap)
                 msg = base[:cap]
+                pe.timer.extend(self.transfer_s(cap))
                 await self.ask_into(pe, req, msg)
                 resp, table = self.parse_batch_head(msg, rid, n)
                 if table is None or not resp.flags & FLAG_PAYLOADS_INLINE:
@@ -401,11 +402,12 @@ class Exchanges:
                 i = int(np.flatnonzero(bad)[0])
                 raise ProtocolError(f"{where}: item {i} status {int(table['status'][i])}, {sizes[i]} bytes "
                                     f"(max_nbytes={self.max_nbytes})")
-            self._take_item_bytes = max(max(sizes), self._take_item_bytes * 7 // 8)
             if base is not None:
                 offsets, size = one_message_layout(count, sizes)
                 if size > cap:
                     raise ProtocolError(f"{where}: a one-message answer of {size} bytes for a {cap}-byte buffer")
+            self._take_item_bytes = max(max(sizes), self._take_item_bytes * 7 // 8)
+            if base is not None:
                 if size * 4 <= len(base):  # a few payloads in a big buffer: move them, hold only what they need
                     small = self._buffers.get(size)
                     small[:size] = base[:size]

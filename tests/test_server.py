@@ -357,6 +357,29 @@ def test_takev_one_message_when_the_answer_fits_the_clients_buffer(make_ring, ri
     assert ring.state_counts()["FREE"] == 8
 
 
+def test_a_batch_answer_that_cannot_be_built_gives_its_payloads_back(make_ring):
+    from ucxx_transport import TransportServer
+    from ucxx_transport.protocol import FLAG_ONE_MESSAGE
+
+    ring = make_ring(slots=4)
+    srv = TransportServer(ring, host="127.0.0.1", n_ports=1)
+    (port,) = srv.start()
+    try:
+        for i in range(3):
+            ring.put({"x": np.full(100, i)})
+
+        def no_staging_buffer(nbytes):  # e.g. MemoryError: the answer's buffer cannot be had
+            raise MemoryError(f"no {nbytes}-byte staging buffer")
+
+        srv._staging.get = no_staging_buffer
+        with RawConn("127.0.0.1", port) as c:
+            c.send(Request(Op.TAKEV, 1, n=3, flags=FLAG_ONE_MESSAGE, generation=1 << 20))
+            # the claimed batch goes back to READY, not stranded in READING until a restart
+            assert helpers.wait_until(lambda: ring.state_counts()["READY"] == 3, timeout=10), ring.state_counts()
+    finally:
+        srv.stop(timeout=5)
+
+
 def test_idle_server_uses_no_cpu(make_ring, ring_name, serve):
     import psutil
 

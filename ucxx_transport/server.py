@@ -668,37 +668,38 @@ class TransportServer:
         n = len(table)
         ok = np.flatnonzero(table["status"] == Status.OK)
         held = 0 if batch is None else len(batch)
-        indexes = None
-        if fields is not None and held:
-            try:
-                indexes = [parse_index(batch.frame(k)) for k in range(held)]
-                table["nbytes"][ok] = [projected_size(ix, fields) for ix in indexes]
-            except shm.FrameError as exc:  # validated at publish: only corruption after it gets here
-                log.warning("batch projection skipped, a frame does not parse (%s): payloads sent whole", exc)
-                indexes = None
-        total = int(table["nbytes"][ok].sum())
-        # TAKEV with FLAG_ONE_MESSAGE: inline when the whole answer fits the client's buffer
-        inline = bool(req.op == Op.TAKEV and req.flags & FLAG_ONE_MESSAGE and fields is None
-                      and one_message_layout(n, table["nbytes"].tolist())[1] <= min(req.generation,
-                                                                                     ONE_MESSAGE_MAX))
-        one = inline or bool(req.op == Op.GETV and req.flags & FLAG_ONE_MESSAGE)
-        staged = []  # pooled staging buffers: back to the pool once their send completed
-        if one:  # header, table and every payload in one message
-            offsets, size = one_message_layout(n, table["nbytes"].tolist())
-            staged.append(self._staging.get(size))
-            msg = staged[-1][:size]
-            batch.copy_frames(msg, [offsets[i] for i in ok.tolist()]) if held else None
-        else:
-            msg = np.empty(RESPONSE.size + batch_table_size(n), np.uint8)
-        encode_response(Response(Status.OK, req.request_id, nbytes=total, count=n, ring_id=self._ring_id,
-                                 flags=FLAG_PAYLOADS_INLINE if inline else 0), msg[:RESPONSE.size].data.cast("B"))
-        write_batch_array(table, msg, RESPONSE.size)
-        t0 = time.monotonic()
-        hold = min(req.hold_s, MAX_HOLD_S) if req.flags & FLAG_HOLD else 0
-        conn.phase, conn.deadline = Phase.ACK, time.monotonic() + self._ack_timeout + hold + total / self._min_rate
         m.inflight += 1
         done = False
-        try:
+        try:  # from here on, whatever fails returns the batch (the finally below)
+            indexes = None
+            if fields is not None and held:
+                try:
+                    indexes = [parse_index(batch.frame(k)) for k in range(held)]
+                    table["nbytes"][ok] = [projected_size(ix, fields) for ix in indexes]
+                except shm.FrameError as exc:  # validated at publish: only corruption after it gets here
+                    log.warning("batch projection skipped, a frame does not parse (%s): payloads sent whole", exc)
+                    indexes = None
+            total = int(table["nbytes"][ok].sum())
+            # TAKEV with FLAG_ONE_MESSAGE: inline when the whole answer fits the client's buffer
+            inline = bool(req.op == Op.TAKEV and req.flags & FLAG_ONE_MESSAGE and fields is None
+                          and one_message_layout(n, table["nbytes"].tolist())[1] <= min(req.generation,
+                                                                                         ONE_MESSAGE_MAX))
+            one = inline or bool(req.op == Op.GETV and req.flags & FLAG_ONE_MESSAGE)
+            staged = []  # pooled staging buffers: back to the pool once their send completed
+            if one:  # header, table and every payload in one message
+                offsets, size = one_message_layout(n, table["nbytes"].tolist())
+                staged.append(self._staging.get(size))
+                msg = staged[-1][:size]
+                if held:
+                    batch.copy_frames(msg, [offsets[i] for i in ok.tolist()])
+            else:
+                msg = np.empty(RESPONSE.size + batch_table_size(n), np.uint8)
+            encode_response(Response(Status.OK, req.request_id, nbytes=total, count=n, ring_id=self._ring_id,
+                                     flags=FLAG_PAYLOADS_INLINE if inline else 0), msg[:RESPONSE.size].data.cast("B"))
+            write_batch_array(table, msg, RESPONSE.size)
+            t0 = time.monotonic()
+            hold = min(req.hold_s, MAX_HOLD_S) if req.flags & FLAG_HOLD else 0
+            conn.phase, conn.deadline = Phase.ACK, time.monotonic() + self._ack_timeout + hold + total / self._min_rate
             sends = [engine.send(ep, msg)]
             if not one:
                 sizes = table["nbytes"].tolist()
