@@ -304,12 +304,11 @@ class Exchanges:
 
     @staticmethod
     async def ask_into(pe: PooledEndpoint, req, msg) -> None:
-        """Send ``req`` and receive its one-message answer into ``msg`` (the receive is
-        posted as soon as the send is: long before the peer can answer). If anything
-        fails the receive is cancelled and ``msg`` must not be reused: UCX may still
-        write into it."""
+        """Send ``req`` with the receive of its one-message answer into ``msg`` posted
+        first (the answer lands straight in ``msg``). If anything fails the receive is
+        cancelled and ``msg`` must not be reused: UCX may still write into it."""
         msg[:RESPONSE.size] = 0
-        recv = asyncio.ensure_future(engine.recv(pe.ep, msg))
+        recv = engine.post_recv(pe.ep, msg)
         try:
             await engine.send(pe.ep, req)
             await recv

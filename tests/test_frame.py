@@ -294,11 +294,14 @@ def _mutate(rng, buf, start: int, length: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_decode_many_agrees_with_decoding_each_frame_alone(seed):
+def test_decode_many_agrees_with_decoding_each_frame_alone(seed, monkeypatch):
     """The batch decoder validates a batch's headers and tables as arrays: whatever the
     frames (ragged, bf16, nested, raw, with meta, damaged anywhere, truncated), each item
     is exactly what decode() of it alone gives, payload or FrameError."""
+    import shm.frame as frame
     from shm.frame import _decode_one, decode_many
+
+    monkeypatch.setattr(frame, "DECODE_MANY_MIN", 1)  # the array checks for every batch size
 
     rng = np.random.default_rng(seed)
     stride, checked, errors = 4096, 0, 0
@@ -344,3 +347,22 @@ def test_decode_many_validates_a_ragged_batch_together(monkeypatch):
     assert [p["tok"].tolist() for p in got] == [list(range(10 + i)) for i in range(64)]
     assert [p.meta for p in got] == [{"step": i} for i in range(64)] and got[5]["done"].shape == ()
     assert all(p.nbytes == n for p, n in zip(got, lengths))
+
+
+def test_a_small_batch_is_decoded_frame_by_frame(monkeypatch):
+    """Below DECODE_MANY_MIN frames the array checks cost more than they save (~170 us
+    fixed): such a batch goes through the one-frame decoder, with the same results."""
+    import shm.frame as frame
+
+    stride = 4096
+    buf = np.zeros(3 * stride, np.uint8)
+    lengths = [encode_into(memoryview(buf)[i * stride:(i + 1) * stride], {"tok": np.arange(5 + i)})
+               for i in range(3)]
+    lengths[2] = 10  # truncated: its own error, the others decoded
+    alone = []
+    real = frame._decode_one
+    monkeypatch.setattr(frame, "_decode_one", lambda *a: alone.append(a[1]) or real(*a))
+    got = frame.decode_many(buf, np.arange(3) * stride, lengths)
+    assert alone == [0, stride, 2 * stride] and frame.DECODE_MANY_MIN > 3
+    assert [p["tok"].tolist() for p in got[:2]] == [list(range(5)), list(range(6))]
+    assert isinstance(got[2], FrameError)

@@ -279,9 +279,16 @@ async def send(ep, buf):
 
 async def recv(ep, buf):
     """Receive into ``buf`` on a ucxx Endpoint (see :func:`send`)."""
+    await post_recv(ep, buf)
+
+
+def post_recv(ep, buf) -> asyncio.Future:
+    """Post a receive into ``buf`` on a ucxx Endpoint now (before a request whose
+    answer it is sent, say); the future completes when the message is in ``buf``.
+    Cancelling it abandons the receive; ``buf`` stays referenced until UCX is done."""
     drv = _engine.driver
     if drv is None:
-        return await ep.recv(buf)
+        return asyncio.ensure_future(ep.recv(buf))
     c = compat.names()
     tag = c.Tag(compat.endpoint_tags(ep)[1])
     arr = c.Array(buf)
@@ -299,7 +306,7 @@ async def recv(ep, buf):
         if probe is None or not probe.matched:
             raise
         req = worker.tag_recv_with_handle(arr, probe)
-    await drv.wait(req, (arr, buf))
+    return drv.wait(req, (arr, buf))
 
 
 async def _await_request(req, keepalive) -> None:
