@@ -380,6 +380,28 @@ def test_a_batch_answer_that_cannot_be_built_gives_its_payloads_back(make_ring):
         srv.stop(timeout=5)
 
 
+def test_a_receive_posted_before_its_request_gets_the_answer(make_ring, ring_name, serve):
+    import asyncio
+
+    from ucxx_transport import engine
+    from ucxx_transport.protocol import RESPONSE, decode_response
+
+    make_ring(slots=2)
+    srv = serve(ring_name)
+
+    async def ping(ep):
+        buf = np.zeros(RESPONSE.size, np.uint8)
+        answer = engine.post_recv(ep, buf)  # posted now, not when first awaited
+        assert isinstance(answer, asyncio.Future) and not answer.done()
+        await engine.send(ep, np.frombuffer(bytes(encode_request(Request(Op.PING, 9))), np.uint8))
+        await answer
+        return decode_response(buf)
+
+    with RawConn("127.0.0.1", srv.ports[0]) as c:
+        r = engine.run(ping(c.ep), 10)
+        assert r.status == Status.OK and r.request_id == 9
+
+
 def test_idle_server_uses_no_cpu(make_ring, ring_name, serve):
     import psutil
 
