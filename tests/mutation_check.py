@@ -91,11 +91,25 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "client-acks-corrupt-held-take", "clients/exchanges.py",
-        "Request(Op.NACK, rid, e[1], e[2],\n"
+        "Request(Op.NACK, rid, keys[i][1], keys[i][2],\n"
         "                                                                    flags=FLAG_UNDECODABLE)",
         "Request(Op.ACK, rid)",
         (MECH + "test_corrupt_payload_in_a_held_take_is_nacked_not_consumed",),
         "Exchanges.takev_once (held, as streams fetch ahead) ACKs a batch holding an undecodable payload",
+    ),
+    Mutation(
+        "server-inline-take-ignores-the-clients-buffer", "ucxx_transport/server.py",
+        "<= min(req.generation,",
+        "<= max(req.generation,",
+        ("tests/test_server.py::test_takev_one_message_when_the_answer_fits_the_clients_buffer",),
+        "TransportServer._answer_batch answers a TAKEV in one message larger than the client's buffer",
+    ),
+    Mutation(
+        "client-take-pins-its-big-buffer", "clients/exchanges.py",
+        "if size * 4 <= len(base):",
+        "if False:",
+        ("tests/test_client.py::test_take_outgrowing_its_one_message_buffer_falls_back_then_adapts",),
+        "Exchanges.takev_once keeps a few small payloads in a MiB-sized receive buffer",
     ),
     Mutation(
         "finaliser-lease-check-removed", "shm/state.py",
