@@ -111,3 +111,15 @@ def test_our_ucx_defaults_never_override_the_environment(monkeypatch):
     assert settings["UCX_TCP_MAX_POLL"] == "1" and settings["UCX_TCP_TX_SEG_SIZE"] == "64K"
     engine.apply_ucx_defaults()
     assert os.environ["UCX_TCP_MAX_POLL"] == "1" and os.environ["UCX_TCP_TX_SEG_SIZE"] == "64K"
+
+
+def test_the_progress_spin_knob_reaches_the_adaptive_driver():
+    code = ("from ucxx_transport import engine; engine.acquire(); "
+            "print(engine._engine.driver.spin_s); engine.release()")
+    env = {**os.environ, "UCXX_TRANSPORT_PROGRESS_SPIN_S": "0", "UCXX_TRANSPORT_PROGRESS_MODE": "adaptive"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0.0"
+    bad = subprocess.run([sys.executable, "-m", "ucxx_transport", "serve", "--ring", "no-such-ring-x",
+                          "--progress-spin-s", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "progress_spin_s" in bad.stderr and "UCXX_TRANSPORT_PROGRESS_SPIN_S" in bad.stderr

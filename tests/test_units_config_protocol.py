@@ -156,3 +156,11 @@ def test_the_log_knobs_are_in_the_table_like_every_other():
     assert resolve("log_format", None, env={"UCXX_TRANSPORT_LOG_FORMAT": "JSON"}) == "json"
     with pytest.raises(ConfigError, match="UCXX_TRANSPORT_LOG_LEVEL.*one of DEBUG"):
         resolve("log_level", None, env={"UCXX_TRANSPORT_LOG_LEVEL": "loud"})
+
+
+def test_progress_spin_knob_takes_zero_and_refuses_negative():
+    assert resolve("progress_spin_s", env={}) == 0.002
+    assert resolve("progress_spin_s", env={"UCXX_TRANSPORT_PROGRESS_SPIN_S": "0"}) == 0.0
+    assert resolve("progress_spin_s", env={"UCXX_TRANSPORT_PROGRESS_SPIN_S": "0.5ms"}) == pytest.approx(0.0005)
+    with pytest.raises(ConfigError, match="UCXX_TRANSPORT_PROGRESS_SPIN_S"):
+        resolve("progress_spin_s", env={"UCXX_TRANSPORT_PROGRESS_SPIN_S": "-1"})

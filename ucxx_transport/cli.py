@@ -163,6 +163,8 @@ def cmd_serve(a) -> int:
     knobs = {name: resolve(name, getattr(a, name)) for name in (
         "slots", "slot_bytes", "on_full", "ports", "n_ports", "ack_timeout_s", "idle_timeout_s", "max_take",
         "min_rate", "metrics_port", "metrics_host", "directory_file")}
+    spin = resolve("progress_spin_s", a.progress_spin_s)  # checked before anything starts
+    os.environ[KNOBS["progress_spin_s"].env] = str(spin)  # one value per process: the engine reads it there
     engine.resolve_mode(resolve("progress_mode", a.progress_mode))
     if a.create and a.attach_existing:
         raise ConfigError("--create and --attach-existing exclude each other")
@@ -382,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve an existing ring (the default without --create; it must be owned by you, mode 0600)")
     s.add_argument("--unlink-on-exit", action="store_true", help="remove the ring segment when the server exits")
     for name in ("slots", "slot_bytes", "on_full", "host", "ports", "n_ports", "token_file", "progress_mode",
-                 "metrics_port", "metrics_host", "ack_timeout_s", "idle_timeout_s", "max_take", "min_rate",
+                 "progress_spin_s", "metrics_port", "metrics_host", "ack_timeout_s", "idle_timeout_s", "max_take", "min_rate",
                  "directory_file"):
         _add(s, name)
     s.set_defaults(func=cmd_serve)

@@ -48,6 +48,13 @@ def _positive_duration(text) -> float:
     return v
 
 
+def _duration_at_least_zero(text) -> float:
+    v = parse_duration(text)
+    if v < 0:
+        raise ValueError("must be >= 0")
+    return v
+
+
 def _choice(choices: Callable[[], tuple[str, ...]]) -> Callable[[str], str]:
     def parse(text):
         if text not in choices():
@@ -118,6 +125,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
     Knob("progress_mode", DEFAULT_PROGRESS_MODE, _choice(_progress_modes),
          "UCX progress mode (adaptive: poll under load, sleep when idle; see docs/PROGRESS_MODES.md)",
          _progress_modes),
+    Knob("progress_spin_s", 0.002, _duration_at_least_zero, "adaptive progress: how long a process keeps "
+         "polling after its last UCX traffic before it sleeps (0: sleep at once; lower latency after pauses on "
+         "VMs whose idle vCPUs wake slowly, fewer payloads/s in a stream; see docs/PROGRESS_MODES.md)"),
     Knob("ack_timeout_s", 10.0, _positive_duration, "seconds a handler waits for a client's ACK before "
          "returning the payload to READY"),
     Knob("idle_timeout_s", 120.0, _positive_duration, "seconds an idle endpoint is kept before eviction"),

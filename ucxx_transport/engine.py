@@ -233,7 +233,9 @@ def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
                 for t in compat.progress_task_handles(old):
                     if t is not None:
                         t.cancel()
-            drv = AdaptiveProgress(ctx.worker, loop)
+            from .config import resolve  # config imports this module: resolved at call time
+
+            drv = AdaptiveProgress(ctx.worker, loop, spin_s=resolve("progress_spin_s", None))
             ProgressTasks[loop] = drv
             _engine.driver = drv
     elif _engine.shared and _engine.mode.startswith("thread") and \
