@@ -405,8 +405,6 @@ class Exchanges:
                 offsets, size = one_message_layout(count, sizes)
                 if size > cap:
                     raise ProtocolError(f"{where}: a one-message answer of {size} bytes for a {cap}-byte buffer")
-            self._take_item_bytes = max(max(sizes), self._take_item_bytes * 7 // 8)
-            if base is not None:
                 if size * 4 <= len(base):  # a few payloads in a big buffer: move them, hold only what they need
                     small = self._buffers.get(size)
                     small[:size] = base[:size]
@@ -415,6 +413,7 @@ class Exchanges:
                 got = self.decode_shared(base, base[:size], [(i, offsets[i], sizes[i]) for i in range(count)], where)
             else:
                 got = await self.recv_planned(pe, list(enumerate(sizes)), where)
+            self._take_item_bytes = max(max(sizes), self._take_item_bytes * 7 // 8)  # sizes the next one
             rid_hex = ring_id_hex(resp.ring_id)
             keys = [(rid_hex, s, g) for s, g in zip(table["slot"].tolist(), table["generation"].tolist())]
             corrupt = [i for i, p in got.items() if isinstance(p, BaseException)]

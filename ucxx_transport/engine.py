@@ -285,8 +285,8 @@ async def recv(ep, buf):
 
 
 def post_recv(ep, buf) -> asyncio.Future:
-    """Post a receive into ``buf`` on a ucxx Endpoint now (before a request whose
-    answer it is sent, say); the future completes when the message is in ``buf``.
+    """Post a receive into ``buf`` on a ucxx Endpoint now, e.g. before sending the
+    request it answers; the future completes when the message is in ``buf``.
     Cancelling it abandons the receive; ``buf`` stays referenced until UCX is done."""
     drv = _engine.driver
     if drv is None:

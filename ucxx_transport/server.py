@@ -680,14 +680,14 @@ class TransportServer:
                     log.warning("batch projection skipped, a frame does not parse (%s): payloads sent whole", exc)
                     indexes = None
             total = int(table["nbytes"][ok].sum())
-            # TAKEV with FLAG_ONE_MESSAGE: inline when the whole answer fits the client's buffer
-            inline = bool(req.op == Op.TAKEV and req.flags & FLAG_ONE_MESSAGE and fields is None
-                          and one_message_layout(n, table["nbytes"].tolist())[1] <= min(req.generation,
-                                                                                         ONE_MESSAGE_MAX))
-            one = inline or bool(req.op == Op.GETV and req.flags & FLAG_ONE_MESSAGE)
+            # FLAG_ONE_MESSAGE: GETV always (its refs gave the sizes); TAKEV when it fits the client's buffer
+            layout = one_message_layout(n, table["nbytes"].tolist()) \
+                if req.flags & FLAG_ONE_MESSAGE and fields is None else None
+            inline = req.op == Op.TAKEV and layout is not None and layout[1] <= min(req.generation, ONE_MESSAGE_MAX)
+            one = inline or (req.op == Op.GETV and layout is not None)
             staged = []  # pooled staging buffers: back to the pool once their send completed
             if one:  # header, table and every payload in one message
-                offsets, size = one_message_layout(n, table["nbytes"].tolist())
+                offsets, size = layout
                 staged.append(self._staging.get(size))
                 msg = staged[-1][:size]
                 if held:
