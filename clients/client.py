@@ -54,6 +54,7 @@ from .errors import (
 from .exchanges import Exchanges
 from .held import LocalDelivery
 from .ledger import Ledger
+from .kept import Kept
 from .local import LocalReader
 
 log = logging.getLogger("clients.client")
@@ -132,7 +133,8 @@ class TransportClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._closed = False
-        self._local = LocalReader(self._ledger, enabled=local_fast_path and device == "cpu",
+        self._kept = Kept()  # payloads consumed by calls whose caller was interrupted (Ctrl-C)
+        self._local = LocalReader(self._ledger, self._kept, enabled=local_fast_path and device == "cpu",
                                   max_attempts=self.max_attempts)
         self._fanins: dict = {}  # id(directory) -> FanIn, for take_any
         self._fanins_lock = threading.Lock()  # also makes close() run once
@@ -221,6 +223,7 @@ class TransportClient:
                             timeout, exc)
             engine.release(timeout)
             self._loop = None
+        self._kept.clear()
         self._local.clear()  # handles close when no payload view uses them
         self._buffers.clear()
 
@@ -237,10 +240,15 @@ class TransportClient:
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     # ------------------------------------------------------ sync / async ---
-    def _run(self, coro_fn, *args, budget: float):
+    def _run(self, coro_fn, *args, budget: float, keep=None):
+        """``coro_fn(*args)`` on the UCX loop, waited for up to ``budget`` (+5 s). ``keep``: for calls
+        that consume payloads, what to do with the result if the caller is interrupted (Ctrl-C) while
+        it waits: the call then finishes on the loop and hands its payloads to ``keep``."""
         self._ucx_loop()
+        seconds = budget + 5.0
+        on_interrupt = None if keep is None else (lambda outcome: self._kept.after_interrupt(outcome, keep, seconds))
         try:
-            return engine.run(coro_fn(*args), budget + 5.0)
+            return engine.run(coro_fn(*args), seconds, on_interrupt=on_interrupt)
         except TimeoutError:
             raise CallTimeoutError(f"no answer within {budget + 5.0:.1f} s") from None
 
@@ -288,10 +296,15 @@ class TransportClient:
                 raise r.error
             return r.payload
         ref = self._checked(ref)
+        self._kept.settle()
+        kept = self._kept.pop(ref.key)
+        if kept is not None:  # consumed by an earlier call that was interrupted
+            return self.present(kept)
         local = self._local.fetch(ref)
         if local is not None:
             return self.present(local)
-        return self.present(self._run(self._fetch_ref, ref, budget=self.call_budget(ref.nbytes)))
+        return self.present(self._run(self._fetch_ref, ref, budget=self.call_budget(ref.nbytes),
+                                      keep=lambda payload: self._kept.keep(ref.key, payload)))
 
     async def afetch(self, ref: shm.SlotRef, *, fields=None) -> shm.Payload:
         """:meth:`fetch` for callers with their own event loop (awaits instead of blocking)."""
@@ -301,6 +314,9 @@ class TransportClient:
                 raise r.error
             return r.payload
         ref = self._checked(ref)
+        kept = self._kept.pop(ref.key)
+        if kept is not None:  # consumed by an earlier call that was interrupted
+            return self.present(kept)
         local = self._local.fetch(ref)
         if local is not None:
             return self.present(local)
@@ -343,10 +359,36 @@ class TransportClient:
         if fields is not None:
             encode_fields(fields)  # a bad list fails here, before anything is claimed
         refs = list(refs)
+        kept = self._pop_kept(refs, fields)
+        if kept:  # consumed by an earlier call that was interrupted: those come from here
+            rest = [i for i in range(len(refs)) if i not in kept]
+            for i, r in zip(rest, self._fetch_now([refs[i] for i in rest], fields) if rest else ()):
+                kept[i] = r
+            return self._present_results([kept[i] for i in range(len(refs))])
+        return self._present_results(self._fetch_now(refs, fields))
+
+    def _fetch_now(self, refs: list, fields) -> list[FetchResult]:
         here = self._fetch_same_host(refs, fields)
         if here is not None:
-            return self._present_results(here)
-        return self._present_results(self._run(self._fetch_many, refs, fields, budget=self._batch_budget(refs)))
+            return here
+        return self._run(self._fetch_many, refs, fields, budget=self._batch_budget(refs),
+                         keep=self._kept.keep_results)
+
+    def _pop_kept(self, refs: list, fields) -> dict[int, FetchResult]:
+        """{index: result} for the refs whose payloads an interrupted call kept."""
+        self._kept.settle()
+        if not len(self._kept):
+            return {}
+        out = {}
+        for i, r in enumerate(refs):
+            try:
+                ref = self._checked(r)
+            except InvalidRefError:
+                continue  # the fetch gives it its own error
+            payload = self._kept.pop(ref.key)
+            if payload is not None:
+                out[i] = FetchResult(ref, payload if fields is None else payload.select(fields))
+        return out
 
     def _batch_budget(self, refs: list) -> float:
         total = sum(getattr(r, "nbytes", 0) if isinstance(getattr(r, "nbytes", 0), int) else 0 for r in refs)
@@ -380,9 +422,13 @@ class TransportClient:
         if retry and self.max_rounds > 1:
             try:
                 again = self._run(self._fetch_many, [checked[i] for i in retry], fields, 1,
-                                  budget=self._batch_budget([checked[i] for i in retry]))
+                                  budget=self._batch_budget([checked[i] for i in retry]),
+                                  keep=self._kept.keep_results)
             except (TransportError, TimeoutError) as exc:  # the retried refs fail; the rest are delivered
                 again = [FetchResult(checked[i], None, detached(exc)) for i in retry]
+            except BaseException:  # interrupted (Ctrl-C): this round's payloads are consumed; kept for the next call
+                self._kept.keep_results(results)
+                raise
             for i, r in zip(retry, again):
                 results[i] = r
         if fields is not None:
@@ -403,8 +449,15 @@ class TransportClient:
         ``fields``: only those top-level fields travel (see :meth:`fetch_many`)."""
         host, ports = self._address(address)
         blob = None if fields is None else encode_fields(fields)
-        got = self._run(self._take, host, ports, n, wait, 0, blob,
-                        budget=self.call_budget() + wait + self._exchanges.transfer_s(n << 24))
+        where = (host, tuple(ports))
+        self._kept.settle()
+        got = self._kept.pop_taken(where, n)  # consumed by an earlier take that was interrupted
+        if not got:
+            got = self._run(self._take, host, ports, n, wait, 0, blob,
+                            budget=self.call_budget() + wait + self._exchanges.transfer_s(n << 24),
+                            keep=lambda payloads: self._kept.keep_taken(where, payloads))
+        elif fields is not None:
+            got = [p.select(fields) for p in got]
         return [self.present(p) for p in got]
 
     async def atake(self, address, n: int = 1, wait: float = 0.0, *, fields=None) -> list[shm.Payload]:
@@ -476,6 +529,7 @@ class TransportClient:
         d.update(self._pool.stats)
         d["buffer_allocations"] = self._buffers.allocations
         d["buffer_reuses"] = self._buffers.reuses
+        d["kept_after_interrupt"] = len(self._kept)
         return d
 
     def stream(self, refs=None, *, address=None, depth: int = 4, take_n: int = 1, wait: float = 1.0,

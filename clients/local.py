@@ -22,6 +22,7 @@ import psutil
 import shm
 
 from .errors import AlreadyDeliveredError, CorruptPayloadError, ServerBusyError, StaleSlotError, TransportError
+from .kept import Kept
 from .ledger import Ledger
 
 log = logging.getLogger("clients.local")
@@ -48,10 +49,12 @@ class LocalReader:
 
     ``enabled``: the client's ``local_fast_path`` (and a host-memory device);
     ``max_attempts``: claims of a slot another reader holds right now are tried
-    this often (50 ms apart) before the ref fails as busy."""
+    this often (50 ms apart) before the ref fails as busy; ``kept``: where a batch
+    interrupted after it consumed payloads leaves them for the next call."""
 
-    def __init__(self, ledger: Ledger, *, enabled: bool, max_attempts: int):
+    def __init__(self, ledger: Ledger, kept: Kept, *, enabled: bool, max_attempts: int):
         self._ledger = ledger
+        self._kept = kept
         self.enabled = enabled
         self.max_attempts = max_attempts
         self._rings: dict[str, tuple[shm.RingBuffer | None, float]] = {}  # name -> (handle, attached at)
@@ -134,56 +137,62 @@ class LocalReader:
             batch, codes = ring.claim_batch([slots[j] for j in idx], [refs[j].generation for j in idx])
         except ValueError:  # a slot beyond this ring's size: each ref gets its own error below
             batch, codes = None, np.zeros(0, np.int64)
-        if batch is not None and len(batch) == len(idx):
-            claimed = idx
-        else:
-            claimed = []
-            for j, code in zip(idx, codes.tolist()):
-                if code > 0:
-                    claimed.append(j)
-                elif code == 0:
-                    self._ledger.count("stale")
-                    out[j] = StaleSlotError(f"local claim of {keys[j]}: slot {slots[j]} generation "
-                                            f"{refs[j].generation} is gone")
-                # BUSY: left to the one-by-one path, which retries
-        if claimed:
-            results = batch.payloads()
-            ok = range(len(claimed))
-            broken = [k for k, p in enumerate(results) if isinstance(p, shm.FrameError)]
-            for k in broken:
-                self._give_back_undecodable(batch, k)
-                results[k] = CorruptPayloadError(f"local frame of {keys[claimed[k]]}: {results[k]}")
-            if broken:
-                ok = sorted(set(ok) - set(broken))
-            if not batch.finalise(True):  # some slot's lock is busy: one by one, briefly each
-                acked = []
-                for k in ok:
+        try:
+            if batch is not None and len(batch) == len(idx):
+                claimed = idx
+            else:
+                claimed = []
+                for j, code in zip(idx, codes.tolist()):
+                    if code > 0:
+                        claimed.append(j)
+                    elif code == 0:
+                        self._ledger.count("stale")
+                        out[j] = StaleSlotError(f"local claim of {keys[j]}: slot {slots[j]} generation "
+                                                f"{refs[j].generation} is gone")
+                    # BUSY: left to the one-by-one path, which retries
+            if claimed:
+                results = batch.payloads()
+                ok = range(len(claimed))
+                broken = [k for k, p in enumerate(results) if isinstance(p, shm.FrameError)]
+                for k in broken:
+                    self._give_back_undecodable(batch, k)
+                    results[k] = CorruptPayloadError(f"local frame of {keys[claimed[k]]}: {results[k]}")
+                if broken:
+                    ok = sorted(set(ok) - set(broken))
+                if not batch.finalise(True):  # some slot's lock is busy: one by one, briefly each
+                    acked = []
+                    for k in ok:
+                        try:
+                            batch.finalise_item(k, True, lock_timeout=ACK_LOCK_TIMEOUT_S)
+                            acked.append(k)
+                        except shm.SlotLockTimeoutError as exc:  # that slot only (a frozen process holds its lock)
+                            results[k] = ServerBusyError(f"local ack of {keys[claimed[k]]}: {exc}")  # payload dropped:
+                            batch.give_back_soon(k)  # back to READY as soon as the lock is free
+                    ok = acked
+                for j, result in zip(claimed, results):
+                    out[j] = result
+                del results
+                if ok:
+                    fresh = self._ledger.remember_batch([keys[claimed[k]] for k in ok], "local_fetches",
+                                                        batch.nbytes[list(ok)].tolist(),
+                                                        (time.perf_counter() - t0) / len(ok))
+                    for k, new in zip(ok, fresh):
+                        if not new:  # delivered meanwhile by another path (a replay after a crash): acked, dropped
+                            j = claimed[k]
+                            out[j].release()
+                            out[j] = AlreadyDeliveredError(f"{keys[j]} was already delivered to this client "
+                                                           f"(ACKed again, dropped)")
+            if len(claimed) < n:
+                for j in [j for j, o in enumerate(out) if o is _ALONE]:
                     try:
-                        batch.finalise_item(k, True, lock_timeout=ACK_LOCK_TIMEOUT_S)
-                        acked.append(k)
-                    except shm.SlotLockTimeoutError as exc:  # that slot only (a frozen process holds its lock)
-                        results[k] = ServerBusyError(f"local ack of {keys[claimed[k]]}: {exc}")  # payload dropped:
-                        batch.give_back_soon(k)  # back to READY as soon as the lock is free
-                ok = acked
-            for j, result in zip(claimed, results):
-                out[j] = result
-            del results
-            if ok:
-                fresh = self._ledger.remember_batch([keys[claimed[k]] for k in ok], "local_fetches",
-                                                    batch.nbytes[list(ok)].tolist(),
-                                                    (time.perf_counter() - t0) / len(ok))
-                for k, new in zip(ok, fresh):
-                    if not new:  # delivered meanwhile by another path (a replay after a crash): acked, dropped
-                        j = claimed[k]
-                        out[j].release()
-                        out[j] = AlreadyDeliveredError(f"{keys[j]} was already delivered to this client "
-                                                       f"(ACKed again, dropped)")
-        if len(claimed) < n:
-            for j in [j for j, o in enumerate(out) if o is _ALONE]:
-                try:
-                    out[j] = self.fetch(refs[j])
-                except (TransportError, shm.RingError) as exc:
-                    out[j] = exc
+                        out[j] = self.fetch(refs[j])
+                    except (TransportError, shm.RingError) as exc:
+                        out[j] = exc
+        except BaseException:  # e.g. Ctrl-C: what was not acked goes back to READY, what was is kept
+            if batch is not None:
+                batch.abandon()
+            self._kept.keep_many([(keys[j], o) for j, o in enumerate(out) if isinstance(o, shm.Payload)])
+            raise
         return out
 
     @staticmethod

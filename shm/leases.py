@@ -310,8 +310,10 @@ class LeaseBatch:
         if self._watch is not None:
             raise RingError("subset() of a batch whose payloads were decoded: its views share one anchor")
         idx = np.asarray(idx, np.int64)
-        return LeaseBatch(self._ring, self.slots[idx], self.lease_numbers[idx], self.generations[idx],
+        part = LeaseBatch(self._ring, self.slots[idx], self.lease_numbers[idx], self.generations[idx],
                           self.nbytes[idx])
+        self.done[idx] = True  # held by the new batch now: this one must not give them back when dropped
+        return part
 
     def live(self) -> np.ndarray:
         """Indices of the items not finalised yet."""
@@ -417,6 +419,34 @@ class LeaseBatch:
             return
         self.done[i] = True
         table.finalise_soon(int(self.slots[i]), int(self.lease_numbers[i]), False)
+
+    def abandon(self) -> None:
+        """Give back every item not finalised yet, without waiting for a lock (now where
+        it is free, else by the next call on the ring): for a batch its holder cannot
+        finish (an interrupt, an error between claim and ack). While views of its
+        payloads are alive the items wait for them, as :meth:`finalise` makes a nack
+        wait; nothing is consumed."""
+        table = self._ring._table
+        which = np.flatnonzero(~self.done)
+        if not len(which) or table is None or self._ring._closed:
+            self.done[:] = True
+            return
+        self.done[which] = True
+        if self.views_alive:
+            self._decision[which] = 0
+            if self.views_alive:
+                return
+        table.finalise_soon_many(self.slots[which], self.lease_numbers[which], np.zeros(len(which), bool))
+
+    def __del__(self):  # pragma: no cover - exercised through the client's interrupted batch
+        if sys.is_finalizing() or not hasattr(self, "done") or self.done.all():
+            return  # (at interpreter exit the slots are recovered: their owner is gone)
+        log.warning("batch of %d lease(s) on ring slots %s... dropped without ack/nack: giving them back",
+                    int((~self.done).sum()), self.slots[~self.done][:4].tolist())
+        try:
+            self.abandon()
+        except (RingError, OSError) as exc:  # the ring is gone: recovery reclaims them
+            log.debug("give-back of a dropped batch: %s", exc)
 
     def leases(self, which=None) -> list:
         """Items not finalised yet as individual :class:`SlotLease` objects (the batch

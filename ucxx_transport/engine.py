@@ -535,11 +535,17 @@ def release(timeout: float = 5.0) -> None:
             loop.close()
 
 
-def run(coro, timeout: float | None = None):
+def run(coro, timeout: float | None = None, on_interrupt=None):
     """Run ``coro`` on the UCX loop from a plain thread; returns its result.
 
     On ``timeout`` the coroutine is cancelled (nothing keeps running behind the
-    caller's back) and ``TimeoutError`` is raised.
+    caller's back) and ``TimeoutError`` is raised. When the waiting thread is
+    interrupted instead (KeyboardInterrupt, or any exception raised in it while
+    it waits), the coroutine is cancelled too, unless ``on_interrupt`` is given:
+    then it runs to its end, and ``on_interrupt`` is called at once, in the
+    interrupted thread, with a ``concurrent.futures.Future`` of its outcome (for
+    work whose result must not be dropped, like payloads already acknowledged).
+    The interrupt propagates either way.
     """
     loop = _engine.loop
     if loop is None:
@@ -569,9 +575,28 @@ def run(coro, timeout: float | None = None):
         # callbacks run in order: start() has run by the time this does; cancel what it started
         loop.call_soon_threadsafe(lambda: [t.cancel() for t in started])
         raise TimeoutError(f"no result within {timeout} s (the coroutine was cancelled)") from None
+    except BaseException:  # the waiting thread was interrupted (Ctrl-C): settle the work, then re-raise
+        if on_interrupt is None:
+            loop.call_soon_threadsafe(lambda: [t.cancel() for t in started])
+        else:
+            outcome: concurrent.futures.Future = concurrent.futures.Future()
+            loop.call_soon_threadsafe(lambda: [t.add_done_callback(lambda t: _settle_into(t, outcome))
+                                               for t in started])
+            on_interrupt(outcome)
+        raise
     if task.cancelled():  # (by a teardown): an Exception for the caller, as concurrent futures raise
         raise concurrent.futures.CancelledError("the call was cancelled on the UCX loop")
     return task.result()
+
+
+def _settle_into(task: asyncio.Task, outcome: concurrent.futures.Future) -> None:
+    """Copy a finished ``task``'s outcome into ``outcome`` (the future an interrupted caller left)."""
+    if task.cancelled():
+        outcome.cancel()
+    elif task.exception() is not None:
+        outcome.set_exception(task.exception())
+    else:
+        outcome.set_result(task.result())
 
 
 @dataclass(slots=True)
