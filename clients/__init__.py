@@ -8,6 +8,7 @@ from .errors import (
     CallTimeoutError,
     ConnectionLostError,
     CorruptPayloadError,
+    ForkedClientError,
     InvalidRefError,
     NoAddressError,
     PayloadTooLargeError,
@@ -24,5 +25,5 @@ __all__ = [
     "TransportClient", "FetchResult", "FetchStream", "FanIn", "FanInStream", "UCXXDataPackerMixin", "PrefetchHandle",
     "TransportError", "StaleSlotError", "AuthError", "BadRequestError", "PayloadTooLargeError",
     "TransientTransportError", "ConnectionLostError", "CallTimeoutError", "ServerBusyError",
-    "CorruptPayloadError", "AlreadyDeliveredError", "InvalidRefError", "NoAddressError",
+    "CorruptPayloadError", "AlreadyDeliveredError", "InvalidRefError", "NoAddressError", "ForkedClientError",
 ]

@@ -29,6 +29,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from .errors import (
     AlreadyDeliveredError,
     CallTimeoutError,
     ConnectionLostError,
+    ForkedClientError,
     InvalidRefError,
     NoAddressError,
     StaleSlotError,
@@ -133,6 +135,7 @@ class TransportClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()  # a forked child must not use this client (its loop thread is not there)
         self._kept = Kept()  # payloads consumed by calls whose caller was interrupted (Ctrl-C)
         self._local = LocalReader(self._ledger, self._kept, enabled=local_fast_path and device == "cpu",
                                   max_attempts=self.max_attempts)
@@ -196,6 +199,8 @@ class TransportClient:
     def _ucx_loop(self) -> asyncio.AbstractEventLoop:
         if self._closed:
             raise TransportError("client is closed")
+        if self._pid != os.getpid():
+            raise ForkedClientError(self._pid, os.getpid())
         with self._loop_lock:
             if self._loop is None:
                 self._loop = engine.acquire(self._mode)
@@ -214,6 +219,7 @@ class TransportClient:
             except Exception as exc:  # noqa: BLE001 - closing goes on; what it may cost is said
                 log.warning("closing a FanIn failed (%r): payloads its TAKEs held go back to READY when "
                             "their servers' holds run out", exc)
+        self._kept.close(timeout)  # interrupted calls still running may keep payloads: released
         if self._loop is not None:
             try:
                 asyncio.run_coroutine_threadsafe(self._net.aclose(), self._loop).result(timeout)
@@ -223,7 +229,6 @@ class TransportClient:
                             timeout, exc)
             engine.release(timeout)
             self._loop = None
-        self._kept.clear()
         self._local.clear()  # handles close when no payload view uses them
         self._buffers.clear()
 
@@ -240,13 +245,15 @@ class TransportClient:
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     # ------------------------------------------------------ sync / async ---
-    def _run(self, coro_fn, *args, budget: float, keep=None):
+    def _run(self, coro_fn, *args, budget: float, keep=None, keys=None):
         """``coro_fn(*args)`` on the UCX loop, waited for up to ``budget`` (+5 s). ``keep``: for calls
         that consume payloads, what to do with the result if the caller is interrupted (Ctrl-C) while
-        it waits: the call then finishes on the loop and hands its payloads to ``keep``."""
+        it waits: the call then finishes on the loop and hands its payloads to ``keep``; ``keys``: the
+        payload keys it fetches (a later fetch of one of them waits for it)."""
         self._ucx_loop()
         seconds = budget + 5.0
-        on_interrupt = None if keep is None else (lambda outcome: self._kept.after_interrupt(outcome, keep, seconds))
+        on_interrupt = None if keep is None else (
+            lambda outcome: self._kept.after_interrupt(outcome, keep, seconds, keys))
         try:
             return engine.run(coro_fn(*args), seconds, on_interrupt=on_interrupt)
         except TimeoutError:
@@ -296,15 +303,18 @@ class TransportClient:
                 raise r.error
             return r.payload
         ref = self._checked(ref)
-        self._kept.settle()
-        kept = self._kept.pop(ref.key)
-        if kept is not None:  # consumed by an earlier call that was interrupted
-            return self.present(kept)
-        local = self._local.fetch(ref)
-        if local is not None:
-            return self.present(local)
-        return self.present(self._run(self._fetch_ref, ref, budget=self.call_budget(ref.nbytes),
-                                      keep=lambda payload: self._kept.keep(ref.key, payload)))
+        self._kept.settle([ref.key])
+        payload = self._kept.pop(ref.key)  # consumed by an earlier call that was interrupted
+        if payload is None:
+            payload = self._local.fetch(ref)
+        if payload is None:
+            payload = self._run(self._fetch_ref, ref, budget=self.call_budget(ref.nbytes), keys=[ref.key],
+                                keep=lambda got: self._kept.keep(ref.key, got))
+        try:
+            return self.present(payload)
+        except BaseException:  # interrupted (or a conversion failed): consumed, kept for the next fetch
+            self._kept.keep(ref.key, payload)
+            raise
 
     async def afetch(self, ref: shm.SlotRef, *, fields=None) -> shm.Payload:
         """:meth:`fetch` for callers with their own event loop (awaits instead of blocking)."""
@@ -314,8 +324,8 @@ class TransportClient:
                 raise r.error
             return r.payload
         ref = self._checked(ref)
-        kept = self._kept.pop(ref.key)
-        if kept is not None:  # consumed by an earlier call that was interrupted
+        kept = self._kept.pop(ref.key)  # consumed by an interrupted sync call
+        if kept is not None:
             return self.present(kept)
         local = self._local.fetch(ref)
         if local is not None:
@@ -324,13 +334,12 @@ class TransportClient:
 
     def present(self, payload: shm.Payload) -> shm.Payload:
         """``payload`` as this client hands payloads out (``copy``, ``tensor_type``)."""
+        out = payload.copy() if self.copy else payload
+        if self.tensor_type != "numpy" and not out.is_raw:
+            out = out.with_values(out.as_dict(torch=True, device="cuda" if self.device == "cuda" else None))
         if self.copy:
-            owned = payload.copy()
             payload.release()  # its slot / receive buffer goes back now: nothing else holds it
-            payload = owned
-        if self.tensor_type == "numpy" or payload.is_raw:
-            return payload
-        return payload.with_values(payload.as_dict(torch=True, device="cuda" if self.device == "cuda" else None))
+        return out
 
     def _present_results(self, results: list) -> list:
         if self.tensor_type != "numpy" or self.copy:
@@ -359,35 +368,46 @@ class TransportClient:
         if fields is not None:
             encode_fields(fields)  # a bad list fails here, before anything is claimed
         refs = list(refs)
-        kept = self._pop_kept(refs, fields)
-        if kept:  # consumed by an earlier call that was interrupted: those come from here
-            rest = [i for i in range(len(refs)) if i not in kept]
-            for i, r in zip(rest, self._fetch_now([refs[i] for i in rest], fields) if rest else ()):
-                kept[i] = r
-            return self._present_results([kept[i] for i in range(len(refs))])
-        return self._present_results(self._fetch_now(refs, fields))
+        kept = self._pop_kept(refs, fields)  # consumed by earlier calls that were interrupted
+        results = None
+        try:
+            if kept:
+                rest = [i for i in range(len(refs)) if i not in kept]
+                got = dict(zip(rest, self._fetch_now([refs[i] for i in rest], fields) if rest else ()))
+                results = [kept[i] if i in kept else got[i] for i in range(len(refs))]
+            else:
+                results = self._fetch_now(refs, fields)
+            return self._present_results(results)
+        except BaseException:  # interrupted (or a conversion failed): what this call holds is kept
+            if results is not None:
+                self._kept.keep_results(results, fields)
+            else:
+                self._kept.keep_results(kept.values(), fields)
+            raise
 
     def _fetch_now(self, refs: list, fields) -> list[FetchResult]:
         here = self._fetch_same_host(refs, fields)
         if here is not None:
             return here
-        return self._run(self._fetch_many, refs, fields, budget=self._batch_budget(refs),
-                         keep=self._kept.keep_results)
+        return self._run(self._fetch_many, refs, fields, budget=self._batch_budget(refs), keys=_keys(refs),
+                         keep=lambda results: self._kept.keep_results(results, fields))
 
     def _pop_kept(self, refs: list, fields) -> dict[int, FetchResult]:
-        """{index: result} for the refs whose payloads an interrupted call kept."""
-        self._kept.settle()
-        if not len(self._kept):
+        """{index: result} for the refs whose payloads an interrupted call kept (after
+        waiting for interrupted work on any of these refs to end)."""
+        if not self._kept.any():
             return {}
+        keys = _keys(refs)
+        self._kept.settle(keys)
         out = {}
         for i, r in enumerate(refs):
             try:
                 ref = self._checked(r)
             except InvalidRefError:
                 continue  # the fetch gives it its own error
-            payload = self._kept.pop(ref.key)
+            payload = self._kept.pop(ref.key, fields)
             if payload is not None:
-                out[i] = FetchResult(ref, payload if fields is None else payload.select(fields))
+                out[i] = FetchResult(ref, payload)
         return out
 
     def _batch_budget(self, refs: list) -> float:
@@ -423,11 +443,12 @@ class TransportClient:
             try:
                 again = self._run(self._fetch_many, [checked[i] for i in retry], fields, 1,
                                   budget=self._batch_budget([checked[i] for i in retry]),
-                                  keep=self._kept.keep_results)
+                                  keys=[checked[i].key for i in retry],
+                                  keep=lambda results: self._kept.keep_results(results, fields))
             except (TransportError, TimeoutError) as exc:  # the retried refs fail; the rest are delivered
                 again = [FetchResult(checked[i], None, detached(exc)) for i in retry]
             except BaseException:  # interrupted (Ctrl-C): this round's payloads are consumed; kept for the next call
-                self._kept.keep_results(results)
+                self._kept.keep_results(results)  # (whole payloads: restricted to fields when handed out)
                 raise
             for i, r in zip(retry, again):
                 results[i] = r
@@ -450,21 +471,26 @@ class TransportClient:
         host, ports = self._address(address)
         blob = None if fields is None else encode_fields(fields)
         where = (host, tuple(ports))
-        self._kept.settle()
-        got = self._kept.pop_taken(where, n)  # consumed by an earlier take that was interrupted
+        if self._kept.any():  # an interrupted take from there still running counts as waiting for payloads
+            self._kept.settle([("take", where)], limit=wait)
+        got = self._kept.pop_taken(where, n, fields)  # consumed by an earlier take that was interrupted
         if not got:
             got = self._run(self._take, host, ports, n, wait, 0, blob,
                             budget=self.call_budget() + wait + self._exchanges.transfer_s(n << 24),
-                            keep=lambda payloads: self._kept.keep_taken(where, payloads))
-        elif fields is not None:
-            got = [p.select(fields) for p in got]
-        return [self.present(p) for p in got]
+                            keys=[("take", where)],
+                            keep=lambda payloads: self._kept.keep_taken(where, payloads, fields))
+        try:
+            return [self.present(p) for p in got]
+        except BaseException:  # interrupted (or a conversion failed): consumed, kept for the next take
+            self._kept.keep_taken(where, got, fields)
+            raise
 
     async def atake(self, address, n: int = 1, wait: float = 0.0, *, fields=None) -> list[shm.Payload]:
         """:meth:`take` for callers with their own event loop."""
         host, ports = self._address(address)
         blob = None if fields is None else encode_fields(fields)
-        return [self.present(p) for p in await self._arun(self._take, host, ports, n, wait, 0, blob)]
+        got = self._kept.pop_taken((host, tuple(ports)), n, fields)  # consumed by an interrupted sync take
+        return [self.present(p) for p in got or await self._arun(self._take, host, ports, n, wait, 0, blob)]
 
     def take_any(self, directory, n: int = 16, wait: float = 0.0) -> list[shm.Payload]:
         """Up to ``n`` payloads pulled fairly from every live server of ``directory``
@@ -804,6 +830,17 @@ class TransportClient:
         return await self._net.call(host, ports, self._exchanges.ping_port, "PING")
 
 
+
+
+def _keys(refs) -> list:
+    """The payload keys of the valid refs among ``refs`` (SlotRefs or their dicts)."""
+    out = []
+    for r in refs:
+        try:
+            out.append(r.key if isinstance(r, shm.SlotRef) else shm.SlotRef.from_dict(r).key)
+        except (shm.InvalidRefError, TypeError, KeyError, AttributeError):
+            continue
+    return out
 
 
 #: a batch of more bytes than this is cut into several GETV requests in flight at once

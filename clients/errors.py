@@ -7,6 +7,7 @@
     |   `-- AlreadyDeliveredError                   final: this client already returned it once
     |-- InvalidRefError (also shm.InvalidRefError)  final: the ref is malformed
     |-- NoAddressError                              final: no server address for the ref's ring
+    |-- ForkedClientError                           final: a client used in a fork of its process
     |-- AuthError                                   final: token missing/wrong
     |-- BadRequestError                             final: the server rejected the request
     |-- PayloadTooLargeError (also shm.PayloadTooLargeError)  final: exceeds the client's limit
@@ -76,6 +77,19 @@ class TransientTransportError(TransportError):
     """May succeed if retried (another port, later)."""
 
     retryable = True
+
+
+class ForkedClientError(TransportError):
+    """A TransportClient created before ``os.fork()`` used in the forked child: its UCX
+    loop thread and endpoints did not survive the fork (and its same-host ring handles
+    belong to the parent). Create the client in the child, after the fork."""
+
+    def __init__(self, created_in: int, here: int):
+        super().__init__(
+            f"this TransportClient was created in process {created_in} and this process ({here}) is a fork of "
+            f"it: its UCX loop thread and endpoints do not survive fork(). Create a TransportClient in the "
+            f"child after the fork (e.g. in a DataLoader's worker_init_fn), or start workers with the "
+            f"'spawn' method")
 
 
 class ConnectionLostError(TransientTransportError):

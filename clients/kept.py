@@ -4,11 +4,13 @@ interrupted while it waited (Ctrl-C in the calling thread).
 A sync call's work runs on the UCX loop. Abandoning it when the caller is
 interrupted would drop payloads that a server already counts as consumed (the
 ACK went out, or was about to). So the work is left to finish within its own
-deadline, and what it delivered is kept here. The next call that consumes
-payloads first waits for such interrupted work still running (bounded by that
-work's deadline), then gets what is kept for it: a ``fetch`` or ``fetch_many``
-of the same refs, or a ``take`` from the same server. ``close()`` releases what
-nobody asked for.
+deadline, and what it delivered is kept here, with the fields it was asked for.
+The next call that asks for those payloads gets them: a ``fetch`` or
+``fetch_many`` of the same refs (which first waits for interrupted work on any
+of those refs to end, within that work's deadline), or a ``take`` from the same
+server (which waits for an interrupted take from there at most as long as it
+would wait for payloads, its ``wait``). ``close()`` waits for interrupted work
+(up to its timeout), then releases what nobody asked for.
 """
 
 from __future__ import annotations
@@ -25,20 +27,24 @@ log = logging.getLogger("clients.kept")
 
 class Kept:
     """Delivered payloads waiting for the next call that asks for them (thread-safe:
-    filled on the UCX loop thread, emptied by callers' threads)."""
+    filled on the UCX loop thread, emptied by callers' threads). Each is kept with
+    the ``fields`` its call asked for (None: the whole payload)."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._by_key: dict = {}  # payload key -> Payload, from fetch / fetch_many
-        self._taken: dict = collections.defaultdict(collections.deque)  # (host, ports) -> Payloads, from take
-        self._running: dict = {}  # interrupted work still running: its outcome future -> (done event, deadline)
+        self._by_key: dict = {}  # payload key -> (Payload, fields), from fetch / fetch_many
+        self._taken: dict = collections.defaultdict(collections.deque)  # (host, ports) -> (Payload, fields)
+        self._running: dict = {}  # interrupted work still running: outcome future -> (event, deadline, keys)
+        self._closed = False
 
-    def after_interrupt(self, outcome, keep, seconds: float) -> None:
+    # ------------------------------------------------- interrupted work ---
+    def after_interrupt(self, outcome, keep, seconds: float, keys=None) -> None:
         """A call was interrupted while its work runs on: ``outcome`` (a concurrent future)
-        will hold its result, which ``keep`` stores here; the work ends within ``seconds``."""
+        will hold its result, which ``keep`` stores here; the work ends within ``seconds``.
+        ``keys``: the payload keys it fetches (for a take: ``("take", address)``)."""
         settled = threading.Event()
         with self._lock:
-            self._running[outcome] = (settled, time.monotonic() + seconds)
+            self._running[outcome] = (settled, time.monotonic() + seconds, frozenset(keys or ()))
 
         def done(f) -> None:
             try:
@@ -51,56 +57,79 @@ class Kept:
 
         outcome.add_done_callback(done)
 
-    def settle(self) -> None:
-        """Wait for interrupted work still running (each up to its own deadline), so
-        that what it delivers is kept before the next call looks."""
+    def settle(self, keys=None, limit: float | None = None) -> None:
+        """Wait for interrupted work that fetches any of ``keys`` (None: all work), each up
+        to its own deadline (and at most ``limit`` s in all), so that what it delivers is
+        kept before the caller looks."""
         if not self._running:
             return
+        wanted = None if keys is None else set(keys)
         with self._lock:
-            running = list(self._running.values())
+            running = [(ev, dl) for ev, dl, ks in self._running.values() if wanted is None or not wanted.isdisjoint(ks)]
+        end = None if limit is None else time.monotonic() + limit
         for settled, deadline in running:
+            if end is not None:
+                deadline = min(deadline, end)
             if not settled.wait(max(0.0, deadline - time.monotonic())):
                 log.warning("interrupted work did not end by its deadline: going on without it")
+
+    # --------------------------------------------------------- keeping ---
+    def any(self) -> bool:
+        """Is anything kept, or interrupted work still running? (a cheap check, no lock)"""
+        return bool(self._by_key or self._taken or self._running)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._by_key) + sum(map(len, self._taken.values()))
 
-    def keep(self, key, payload) -> None:
+    def keep(self, key, payload, fields=None) -> None:
         """Keep one fetched payload under its key."""
-        with self._lock:
-            self._by_key[key] = payload
-        log.warning("a fetch was interrupted after %s was consumed: kept for the next fetch of that ref", key)
+        self.keep_many([(key, payload)], fields)
 
-    def keep_results(self, results) -> None:
+    def keep_results(self, results, fields=None) -> None:
         """Keep the payloads of a batch's results (``FetchResult`` objects) under their refs' keys."""
-        self.keep_many([(_key(r.ref), r.payload) for r in results if r.payload is not None])
+        self.keep_many([(_key(r.ref), r.payload) for r in results if r.payload is not None], fields)
 
-    def keep_many(self, pairs: list) -> None:
+    def keep_many(self, pairs: list, fields=None) -> None:
         """Keep fetched payloads, given as (key, payload) pairs."""
+        if not pairs:
+            return
         with self._lock:
-            self._by_key.update(pairs)
-        if pairs:
-            log.warning("a fetch_many was interrupted after %d payload(s) were consumed: kept for the next "
-                        "fetch or fetch_many of those refs", len(pairs))
+            closed = self._closed
+            if not closed:
+                self._by_key.update((k, (p, fields)) for k, p in pairs)
+        if closed:
+            self._release([p for _, p in pairs], "the client closed before they could be kept")
+            return
+        log.warning("a fetch was interrupted after %d payload(s) were consumed: kept for the next fetch or "
+                    "fetch_many of those refs (%s...)", len(pairs), pairs[0][0])
 
-    def keep_taken(self, address: tuple, payloads) -> None:
+    def keep_taken(self, address: tuple, payloads, fields=None) -> None:
         """Keep a take's payloads for the next take from ``address`` ((host, ports tuple))."""
         payloads = list(payloads)
+        if not payloads:
+            return
         with self._lock:
-            self._taken[address].extend(payloads)
-        if payloads:
-            log.warning("a take from %s:%s was interrupted after %d payload(s) were consumed: kept for the "
-                        "next take from that server", address[0], list(address[1]), len(payloads))
+            closed = self._closed
+            if not closed:
+                self._taken[address].extend((p, fields) for p in payloads)
+        if closed:
+            self._release(payloads, "the client closed before they could be kept")
+            return
+        log.warning("a take from %s:%s was interrupted after %d payload(s) were consumed: kept for the "
+                    "next take from that server", address[0], list(address[1]), len(payloads))
 
-    def pop(self, key):
-        """The payload kept under ``key`` (no longer kept), or None."""
+    # ------------------------------------------------------- handing out ---
+    def pop(self, key, fields=None):
+        """The payload kept under ``key`` (no longer kept), or None. ``fields``: what the
+        caller asks for (see :func:`_as_asked`)."""
         if not self._by_key:
             return None
         with self._lock:
-            return self._by_key.pop(key, None)
+            got = self._by_key.pop(key, None)
+        return None if got is None else _as_asked(key, *got, fields)
 
-    def pop_taken(self, address: tuple, n: int) -> list:
+    def pop_taken(self, address: tuple, n: int, fields=None) -> list:
         """Up to ``n`` payloads kept from takes from ``address`` (oldest first)."""
         if not self._taken:
             return []
@@ -108,23 +137,43 @@ class Kept:
             queue = self._taken.get(address)
             if not queue:
                 return []
-            out = [queue.popleft() for _ in range(min(n, len(queue)))]
+            got = [queue.popleft() for _ in range(min(n, len(queue)))]
             if not queue:
                 del self._taken[address]
-            return out
+        return [_as_asked(address, p, had, fields) for p, had in got]
 
-    def clear(self) -> int:
-        """Release every kept payload (the client closes); how many there were."""
+    def close(self, limit: float) -> int:
+        """The client closes: wait up to ``limit`` s for interrupted work, then release every
+        kept payload (and any kept later); how many were released."""
+        self.settle(limit=limit)
         with self._lock:
-            payloads = list(self._by_key.values()) + [p for q in self._taken.values() for p in q]
+            self._closed = True
+            payloads = [p for p, _ in self._by_key.values()] + [p for q in self._taken.values() for p, _ in q]
             self._by_key.clear()
             self._taken.clear()
+        self._release(payloads, "nobody asked for them again before the client closed")
+        return len(payloads)
+
+    @staticmethod
+    def _release(payloads: list, why: str) -> None:
         for p in payloads:
             p.release()
         if payloads:
-            log.warning("closing with %d payload(s) kept from interrupted calls that nobody asked for again: "
-                        "released (they were consumed)", len(payloads))
-        return len(payloads)
+            log.warning("released %d payload(s) consumed by interrupted calls (%s): they were consumed and are "
+                        "not served again", len(payloads), why)
+
+
+def _as_asked(where, payload, had, fields):
+    """A kept payload for a call asking for ``fields``: restricted to them; a field the
+    interrupted call did not fetch (``had``) is not in it, which is logged."""
+    if fields is None and had is None:
+        return payload
+    if had is not None:
+        missing = [f for f in (fields if fields is not None else ()) if f not in had]
+        if fields is None or missing:
+            log.warning("payload %s was consumed by an interrupted call that asked only for fields %s: %s "
+                        "not in it", where, list(had), missing or "the other fields are")
+    return payload if fields is None else payload.select(fields)
 
 
 def _key(ref) -> tuple:

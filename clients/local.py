@@ -12,6 +12,7 @@ UCX loop.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -21,7 +22,14 @@ import psutil
 
 import shm
 
-from .errors import AlreadyDeliveredError, CorruptPayloadError, ServerBusyError, StaleSlotError, TransportError
+from .errors import (
+    AlreadyDeliveredError,
+    CorruptPayloadError,
+    ForkedClientError,
+    ServerBusyError,
+    StaleSlotError,
+    TransportError,
+)
 from .kept import Kept
 from .ledger import Ledger
 
@@ -55,6 +63,7 @@ class LocalReader:
     def __init__(self, ledger: Ledger, kept: Kept, *, enabled: bool, max_attempts: int):
         self._ledger = ledger
         self._kept = kept
+        self._pid = os.getpid()  # the ring handles cached here are this process's, not a fork's
         self.enabled = enabled
         self.max_attempts = max_attempts
         self._rings: dict[str, tuple[shm.RingBuffer | None, float]] = {}  # name -> (handle, attached at)
@@ -81,6 +90,8 @@ class LocalReader:
         """
         if ref.host is not None and ref.host not in self._local_addrs:
             return None
+        if self._pid != os.getpid():
+            raise ForkedClientError(self._pid, os.getpid())
         with self._rings_lock:
             ring, checked = self._rings.get(ref.ring, (None, -RING_RETRY_S))
             now = time.monotonic()
@@ -133,6 +144,8 @@ class LocalReader:
                     first[slot] = j
             idx = list(first.values())
         out: list = [_ALONE] * n
+        claimed: list = []
+        results: list = []
         try:
             batch, codes = ring.claim_batch([slots[j] for j in idx], [refs[j].generation for j in idx])
         except ValueError:  # a slot beyond this ring's size: each ref gets its own error below
@@ -171,7 +184,7 @@ class LocalReader:
                     ok = acked
                 for j, result in zip(claimed, results):
                     out[j] = result
-                del results
+                results = []  # (the payloads live on in out)
                 if ok:
                     fresh = self._ledger.remember_batch([keys[claimed[k]] for k in ok], "local_fetches",
                                                         batch.nbytes[list(ok)].tolist(),
@@ -189,9 +202,17 @@ class LocalReader:
                     except (TransportError, shm.RingError) as exc:
                         out[j] = exc
         except BaseException:  # e.g. Ctrl-C: what was not acked goes back to READY, what was is kept
+            held = [(keys[j], o) for j, o in enumerate(out) if isinstance(o, shm.Payload)]
+            for k, p in enumerate(results):
+                if isinstance(p, shm.Payload):
+                    if batch.done[k]:  # acked: consumed, kept for the next call
+                        held.append((keys[claimed[k]], p))
+                    else:  # never handed out: its views go now, so the give-back below is not deferred
+                        p.release()
+            results = None
             if batch is not None:
                 batch.abandon()
-            self._kept.keep_many([(keys[j], o) for j, o in enumerate(out) if isinstance(o, shm.Payload)])
+            self._kept.keep_many(held)
             raise
         return out
 

@@ -5,6 +5,7 @@ See ``docs/RING.md`` for the layout and the slot state machine.
 
 from .errors import (
     DeadLetterError,
+    ForkedHandleError,
     FrameError,
     InvalidRefError,
     PayloadReleasedError,
@@ -27,5 +28,5 @@ __all__ = [
     "RingBuffer", "SlotWriter", "SlotLease", "LeaseBatch", "SlotRef", "SlotState", "Payload",
     "RingError", "RingFullError", "RingEmptyError", "StaleSlotError", "SlotBusyError",
     "PayloadTooLargeError", "FrameError", "RingLayoutError", "InvalidRefError", "DeadLetterError",
-    "SlotLockTimeoutError", "DEAD_LETTER_AFTER", "PayloadReleasedError", "Ragged",
+    "SlotLockTimeoutError", "DEAD_LETTER_AFTER", "PayloadReleasedError", "Ragged", "ForkedHandleError",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import platform
 import struct
@@ -23,6 +24,19 @@ import time
 # struct flock on Linux/x86_64 and aarch64: short l_type, short l_whence,
 # off_t l_start, off_t l_len, pid_t l_pid (+ padding)
 _FLOCK = struct.Struct("hhqqi4x")
+
+
+#: this process's id, kept current across os.fork() by the hook below: a plain read on hot paths
+#: (a handle opened by another pid was inherited through fork and must not change the ring)
+pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global pid
+    pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def flock_bytes(ltype: int, start: int, length: int = 1) -> bytes:
@@ -103,3 +117,43 @@ def futex_wait(addr: int, expected: int, timeout: float | None) -> None:
 def futex_wake(addr: int, n: int = 2**31 - 1) -> None:
     if _libc is not None:
         _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(addr), _FUTEX_WAKE, n, None, None, 0)
+
+
+_MAP_FIXED = 0x10  # <sys/mman.h> on Linux
+
+
+def disown_description(ident: tuple[int, int], addr: int, length: int) -> None:
+    """In a forked child: stop sharing the parent's open file description of a segment.
+
+    OFD locks belong to the open file description, which the kernel frees (dropping
+    its locks) only when no descriptor *and no mapping* refers to it. A forked child
+    inherits both, so a parent killed while holding slots would look alive for as
+    long as the child lives. Every descriptor of the segment ``ident`` (st_dev,
+    st_ino) is pointed at a fresh description (``dup2``), and the mapping at
+    ``addr`` is replaced by the same pages mapped through it (``MAP_FIXED``: same
+    address, same shared memory, views keep working)."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.fstat(int(name))
+        except OSError:  # the listing's own descriptor, gone already
+            continue
+        if (st.st_dev, st.st_ino) == ident:
+            fds.append(int(name))
+    if not fds:
+        return
+    fresh = os.open(f"/proc/self/fd/{fds[0]}", os.O_RDWR)  # a new description of the same file
+    try:
+        if addr and length:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_long]
+            got = libc.mmap(addr, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED,
+                            fresh, 0)
+            if got != addr:
+                raise OSError(ctypes.get_errno(), "mmap(MAP_FIXED) of the segment in the forked child failed")
+        for fd in fds:
+            os.dup2(fresh, fd, inheritable=False)
+    finally:
+        os.close(fresh)

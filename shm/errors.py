@@ -15,6 +15,13 @@ class RingError(Exception):
     retryable = False
 
 
+class ForkedHandleError(RingError):
+    """A ring handle (or a lease, writer or view of one) opened before ``os.fork()``
+    used in the forked child. The child shares the parent's lock ownership through
+    the inherited file description, so a change made through that handle could
+    clobber the parent's slots: attach the ring again in the child."""
+
+
 class RingFullError(RingError):
     """No FREE slot became available before the writer's deadline."""
 

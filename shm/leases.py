@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
+from . import _sync
 from .errors import FrameError, RingError
 from .frame import FrameBuilder, decode_many, parse_index, payload_from
 from .layout import SLOT_HEADROOM
@@ -113,8 +114,8 @@ class SlotWriter:
         self.abort()
 
     def __del__(self):  # pragma: no cover
-        if getattr(self, "_done", True) or sys.is_finalizing():
-            return  # (at interpreter exit the slot is recovered: its owner is gone)
+        if getattr(self, "_done", True) or sys.is_finalizing() or self._ring._pid != _sync.pid:
+            return  # (at interpreter exit the slot is recovered: its owner is gone; a fork's copy is not ours)
         log.warning("SlotWriter for slot %d dropped without publish/abort: aborting", self.slot)
         try:
             self.abort()
@@ -264,8 +265,8 @@ class SlotLease:
             self.nack()
 
     def __del__(self):  # pragma: no cover
-        if getattr(self, "_done", True) or sys.is_finalizing():
-            return  # (at interpreter exit the slot is recovered: its owner is gone)
+        if getattr(self, "_done", True) or sys.is_finalizing() or self._ring._pid != _sync.pid:
+            return  # (at interpreter exit the slot is recovered: its owner is gone; a fork's copy is not ours)
         log.warning("lease on slot %d dropped without ack/nack: nacking", self.slot)
         try:
             self.nack()
@@ -439,8 +440,8 @@ class LeaseBatch:
         table.finalise_soon_many(self.slots[which], self.lease_numbers[which], np.zeros(len(which), bool))
 
     def __del__(self):  # pragma: no cover - exercised through the client's interrupted batch
-        if sys.is_finalizing() or not hasattr(self, "done") or self.done.all():
-            return  # (at interpreter exit the slots are recovered: their owner is gone)
+        if sys.is_finalizing() or not hasattr(self, "done") or self.done.all() or self._ring._pid != _sync.pid:
+            return  # (at interpreter exit the slots are recovered: their owner is gone; a fork's copy is not ours)
         log.warning("batch of %d lease(s) on ring slots %s... dropped without ack/nack: giving them back",
                     int((~self.done).sum()), self.slots[~self.done][:4].tolist())
         try:

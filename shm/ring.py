@@ -28,6 +28,7 @@ import numpy as np
 
 from . import _sync
 from .errors import (
+    ForkedHandleError,
     PayloadTooLargeError,
     RingEmptyError,
     RingError,
@@ -78,6 +79,28 @@ def _deadline(timeout: float | None, default: float) -> float:
     return time.monotonic() + t
 
 
+#: every open handle of this process: a forked child closes its copies of their descriptors
+_OPEN_HANDLES: "weakref.WeakSet[RingBuffer]" = weakref.WeakSet()
+
+
+def _disown_after_fork() -> None:
+    """In a forked child: let go of the parent's open file descriptions of its rings. They
+    carry the parent's slot and ownership locks; a child keeping them would keep a killed
+    parent's slots looking owned (never recovered) for as long as it lives. The parent's
+    handles refuse every change in the child from now on (ForkedHandleError)."""
+    for ring in list(_OPEN_HANDLES):
+        if ring._mm.closed:  # unmapped: nothing of it is left here
+            continue
+        try:
+            _sync.disown_description(ring._ident, ring._map_addr, ring._map_len)
+        except OSError as exc:  # pragma: no cover - /proc unavailable, or a failed remap
+            log.warning("forked child: could not let go of ring %r's parent locks (%s): a parent killed while "
+                        "this process lives keeps its slots until this process exits", ring._name, exc)
+
+
+os.register_at_fork(after_in_child=_disown_after_fork)
+
+
 class RingBuffer:
     """A ring of ``slots`` payload slots of ``slot_bytes`` each in ``/dev/shm``.
 
@@ -92,10 +115,12 @@ class RingBuffer:
                  owner: bool):
         self._name = name
         self._fd = fd
+        self._pid = _sync.pid  # the process that opened it: a forked child must not use it
         self._mm = mm
         self._owner = owner
         self._closed = False
         self._u8 = np.frombuffer(mm, dtype=np.uint8)
+        self._map_addr, self._map_len = self._u8.ctypes.data, len(mm)  # (a forked child remaps it)
         self._hdr = self._u8[:RING_HEADER.itemsize].view(RING_HEADER).reshape(())
         h = self._hdr
         if bytes(h["magic"]) != RING_MAGIC:
@@ -128,6 +153,7 @@ class RingBuffer:
         self._ident = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
         #: leases whose payload views may be alive (their slots must outlive close())
         self._viewed: "weakref.WeakSet[SlotLease]" = weakref.WeakSet()
+        _OPEN_HANDLES.add(self)
 
     # ------------------------------------------------------------ creation --
     @classmethod
@@ -258,6 +284,8 @@ class RingBuffer:
         if self._closed:
             return
         self._closed = True
+        if self._pid != _sync.pid:  # inherited through fork: the parent's, not to be closed here
+            return
         if any(lease.views_alive for lease in list(self._viewed)):
             # a view of a payload of this ring is alive: its slot must stay ours (pinned)
             # and mapped until that view is gone, so the mapping and the locks stay
@@ -272,6 +300,8 @@ class RingBuffer:
             self._mm.close()
         except BufferError:
             log.debug("ring %r: payload views still alive; mapping freed when they are", self._name)
+        else:
+            _OPEN_HANDLES.discard(self)  # unmapped: a fork has nothing of it left to let go of
         os.close(self._fd)
 
     def unlink(self) -> None:
@@ -295,6 +325,12 @@ class RingBuffer:
     def _check_open(self):
         if self._closed:
             raise RingError(f"ring {self._name!r} handle is closed")
+        if self._pid != _sync.pid:
+            raise ForkedHandleError(
+                f"ring {self._name!r}: this handle was opened by process {self._pid} and this process "
+                f"({_sync.pid}) is a fork of it; a forked child must not change the ring through its parent's "
+                f"handle (they would share slot locks). Attach the ring again here: "
+                f"shm.RingBuffer.attach({self._name!r}), or start workers with the 'spawn' method")
 
     # --------------------------------------------------------- properties --
     @property

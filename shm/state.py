@@ -52,7 +52,7 @@ import time
 import numpy as np
 
 from . import _sync
-from .errors import SlotBusyError, SlotLockTimeoutError, StaleSlotError
+from .errors import ForkedHandleError, SlotBusyError, SlotLockTimeoutError, StaleSlotError
 from .layout import LOCK_OWNER_BASE, LOCK_SLOT_BASE
 
 log = logging.getLogger("shm.state")
@@ -90,6 +90,16 @@ class _Ownerships:
 #: (st_dev, st_ino) of a ring's segment -> this process's ownerships in it
 _OWNED: dict[tuple[int, int], _Ownerships] = {}
 _OWNED_LOCK = threading.Lock()
+
+
+def _forget_parents_ownerships() -> None:
+    """In a forked child: the parent's leases are not this process's (and the lock may have been held)."""
+    global _OWNED_LOCK
+    _OWNED.clear()
+    _OWNED_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_parents_ownerships)
 
 
 def _ownerships(ident: tuple[int, int], n: int) -> _Ownerships:
@@ -131,9 +141,23 @@ class SlotTable:
         self._soon: collections.deque = collections.deque()
 
     # ------------------------------------------------------------ locking --
+    @property
+    def forked(self) -> bool:
+        """Was this table opened by the parent of this (forked) process? It then changes nothing."""
+        return self._pid != _sync.pid
+
+    def _refuse_if_forked(self) -> None:
+        if self._pid != _sync.pid:
+            raise ForkedHandleError(
+                f"this ring handle was opened by process {self._pid} and this process ({_sync.pid}) is a fork "
+                f"of it: a forked child shares its parent's slot locks, so it must not change the ring through "
+                f"the parent's handle. Attach the ring again in the child (shm.RingBuffer.attach(name)), or "
+                f"start workers with the 'spawn' method")
+
     def _try_lock(self, slot: int) -> bool:
         """Take slot's transition lock without waiting. On True the caller holds
         the thread lock and the slot lock and must call :meth:`_unlock`."""
+        self._refuse_if_forked()
         self._tlock.acquire()
         try:
             fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _sync.flock_bytes(fcntl.F_WRLCK, LOCK_SLOT_BASE + slot))
@@ -375,6 +399,7 @@ class SlotTable:
     # slots), vectorised checks and updates, one ownership-lock syscall per run of
     # consecutive slots. Each falls back to slot-by-slot when the range is busy.
     def _lock_range(self, lo: int, hi: int) -> bool:
+        self._refuse_if_forked()
         self._tlock.acquire()
         try:
             fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _sync.flock_bytes(fcntl.F_WRLCK, LOCK_SLOT_BASE + lo, hi - lo + 1))
@@ -510,6 +535,8 @@ class SlotTable:
             self._soon.append((slot, lease, ack))
 
     def _apply_soon(self, slot: int, lease: int, ack: bool) -> bool:
+        if self._pid != _sync.pid:
+            return True  # a view inherited through fork: the parent owns that slot, not this child
         if not self._tlock.acquire(blocking=False):
             return False
         try:
@@ -539,7 +566,7 @@ class SlotTable:
         slot (each queued for the next call if its own lock is busy). Same rules: never
         blocks, safe in a callback."""
         slots = np.asarray(slots, np.int64)
-        if not len(slots):
+        if not len(slots) or self._pid != _sync.pid:  # (views inherited through fork: the parent's slots)
             return
         lo, hi = int(slots.min()), int(slots.max())
         if not self._tlock.acquire(blocking=False):
@@ -582,7 +609,7 @@ class SlotTable:
 
     def apply_pending(self) -> None:
         """Apply queued late finalisations (called at the start of ring operations)."""
-        if not self._soon:
+        if not self._soon or self._pid != _sync.pid:
             return
         for _ in range(len(self._soon)):
             try:

@@ -55,11 +55,23 @@ def test_take_interrupted_while_it_waits_hands_its_payload_to_the_next_take(make
     ring = make_ring()
     srv = serve(ring_name)
     t = Trainer(f"""
-        import json, sys
+        import asyncio, json, os, signal, sys, threading, time
         from clients import TransportClient
+        from ucxx_transport import engine
         c = TransportClient(local_fast_path=False, timeout=10)
         c.connect({tuple(srv.address)!r})
-        print("ready", flush=True)
+
+        def ctrl_c_once_the_take_runs():  # a real SIGINT, once the take's task is on the UCX loop
+            while True:
+                try:
+                    if any("_take" in repr(t.get_coro()) for t in asyncio.all_tasks(engine._engine.loop)):
+                        break
+                except RuntimeError:  # the loop's task set changed while it was read: look again
+                    pass
+                time.sleep(0.005)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=ctrl_c_once_the_take_runs, daemon=True).start()
         try:
             c.take({tuple(srv.address)!r}, n=1, wait=60)
             print("not interrupted", flush=True)
@@ -71,8 +83,6 @@ def test_take_interrupted_while_it_waits_hands_its_payload_to_the_next_take(make
         print("stats", json.dumps(c.stats()["kept_after_interrupt"]), flush=True)
         c.close()
     """)
-    t.expect("ready")
-    t.interrupt()
     t.expect("interrupted")
     ring.put({"x": np.arange(100, dtype=np.int32)}, meta={"i": 7})
     # the interrupted take, still waiting on the client's loop, consumes it
@@ -127,20 +137,23 @@ def test_same_host_batch_interrupted_in_its_retry_round_keeps_what_it_consumed(m
         holder.join(10)
 
 
-def test_same_host_batch_interrupted_between_claim_and_ack_gives_its_slots_back(make_ring, monkeypatch):
-    """An interrupt after a same-host batch was claimed and before it was acked: the slots go back
-    to READY (before: left READING by a live process, which nobody reclaims)."""
+@pytest.mark.parametrize("where", ["payloads", "finalise"])
+def test_same_host_batch_interrupted_between_claim_and_ack_gives_its_slots_back(make_ring, monkeypatch, where):
+    """An interrupt after a same-host batch was claimed (and decoded) and before it was acked:
+    the slots go back to READY at once, even while the interrupt's traceback is kept (as a REPL
+    keeps it); before: left READING by a live process, which nobody reclaims."""
     ring = make_ring(slots=16)
     refs = helpers.put_many(ring, 6)
 
-    def interrupted(self):
+    def interrupted(self, *args):  # ("finalise": after the batch was decoded, its views exist)
         raise KeyboardInterrupt
 
     with TransportClient() as c:
         with monkeypatch.context() as m:
-            m.setattr(shm.LeaseBatch, "payloads", interrupted)
-            with pytest.raises(KeyboardInterrupt):
+            m.setattr(shm.LeaseBatch, where, interrupted)
+            with pytest.raises(KeyboardInterrupt) as kept_traceback:
                 c.fetch_many(refs)
+        assert kept_traceback.tb is not None
         assert ring.state_counts()["READY"] == 6
         got = c.fetch_many(refs)
         assert all(r.ok for r in got) and [r.payload.meta["i"] for r in got] == list(range(6))
@@ -157,3 +170,27 @@ def test_a_lease_batch_dropped_unfinished_gives_back_only_what_it_still_holds(ma
     assert [int(states[r.slot]) for r in refs] == [READING, READING, READY, READY]
     assert kept.finalise(True)
     assert ring.state_counts()["READY"] == 2 and ring.state_counts()["READING"] == 0
+
+
+def test_kept_payloads_are_handed_out_as_asked_and_released_at_close(make_ring, caplog):
+    from clients.kept import Kept
+
+    ring = make_ring(slots=16)
+    refs = [ring.put({"a": np.arange(3), "b": np.arange(4)}) for _ in range(3)]
+    payloads = [ring.claim(r).payload for r in refs]
+    kept = Kept()
+    where = ("127.0.0.1", (1, 2))
+    kept.keep_taken(where, payloads[:1], ["a"])  # an interrupted take(fields=["a"])
+    kept.keep(refs[1].key, payloads[1])          # an interrupted fetch of the whole payload
+    assert kept.pop_taken(("127.0.0.1", (3,)), 4) == []  # another server's take gets nothing of it
+    with caplog.at_level("WARNING", logger="clients.kept"):
+        (got,) = kept.pop_taken(where, 4)  # asked for everything: only "a" was fetched, and it says so
+    assert sorted(got) == ["a", "b"] and "asked only for fields ['a']" in caplog.text
+    assert sorted(kept.pop(refs[1].key, ["b"])) == ["b"]  # restricted to what this call asks for
+    assert kept.pop(refs[1].key) is None and len(kept) == 0
+    kept.keep(refs[2].key, payloads[2])
+    assert kept.close(limit=1.0) == 1 and len(kept) == 0
+    kept.keep(refs[0].key, payloads[0])  # work that ends after close: released at once, not kept
+    assert len(kept) == 0
+    with pytest.raises(shm.PayloadReleasedError):
+        payloads[0]["a"]

@@ -541,16 +541,21 @@ def run(coro, timeout: float | None = None, on_interrupt=None):
     On ``timeout`` the coroutine is cancelled (nothing keeps running behind the
     caller's back) and ``TimeoutError`` is raised. When the waiting thread is
     interrupted instead (KeyboardInterrupt, or any exception raised in it while
-    it waits), the coroutine is cancelled too, unless ``on_interrupt`` is given:
-    then it runs to its end, and ``on_interrupt`` is called at once, in the
-    interrupted thread, with a ``concurrent.futures.Future`` of its outcome (for
-    work whose result must not be dropped, like payloads already acknowledged).
-    The interrupt propagates either way.
+    it waits), the coroutine runs on to its end (cancelling work halfway, e.g.
+    between an ACK and its confirmation, could undo what was already decided),
+    and ``on_interrupt``, when given, is called at once in the interrupted
+    thread with a ``concurrent.futures.Future`` of its outcome (for work whose
+    result must not be dropped, like payloads already acknowledged). The
+    interrupt propagates.
     """
     loop = _engine.loop
     if loop is None:
         coro.close()
         raise RuntimeError("the UCX loop is not running (engine.acquire() first)")
+    if _engine.pid != os.getpid():
+        coro.close()
+        raise RuntimeError(f"the UCX loop belongs to process {_engine.pid} and this process is a fork of it "
+                           f"(its loop thread did not survive fork()): start children with the 'spawn' method")
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
@@ -575,10 +580,8 @@ def run(coro, timeout: float | None = None, on_interrupt=None):
         # callbacks run in order: start() has run by the time this does; cancel what it started
         loop.call_soon_threadsafe(lambda: [t.cancel() for t in started])
         raise TimeoutError(f"no result within {timeout} s (the coroutine was cancelled)") from None
-    except BaseException:  # the waiting thread was interrupted (Ctrl-C): settle the work, then re-raise
-        if on_interrupt is None:
-            loop.call_soon_threadsafe(lambda: [t.cancel() for t in started])
-        else:
+    except BaseException:  # the waiting thread was interrupted (Ctrl-C): the work runs on
+        if on_interrupt is not None:
             outcome: concurrent.futures.Future = concurrent.futures.Future()
             loop.call_soon_threadsafe(lambda: [t.add_done_callback(lambda t: _settle_into(t, outcome))
                                                for t in started])
