@@ -119,19 +119,45 @@ def futex_wake(addr: int, n: int = 2**31 - 1) -> None:
         _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(addr), _FUTEX_WAKE, n, None, None, 0)
 
 
-_MAP_FIXED = 0x10  # <sys/mman.h> on Linux
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2  # <sys/mman.h> on Linux
 
 
-def disown_description(ident: tuple[int, int], addr: int, length: int) -> None:
-    """In a forked child: stop sharing the parent's open file description of a segment.
+def _mman():
+    libc = _libc if _libc is not None else ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+def _remap_through(addr: int, length: int, fd: int) -> None:
+    """Replace the shared mapping at ``addr`` by the same file's pages mapped through ``fd``,
+    atomically (map elsewhere, then ``mremap`` onto ``addr``): on failure the old mapping stays."""
+    libc = _mman()
+    tmp = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if tmp is None or tmp == ctypes.c_void_p(-1).value:
+        raise OSError(ctypes.get_errno(), "mmap of the segment in the forked child failed")
+    got = libc.mremap(tmp, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, addr)
+    if got != addr:
+        err = ctypes.get_errno()
+        libc.munmap(tmp, length)
+        raise OSError(err, "mremap of the segment onto its old address in the forked child failed")
+
+
+def disown_description(ident: tuple[int, int], mappings: list, handle_fds: list) -> None:
+    """In a forked child: stop sharing the parent's open file description(s) of a segment.
 
     OFD locks belong to the open file description, which the kernel frees (dropping
     its locks) only when no descriptor *and no mapping* refers to it. A forked child
-    inherits both, so a parent killed while holding slots would look alive for as
-    long as the child lives. Every descriptor of the segment ``ident`` (st_dev,
-    st_ino) is pointed at a fresh description (``dup2``), and the mapping at
-    ``addr`` is replaced by the same pages mapped through it (``MAP_FIXED``: same
-    address, same shared memory, views keep working)."""
+    inherits both, so it could take a lock its parent holds, and a parent killed while
+    holding slots would look alive for as long as the child lives. So: every mapping
+    of the segment ``ident`` (st_dev, st_ino) in ``mappings`` [(address, length)] is
+    remapped, same address and pages, through one fresh description that never takes a
+    lock, and so is every descriptor of the segment; then each ring handle's descriptor
+    in ``handle_fds`` gets a fresh description of its own (two handles' locks must still
+    exclude each other, as they did in the parent)."""
     fds = []
     for name in os.listdir("/proc/self/fd"):
         try:
@@ -142,18 +168,17 @@ def disown_description(ident: tuple[int, int], addr: int, length: int) -> None:
             fds.append(int(name))
     if not fds:
         return
-    fresh = os.open(f"/proc/self/fd/{fds[0]}", os.O_RDWR)  # a new description of the same file
+    shared = os.open(f"/proc/self/fd/{fds[0]}", os.O_RDWR)  # a new description of the same file
     try:
-        if addr and length:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.mmap.restype = ctypes.c_void_p
-            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                  ctypes.c_long]
-            got = libc.mmap(addr, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED,
-                            fresh, 0)
-            if got != addr:
-                raise OSError(ctypes.get_errno(), "mmap(MAP_FIXED) of the segment in the forked child failed")
+        for addr, length in mappings:
+            _remap_through(addr, length, shared)
         for fd in fds:
-            os.dup2(fresh, fd, inheritable=False)
+            os.dup2(shared, fd, inheritable=False)
+        for fd in handle_fds:
+            own = os.open(f"/proc/self/fd/{shared}", os.O_RDWR)
+            try:
+                os.dup2(own, fd, inheritable=False)
+            finally:
+                os.close(own)
     finally:
-        os.close(fresh)
+        os.close(shared)

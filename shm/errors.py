@@ -16,10 +16,11 @@ class RingError(Exception):
 
 
 class ForkedHandleError(RingError):
-    """A ring handle (or a lease, writer or view of one) opened before ``os.fork()``
-    used in the forked child. The child shares the parent's lock ownership through
-    the inherited file description, so a change made through that handle could
-    clobber the parent's slots: attach the ring again in the child."""
+    """A lease, batch or writer inherited through ``os.fork()`` used in the child to
+    finalise or write a slot its parent holds (the parent does that; claim or reserve
+    slots of your own in the child). Also raised by an inherited ring handle when the
+    child could not get a file description of its own at the fork: attach the ring
+    again in the child."""
 
 
 class RingFullError(RingError):

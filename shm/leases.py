@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from . import _sync
-from .errors import FrameError, RingError
+from .errors import ForkedHandleError, FrameError, RingError
 from .frame import FrameBuilder, decode_many, parse_index, payload_from
 from .layout import SLOT_HEADROOM
 from .payload import Payload
@@ -35,6 +35,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("shm.ring")
 
 
+def _refuse_in_fork(holder, what: str) -> None:
+    """A writer, lease or batch used by a fork of the process that took it: refused."""
+    if holder._pid != _sync.pid:
+        raise ForkedHandleError(f"{what}: this {type(holder).__name__} belongs to process {holder._pid}, and this "
+                                f"process ({_sync.pid}) is a fork of it: it cannot finalise or write its parent's "
+                                f"slots (the parent does); claim or reserve slots of your own here")
+
+
 class SlotWriter:
     """A slot held in WRITING by this process; write in place, then publish.
 
@@ -46,6 +54,7 @@ class SlotWriter:
         self._ring = ring
         self.slot = slot
         self._lease = lease
+        self._pid = _sync.pid  # (a fork's copy of this writer is not the child's)
         self._done = False
         self.buffer = ring.slot_buffer(slot)
         self._builder: FrameBuilder | None = None
@@ -53,6 +62,7 @@ class SlotWriter:
     def _b(self) -> FrameBuilder:
         if self._done:
             raise RingError("this SlotWriter was already published or aborted")
+        _refuse_in_fork(self, f"writing slot {self.slot}")  # the parent's slot: writing it would corrupt its payload
         if self._builder is None:
             self._builder = FrameBuilder(self.buffer)
         return self._builder
@@ -101,6 +111,7 @@ class SlotWriter:
         """Give the slot back (WRITING -> FREE). Idempotent."""
         if self._done:
             return
+        _refuse_in_fork(self, f"abort of slot {self.slot}")
         self._done = True
         self.buffer = None
         self._builder = None
@@ -114,7 +125,7 @@ class SlotWriter:
         self.abort()
 
     def __del__(self):  # pragma: no cover
-        if getattr(self, "_done", True) or sys.is_finalizing() or self._ring._pid != _sync.pid:
+        if getattr(self, "_done", True) or sys.is_finalizing() or self._pid != _sync.pid:
             return  # (at interpreter exit the slot is recovered: its owner is gone; a fork's copy is not ours)
         log.warning("SlotWriter for slot %d dropped without publish/abort: aborting", self.slot)
         try:
@@ -138,6 +149,7 @@ class SlotLease:
         self._ring = ring
         self.slot = slot
         self._lease = lease
+        self._pid = _sync.pid  # (a fork's copy of this lease is not the child's)
         self.generation = generation
         self.nbytes = nbytes
         self._done = False
@@ -193,6 +205,7 @@ class SlotLease:
             table.finalise_soon(self.slot, self._lease, decision)
 
     def _finalise(self, ack: bool, lock_timeout: float, undecodable: bool = False) -> bool:
+        _refuse_in_fork(self, f"{'ack' if ack else 'nack'} of slot {self.slot}")
         self._payload = None  # our own reference; the caller's views keep the slot
         table = self._ring._table
         if not self.views_alive:
@@ -232,6 +245,7 @@ class SlotLease:
         are gone). For a holder that must not block (a frozen process holds the lock)."""
         if self._done or self._ring._table is None:
             return
+        _refuse_in_fork(self, f"nack of slot {self.slot}")
         self._payload = None
         self._done = True
         if self.views_alive:
@@ -265,7 +279,7 @@ class SlotLease:
             self.nack()
 
     def __del__(self):  # pragma: no cover
-        if getattr(self, "_done", True) or sys.is_finalizing() or self._ring._pid != _sync.pid:
+        if getattr(self, "_done", True) or sys.is_finalizing() or self._pid != _sync.pid:
             return  # (at interpreter exit the slot is recovered: its owner is gone; a fork's copy is not ours)
         log.warning("lease on slot %d dropped without ack/nack: nacking", self.slot)
         try:
@@ -294,6 +308,7 @@ class LeaseBatch:
         self.lease_numbers = leases
         self.generations = generations
         self.nbytes = nbytes
+        self._pid = _sync.pid  # (a fork's copy of this batch is not the child's)
         self.done = np.zeros(len(slots), bool)
         self._watch = None  # the shared anchor of the payloads' views, once decoded
         self._decision = np.full(len(slots), -1, np.int8)  # per item, deferred to the views: 1 ack, 0 nack
@@ -365,6 +380,7 @@ class LeaseBatch:
         live = ~self.done
         if not live.any():
             return True
+        _refuse_in_fork(self, "batch finalise")
         if self._ring._closed:
             self.done[:] = True
             return True
@@ -394,6 +410,7 @@ class LeaseBatch:
         or :meth:`give_back_soon`) if its lock stays busy for ``lock_timeout`` s."""
         if self.done[i]:
             return False
+        _refuse_in_fork(self, f"finalise of slot {int(self.slots[i])}")
         table = self._ring._table
         if table is None:
             self.done[i] = True
@@ -418,6 +435,7 @@ class LeaseBatch:
         table = self._ring._table
         if self.done[i] or table is None:
             return
+        _refuse_in_fork(self, f"give-back of slot {int(self.slots[i])}")
         self.done[i] = True
         table.finalise_soon(int(self.slots[i]), int(self.lease_numbers[i]), False)
 
@@ -429,6 +447,8 @@ class LeaseBatch:
         wait; nothing is consumed."""
         table = self._ring._table
         which = np.flatnonzero(~self.done)
+        if len(which):
+            _refuse_in_fork(self, "give-back of a batch")
         if not len(which) or table is None or self._ring._closed:
             self.done[:] = True
             return
@@ -440,7 +460,7 @@ class LeaseBatch:
         table.finalise_soon_many(self.slots[which], self.lease_numbers[which], np.zeros(len(which), bool))
 
     def __del__(self):  # pragma: no cover - exercised through the client's interrupted batch
-        if sys.is_finalizing() or not hasattr(self, "done") or self.done.all() or self._ring._pid != _sync.pid:
+        if sys.is_finalizing() or not hasattr(self, "done") or self.done.all() or self._pid != _sync.pid:
             return  # (at interpreter exit the slots are recovered: their owner is gone; a fork's copy is not ours)
         log.warning("batch of %d lease(s) on ring slots %s... dropped without ack/nack: giving them back",
                     int((~self.done).sum()), self.slots[~self.done][:4].tolist())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+import collections
 import sys
 import mmap
 import os
@@ -79,23 +80,41 @@ def _deadline(timeout: float | None, default: float) -> float:
     return time.monotonic() + t
 
 
-#: every open handle of this process: a forked child closes its copies of their descriptors
+#: every open handle of this process: a forked child gives each a description of its own
 _OPEN_HANDLES: "weakref.WeakSet[RingBuffer]" = weakref.WeakSet()
+#: every mapping of a ring segment made here, by address: (its mmap object (weakly), segment ident, length);
+#: kept apart from the handles, since a mapping outlives its handle while views of it are alive
+_MAPPINGS: dict[int, tuple] = {}
 
 
 def _disown_after_fork() -> None:
     """In a forked child: let go of the parent's open file descriptions of its rings. They
-    carry the parent's slot and ownership locks; a child keeping them would keep a killed
-    parent's slots looking owned (never recovered) for as long as it lives. The parent's
-    handles refuse every change in the child from now on (ForkedHandleError)."""
-    for ring in list(_OPEN_HANDLES):
-        if ring._mm.closed:  # unmapped: nothing of it is left here
+    carry the parent's slot and ownership locks; a child keeping them could take a lock
+    its parent holds, and would keep a killed parent's slots looking owned (never
+    recovered) for as long as it lives. Each handle then becomes the child's own: new
+    puts and claims work, while what the parent held (leases, writers, views inherited
+    through the fork) stays the parent's and cannot be finalised here."""
+    maps: dict = collections.defaultdict(list)
+    for addr, (mm_ref, ident, length) in list(_MAPPINGS.items()):
+        mm = mm_ref()
+        if mm is None or mm.closed:  # unmapped: nothing of it is left here
+            _MAPPINGS.pop(addr, None)
             continue
+        maps[ident].append((addr, length))
+    handles: dict = collections.defaultdict(list)
+    for ring in list(_OPEN_HANDLES):
+        handles[ring._ident].append(ring)
+    for ident in set(maps) | set(handles):
+        rings = handles.get(ident, [])
         try:
-            _sync.disown_description(ring._ident, ring._map_addr, ring._map_len)
+            _sync.disown_description(ident, maps.get(ident, []), [r._fd for r in rings])
         except OSError as exc:  # pragma: no cover - /proc unavailable, or a failed remap
-            log.warning("forked child: could not let go of ring %r's parent locks (%s): a parent killed while "
-                        "this process lives keeps its slots until this process exits", ring._name, exc)
+            log.warning("forked child: could not let go of the parent's locks of ring segment %s (%s): a parent "
+                        "killed while this process lives keeps its slots until this process exits, and its "
+                        "handles refuse to change the ring here (attach the ring again)", ident, exc)
+            continue
+        for ring in rings:
+            ring._adopt_after_fork()
 
 
 os.register_at_fork(after_in_child=_disown_after_fork)
@@ -120,7 +139,7 @@ class RingBuffer:
         self._owner = owner
         self._closed = False
         self._u8 = np.frombuffer(mm, dtype=np.uint8)
-        self._map_addr, self._map_len = self._u8.ctypes.data, len(mm)  # (a forked child remaps it)
+        _MAPPINGS[self._u8.ctypes.data] = (weakref.ref(mm), (os.fstat(fd).st_dev, os.fstat(fd).st_ino), len(mm))
         self._hdr = self._u8[:RING_HEADER.itemsize].view(RING_HEADER).reshape(())
         h = self._hdr
         if bytes(h["magic"]) != RING_MAGIC:
@@ -321,6 +340,15 @@ class RingBuffer:
             self.close()
         except OSError as exc:  # the descriptor is gone already
             log.debug("closing ring handle %r: %s", getattr(self, "_name", "?"), exc)
+
+    def _adopt_after_fork(self) -> None:
+        """In a forked child, once its descriptors refer to a description of its own: the
+        handle is the child's (new claims, puts and recoveries work; what the parent held
+        stays the parent's)."""
+        self._pid = _sync.pid
+        self._serving = False  # the server lock was the parent's description's
+        if self._table is not None:
+            self._table.adopt_after_fork()
 
     def _check_open(self):
         if self._closed:

@@ -135,7 +135,7 @@ class SlotTable:
         self.free_addr = futex_base + free_futex_off
         self._ready_word = header["ready_futex"]
         self._free_word = header["free_futex"]
-        self._pid = os.getpid()
+        self._pid = _sync.pid
         self._owned = _ownerships(self._ident, self.n)
         # late finalisations (slot, lease, ack) from view callbacks, applied on the next call
         self._soon: collections.deque = collections.deque()
@@ -145,6 +145,26 @@ class SlotTable:
     def forked(self) -> bool:
         """Was this table opened by the parent of this (forked) process? It then changes nothing."""
         return self._pid != _sync.pid
+
+    def adopt_after_fork(self) -> None:
+        """In a forked child whose descriptor now refers to a description of its own (see
+        ``_sync.disown_description``): this table becomes the child's. It holds nothing:
+        slots leased by the parent stay the parent's (every finaliser checks the owner)."""
+        self._pid = _sync.pid
+        self._tlock = threading.Lock()  # (another thread of the parent may have held it at the fork)
+        self._soon = collections.deque()
+        self._owned = _ownerships(self._ident, self.n)
+
+    def _not_ours(self, slot: int) -> bool:
+        """Is ``slot`` held by another process (a lease, writer or view inherited through fork)?"""
+        return int(self.owner[slot]) != self._pid
+
+    def _refuse_not_ours(self, slot: int, what: str) -> None:
+        if int(self.owner[slot]) != self._pid:
+            raise ForkedHandleError(
+                f"{what} of slot {slot}: the slot is held by process {int(self.owner[slot])}, not by this one "
+                f"({self._pid}): a lease, writer or view inherited through fork cannot finalise its parent's "
+                f"slot (the parent does); claim or reserve slots of your own in this process")
 
     def _refuse_if_forked(self) -> None:
         if self._pid != _sync.pid:
@@ -302,6 +322,7 @@ class SlotTable:
                     f"slot {slot}: cannot publish, the slot is no longer held by this writer "
                     f"(state {SlotState(int(self.state[slot])).name}); was it reclaimed?"
                 )
+            self._refuse_not_ours(slot, "publish")
             gen = int(self.gen[slot]) + 1
             self.gen[slot] = gen
             self.seq[slot] = time.monotonic_ns()
@@ -329,6 +350,7 @@ class SlotTable:
                 log.warning("%s of slot %d ignored: state %s, lease %d (ours %d)", what,
                             slot, SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
                 return False
+            self._refuse_not_ours(slot, what)
             if undecodable:
                 self.failures[slot] += 1
                 if self.failures[slot] >= DEAD_LETTER_AFTER:
@@ -479,6 +501,8 @@ class SlotTable:
             return -1  # some slot's lock is busy: the caller finalises slot by slot
         try:
             valid = (self.state[slots] == READING) & (self.lease[slots] == np.asarray(leases, np.uint64))
+            for slot in slots[valid & (self.owner[slots] != self._pid)][:1].tolist():
+                self._refuse_not_ours(slot, "batch finalise")
             if not valid.all():
                 log.warning("batch finalise: %d of %d slots no longer held (recovered?): left alone",
                             int((~valid).sum()), len(slots))
@@ -519,6 +543,7 @@ class SlotTable:
                     log.warning("ack of slot %d ignored: state %s, lease %d (ours %d)", slot,
                                 SlotState(int(self.state[slot])).name, int(self.lease[slot]), lease)
                     return False
+                self._refuse_not_ours(slot, "ack")
                 self.state[slot] = PINNED
                 self.ctrl["consumed"][slot] += 1
             finally:
@@ -546,8 +571,8 @@ class SlotTable:
                 return False
             try:
                 st = int(self.state[slot])
-                if self.lease[slot] != lease or st not in (PINNED, READING):
-                    return True  # recovered or finalised meanwhile: nothing left to do
+                if self.lease[slot] != lease or st not in (PINNED, READING) or self._not_ours(slot):
+                    return True  # recovered or finalised meanwhile (or a fork's copy of a parent's view): nothing to do
                 to = FREE if st == PINNED or ack else READY
                 self.state[slot] = to
                 if st == READING and ack:
@@ -582,7 +607,8 @@ class SlotTable:
                 busy = False
                 try:
                     st = self.state[slots]
-                    valid = (self.lease[slots] == np.asarray(leases, np.uint64)) & ((st == PINNED) | (st == READING))
+                    valid = (self.lease[slots] == np.asarray(leases, np.uint64)) & ((st == PINNED) | (st == READING)) \
+                        & (self.owner[slots] == self._pid)
                     ack = np.asarray(acks, bool)
                     freed = valid & ((st == PINNED) | ack)
                     self.ctrl["consumed"][slots[valid & (st == READING) & ack]] += 1

@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from shm.state import READING, READY
+from shm.state import READING, READY, WRITING
 from tests import helpers
 
 pytestmark = pytest.mark.timeout(120)
@@ -28,7 +28,10 @@ def run_script(code: str, **kw) -> subprocess.CompletedProcess:
                           env=env, timeout=90, **kw)
 
 
-def test_a_forked_child_cannot_change_the_ring_through_its_parents_handle(make_ring, ring_name):
+def test_a_forked_child_uses_the_ring_but_never_touches_what_its_parent_holds(make_ring, ring_name):
+    """After fork the child's handle is its own: it puts, claims and acks; but a lease, batch,
+    writer or view inherited from the parent cannot finalise or write the parent's slots (before:
+    the child shared the parent's lock ownership, so it could nack or free them under the parent)."""
     ring = make_ring(slots=8, slot_bytes=1 << 14)
     refs = helpers.put_many(ring, 3)
     r = run_script(f"""
@@ -40,36 +43,50 @@ def test_a_forked_child_cannot_change_the_ring_through_its_parents_handle(make_r
         lease = ring.claim(refs[0])                       # held by the parent: READING
         batch, _ = ring.claim_batch([refs[1].slot], [refs[1].generation])
         views = batch.payloads()                          # decoded: the parent's views are alive
+        writer = ring.reserve()                           # a slot the parent is writing
+        writer.set("x", np.zeros(8))
+        viewed = ring.claim(refs[2])                      # held, with a view alive
+        view = viewed.payload["x"]
+        other = shm.RingBuffer.attach({ring_name!r})      # a second handle of the same ring
         pid = os.fork()
         if pid == 0:
             said = []
-            for op in (lambda: ring.put({{"x": np.zeros(4)}}), lambda: ring.claim(timeout=0),
-                       lambda: lease.nack(), lambda: batch.finalise(False), lambda: ring.recover()):
+            for op in (lambda: lease.nack(), lambda: lease.ack(), lambda: batch.finalise(False),
+                       lambda: writer.set("x", np.ones(8)), lambda: writer.publish(), lambda: viewed.nack()):
                 try:
                     op()
-                    said.append("changed the ring")
+                    said.append("touched the parent's slot")
                 except shm.ForkedHandleError:
                     said.append("refused")
                 except Exception as exc:
                     said.append(repr(exc))
-            del lease, batch, views                        # the child drops its copies: nothing happens
+            said.append(ring.recover())                    # the parent lives: nothing of it is reclaimed
+            said.append([int(views[0]["x"][0]), int(view[0])])  # inherited views still read the slots
+            t, u = ring._table, other._table               # the child's two handles still exclude each other
+            said.append([t._try_lock(7), u._try_lock(7)])
+            t._unlock(7)
+            del lease, batch, views, writer, viewed, view  # the child drops its copies: nothing happens
             gc.collect()
-            own = shm.RingBuffer.attach({ring_name!r})     # a handle of its own works
-            ref = own.put({{"x": np.arange(3)}})
-            own.close()
+            mine = ring.put({{"y": np.arange(3)}})          # the handle works for what is the child's own
+            with ring.claim(mine) as got:
+                said.append(got.payload["y"].tolist())
             print(json.dumps(said), flush=True)
             os._exit(0)
         os.waitpid(pid, 0)
-        print(json.dumps([int(s) for s in ring._table.state[[refs[0].slot, refs[1].slot]]]), flush=True)
+        print(json.dumps([int(s) for s in ring._table.state[[refs[0].slot, refs[1].slot, writer.slot,
+                                                              refs[2].slot]]]), flush=True)
         lease.ack()
         assert batch.finalise(True)
+        viewed.ack()
+        writer.publish()
     """)
     assert r.returncode == 0, r.stderr[-3000:]
     said, parent_saw = (json.loads(line) for line in r.stdout.splitlines()[-2:])
-    assert said == ["refused"] * 5
-    assert parent_saw == [READING, READING]  # the parent's claims were untouched by the child
+    assert said == ["refused"] * 6 + [0, [1, 2], [True, False], [0, 1, 2]]
+    assert parent_saw == [READING, READING, WRITING, READING]  # the parent's slots were untouched by the child
     counts = ring.state_counts()
-    assert counts["READY"] == 2 and counts["READING"] == 0  # refs[2] and the child's own put
+    assert counts["READY"] == 1 and counts["READING"] == counts["WRITING"] == 0  # the parent's put
+    assert ring.claim(timeout=0).payload["x"].tolist() == [0.0] * 8  # as the parent wrote it, not the child's ones
 
 
 def test_a_forked_child_does_not_keep_a_killed_parents_slots_owned(make_ring, ring_name):
