@@ -249,11 +249,12 @@ class TransportClient:
         """``coro_fn(*args)`` on the UCX loop, waited for up to ``budget`` (+5 s). ``keep``: for calls
         that consume payloads, what to do with the result if the caller is interrupted (Ctrl-C) while
         it waits: the call then finishes on the loop and hands its payloads to ``keep``; ``keys``: the
-        payload keys it fetches (a later fetch of one of them waits for it)."""
+        payload keys it fetches, or a callable giving them (worked out only if the caller is
+        interrupted; a later fetch of one of them waits for it)."""
         self._ucx_loop()
         seconds = budget + 5.0
         on_interrupt = None if keep is None else (
-            lambda outcome: self._kept.after_interrupt(outcome, keep, seconds, keys))
+            lambda outcome: self._kept.after_interrupt(outcome, keep, seconds, keys() if callable(keys) else keys))
         try:
             return engine.run(coro_fn(*args), seconds, on_interrupt=on_interrupt)
         except TimeoutError:
@@ -389,7 +390,7 @@ class TransportClient:
         here = self._fetch_same_host(refs, fields)
         if here is not None:
             return here
-        return self._run(self._fetch_many, refs, fields, budget=self._batch_budget(refs), keys=_keys(refs),
+        return self._run(self._fetch_many, refs, fields, budget=self._batch_budget(refs), keys=lambda: _keys(refs),
                          keep=lambda results: self._kept.keep_results(results, fields))
 
     def _pop_kept(self, refs: list, fields) -> dict[int, FetchResult]:

@@ -137,6 +137,49 @@ def test_same_host_batch_interrupted_in_its_retry_round_keeps_what_it_consumed(m
         holder.join(10)
 
 
+def test_network_batch_interrupted_in_a_later_round_keeps_what_it_consumed(make_ring, ring_name, serve, spawn):
+    """The network path: a fetch_many whose first round delivered all but a busy ref is interrupted
+    while it retries that one; the next fetch_many of the same refs waits for it and returns them."""
+    ring = make_ring(slots=16)
+    serve(ring_name)
+    refs = helpers.put_many(ring, 10)
+    held = spawn.Event()
+    holder = spawn.Process(target=helpers.hold_lease, args=(ring_name, refs[3].to_dict(), held), daemon=True)
+    holder.start()
+    try:
+        assert held.wait(30)
+        t = Trainer("""
+            import json, sys
+            import shm
+            from clients import TransportClient
+            from tests import helpers
+            refs = [shm.SlotRef.from_dict(d) for d in json.loads(sys.stdin.readline())]
+            c = TransportClient(local_fast_path=False, max_rounds=6, timeout=5)
+            print("ready", flush=True)
+            try:
+                c.fetch_many(refs)
+                print("not interrupted", flush=True)
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+            got = c.fetch_many(refs)
+            print("got", json.dumps([[r.payload.meta["i"], helpers.checksum(r.payload) == r.payload.meta["crc"]]
+                                     if r.ok else type(r.error).__name__ for r in got]), flush=True)
+            c.close()
+        """)
+        t.say(json.dumps([r.to_dict() for r in refs]))
+        t.expect("ready")
+        assert helpers.wait_until(lambda: ring.state_counts()["READY"] == 0, 30)  # round 1 is done
+        t.interrupt()
+        t.expect("interrupted")
+        got = json.loads(t.expect("got"))
+        assert [g for i, g in enumerate(got) if i != 3] == [[i, True] for i in range(10) if i != 3]
+        assert got[3] == "ServerBusyError"
+        t.finish()
+    finally:
+        holder.kill()
+        holder.join(10)
+
+
 @pytest.mark.parametrize("where", ["payloads", "finalise"])
 def test_same_host_batch_interrupted_between_claim_and_ack_gives_its_slots_back(make_ring, monkeypatch, where):
     """An interrupt after a same-host batch was claimed (and decoded) and before it was acked:
