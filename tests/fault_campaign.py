@@ -115,8 +115,9 @@ def _consume(ring_name: str, workdir: str, client: str, mode: str) -> None:
                         _record(log, client, lease.payload)
                         lease.ack()
                         got = 1
+                        time.sleep(0.002)  # a trainer's step: a tight loop here would leave the others nothing
                 elif mode == "batch":  # same-host batches: one anchor for a batch's views, held a while
-                    got = _consume_batch(ring, log, client, _new_refs(workdir, offsets))
+                    got = _consume_batch(ring, log, client, [r for r in _new_refs(workdir, offsets) if r.slot % 2])
                     if not got:
                         time.sleep(0.05)
                 else:
@@ -126,14 +127,16 @@ def _consume(ring_name: str, workdir: str, client: str, mode: str) -> None:
                         time.sleep(0.05)
                     elif mode == "take":
                         deliveries = [c.submit_take(addr, n=4, wait=0.2, hold_s=30).result(30)]
-                    else:  # fetch: GET the refs producers logged (others may have taken them: STALE)
-                        for ref in _new_refs(workdir, offsets)[:16]:
+                    else:  # fetch: GET the refs producers logged (others may have taken them: STALE): the
+                        # newest first (the oldest-first consumers, take and local, took the oldest already), and
+                        # only even slots (the batch consumer reads the same logs, for the odd ones)
+                        for ref in [r for r in _new_refs(workdir, offsets) if not r.slot % 2][-16:][::-1]:
                             try:
                                 deliveries.append(c.submit(ref, hold_s=30).result(30))
                             except (TransportError, shm.RingError):
                                 pass
                         if not deliveries:
-                            time.sleep(0.05)
+                            time.sleep(0.005)  # soon again: a ref is only worth GETting while it is new
                     for d in deliveries:
                         for key, p in d.items:
                             if not c.delivered(key):
