@@ -260,7 +260,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "fork-child-keeps-parent-description", "shm/ring.py",
-        "            _sync.disown_description(ring._ident, ring._map_addr, ring._map_len)\n",
+        "            _sync.disown_description(ident, maps.get(ident, []), [r._fd for r in rings])\n",
         "            pass\n",
         ("tests/test_fork.py::test_a_forked_child_does_not_keep_a_killed_parents_slots_owned",),
         "a forked child keeps its parent's open file description (and with it the parent's locks)",
@@ -283,7 +283,7 @@ MUTATIONS: list[Mutation] = [
         "interrupted-results-dropped", "clients/kept.py",
         '        """Keep fetched payloads, given as (key, payload) pairs."""\n',
         '        """Keep fetched payloads, given as (key, payload) pairs."""\n        return\n',
-        ("tests/test_interrupted_calls.py::test_same_host_batch_interrupted_in_its_retry_round_keeps_what_it_consumed",),
+        ("tests/test_interrupted_calls.py::test_batch_interrupted_in_a_later_round_keeps_what_it_consumed",),
         "what an interrupted fetch consumed is dropped instead of kept",
     ),
     Mutation(
