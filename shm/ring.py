@@ -14,10 +14,10 @@ own modules, so every method here is a short composition of them.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import stat
-import collections
 import sys
 import mmap
 import os
@@ -139,7 +139,9 @@ class RingBuffer:
         self._owner = owner
         self._closed = False
         self._u8 = np.frombuffer(mm, dtype=np.uint8)
-        _MAPPINGS[self._u8.ctypes.data] = (weakref.ref(mm), (os.fstat(fd).st_dev, os.fstat(fd).st_ino), len(mm))
+        st = os.fstat(fd)
+        self._ident = (st.st_dev, st.st_ino)
+        _MAPPINGS[self._u8.ctypes.data] = (weakref.ref(mm), self._ident, len(mm))
         self._hdr = self._u8[:RING_HEADER.itemsize].view(RING_HEADER).reshape(())
         h = self._hdr
         if bytes(h["magic"]) != RING_MAGIC:
@@ -169,7 +171,6 @@ class RingBuffer:
         self.default_timeout = float(default_timeout)
         self._serving = False
         self._ring_id = bytes(h["ring_id"]).hex()
-        self._ident = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
         #: leases whose payload views may be alive (their slots must outlive close())
         self._viewed: "weakref.WeakSet[SlotLease]" = weakref.WeakSet()
         _OPEN_HANDLES.add(self)

@@ -141,11 +141,6 @@ class SlotTable:
         self._soon: collections.deque = collections.deque()
 
     # ------------------------------------------------------------ locking --
-    @property
-    def forked(self) -> bool:
-        """Was this table opened by the parent of this (forked) process? It then changes nothing."""
-        return self._pid != _sync.pid
-
     def adopt_after_fork(self) -> None:
         """In a forked child whose descriptor now refers to a description of its own (see
         ``_sync.disown_description``): this table becomes the child's. It holds nothing:
@@ -160,7 +155,7 @@ class SlotTable:
         return int(self.owner[slot]) != self._pid
 
     def _refuse_not_ours(self, slot: int, what: str) -> None:
-        if int(self.owner[slot]) != self._pid:
+        if self._not_ours(slot):
             raise ForkedHandleError(
                 f"{what} of slot {slot}: the slot is held by process {int(self.owner[slot])}, not by this one "
                 f"({self._pid}): a lease, writer or view inherited through fork cannot finalise its parent's "
