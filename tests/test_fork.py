@@ -103,10 +103,10 @@ def test_a_forked_child_does_not_keep_a_killed_parents_slots_owned(make_ring, ri
         ring = shm.RingBuffer.attach({ring_name!r})
         lease = ring.claim(shm.SlotRef.from_dict({ref.to_dict()!r}))
         pid = os.fork()
-        if pid == 0:
+        if pid == 0:                # (fork() returns here only after the child's at-fork hooks ran)
+            print(os.getpid(), flush=True)
             sys.stdin.readline()    # lives on until the test closes stdin
             os._exit(0)
-        print(pid, flush=True)
         time.sleep(600)
     """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     child = int(parent.stdout.readline())
