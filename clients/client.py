@@ -99,13 +99,18 @@ class TransportClient:
     ``max_idle_endpoints`` / ``max_idle_per_server`` / ``endpoint_idle_s``: the
     endpoint budget (idle pooled endpoints kept in all and per server, least
     recently used closed first; docs/DEPLOYMENT.md has the UCX limits behind it).
+    ``direct_calls`` (default on): a sync call runs its network exchange in the
+    calling thread, on an event loop of that thread progressing the same UCX
+    worker, instead of handing it to the UCX loop thread and waiting (two thread
+    wake-ups saved per call); the same rules hold either way (deadlines, retries,
+    Ctrl-C keeps what a call consumed).
     """
 
     def __init__(self, *, token=None, timeout=None, max_attempts=None, max_rounds=None, quarantine_s=None,
                  endpoint_max_age_s=None, pool_size=None, max_inflight=None, device="cpu",
                  local_fast_path=True, progress_mode=None, max_nbytes: int = 0, dedup_window: int = 100_000,
                  min_rate=None, resolver=None, tensor_type: str = "numpy", copy: bool = False,
-                 max_idle_endpoints=None, max_idle_per_server=None, endpoint_idle_s=None):
+                 max_idle_endpoints=None, max_idle_per_server=None, endpoint_idle_s=None, direct_calls=None):
         if tensor_type not in ("numpy", "torch"):
             raise ValueError(f"tensor_type must be 'numpy' or 'torch', got {tensor_type!r}")
         #: "torch": payload values are zero-copy torch tensors (on the GPU for device="cuda")
@@ -119,6 +124,8 @@ class TransportClient:
         self._max_attempts = resolve("max_attempts", max_attempts)
         self.max_rounds = resolve("max_rounds", max_rounds)
         self.max_inflight = resolve("max_inflight", max_inflight)
+        #: sync calls run their exchanges in the calling thread (engine.run_here) where they can
+        self.direct_calls = resolve("direct_calls", direct_calls)
         self._ledger = Ledger(dedup_window)
         self._net = Connector(dict(pool_size=resolve("pool_size", pool_size),
                                    endpoint_max_age_s=resolve("endpoint_max_age_s", endpoint_max_age_s),
@@ -255,8 +262,9 @@ class TransportClient:
         seconds = budget + 5.0
         on_interrupt = None if keep is None else (
             lambda outcome: self._kept.after_interrupt(outcome, keep, seconds, keys() if callable(keys) else keys))
+        run = engine.run_here if self.direct_calls and self.device == "cpu" and engine.can_run_here() else engine.run
         try:
-            return engine.run(coro_fn(*args), seconds, on_interrupt=on_interrupt)
+            return run(coro_fn(*args), seconds, on_interrupt=on_interrupt)
         except TimeoutError:
             raise CallTimeoutError(f"no answer within {budget + 5.0:.1f} s") from None
 

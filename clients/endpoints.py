@@ -222,10 +222,24 @@ class Connector:
         raise last
 
     def retire_soon(self, pe: PooledEndpoint) -> None:
-        """Close a healthy endpoint; first confirm its last ACK if needed (on the UCX loop)."""
+        """Close a healthy endpoint; first confirm its last ACK if needed (on the UCX loop,
+        whichever loop or thread retires it: a caller's own loop stops between its calls)."""
         if not pe.unconfirmed_ack:
             pe.abort()
             return
+        home = engine.ucx_loop()
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is not None and here is home:
+            self._start_retire(pe)
+        elif home is not None:
+            home.call_soon_threadsafe(self._start_retire, pe)
+        else:  # the UCX loop is gone (teardown): nothing can confirm the ACK any more
+            pe.abort()
+
+    def _start_retire(self, pe: PooledEndpoint) -> None:
         task = asyncio.get_running_loop().create_task(self.retire(pe))
         self.retiring.add(task)
         task.add_done_callback(self.retiring.discard)

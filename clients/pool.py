@@ -36,7 +36,9 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import functools
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -77,6 +79,15 @@ def tcp_max_num_eps() -> int:
     return int(v) if v.isdigit() and int(v) > 0 else UCX_TCP_MAX_NUM_EPS_DEFAULT
 
 
+def _locked(method):
+    """``method`` under the pool's lock."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class EndpointPool:
     def __init__(self, *, pool_size: int, endpoint_max_age_s: float, quarantine_s: float, retire=None,
                  max_idle: int | None = None, max_idle_per_server: int | None = None, idle_s: float | None = None):
@@ -97,8 +108,12 @@ class EndpointPool:
         self._quarantined: dict[tuple[str, int], float] = {}
         self._rr: dict[str, itertools.count] = collections.defaultdict(itertools.count)
         self.stats = collections.Counter()
+        #: calls run on the UCX loop and in callers' own threads (engine.run_here): the pool's
+        #: state changes under this lock
+        self._lock = threading.RLock()
 
     # --------------------------------------------------------- rotation ----
+    @_locked
     def order(self, host: str, ports) -> list[int]:
         ports = list(ports)
         if not ports:
@@ -112,6 +127,7 @@ class EndpointPool:
         healthy = [p for p in rotated if not self.is_quarantined(host, p)]
         return healthy or rotated
 
+    @_locked
     def is_quarantined(self, host: str, port: int) -> bool:
         until = self._quarantined.get((host, port))
         if until is None:
@@ -121,6 +137,7 @@ class EndpointPool:
             return False
         return True
 
+    @_locked
     def quarantine(self, host: str, port: int, reason: str) -> None:
         again = self.is_quarantined(host, port)
         self._quarantined[(host, port)] = time.monotonic() + self.quarantine_s
@@ -161,6 +178,7 @@ class EndpointPool:
             log.debug("endpoint to %s:%d idle for %.0f s: closing", pe.host, pe.port, now - pe.returned)
             self._evict(pe, "evicted_idle")
 
+    @_locked
     def checkout(self, host: str, port: int) -> PooledEndpoint | None:
         """An idle pooled endpoint young enough to use, or None (caller connects)."""
         now = time.monotonic()
@@ -177,6 +195,7 @@ class EndpointPool:
             self.retire(pe)
         return None
 
+    @_locked
     def checkin(self, pe: PooledEndpoint) -> None:
         key = (pe.host, pe.port)
         q = self._idle[key]
@@ -202,11 +221,13 @@ class EndpointPool:
         """Idle endpoints in the pool now."""
         return len(self._lru)
 
+    @_locked
     def discard(self, host: str, port: int) -> None:
         """Abort every idle endpoint to (host, port) (one of them was found dead)."""
         for pe in self._pop_all(host, port):
             pe.abort()
 
+    @_locked
     def drain(self) -> list[PooledEndpoint]:
         """Remove and return every idle endpoint (the caller retires them)."""
         out = [pe for q in self._idle.values() for pe in q]

@@ -61,10 +61,11 @@ def test_take_interrupted_while_it_waits_hands_its_payload_to_the_next_take(make
         c = TransportClient(local_fast_path=False, timeout=10)
         c.connect({tuple(srv.address)!r})
 
-        def ctrl_c_once_the_take_runs():  # a real SIGINT, once the take's task is on the UCX loop
-            while True:
+        def ctrl_c_once_the_take_runs():  # a real SIGINT, once the take's task runs (on the UCX loop,
+            while True:                     # or with direct calls on this thread's own loop)
                 try:
-                    if any("_take" in repr(t.get_coro()) for t in asyncio.all_tasks(engine._engine.loop)):
+                    loops = [engine._engine.loop, *engine._engine.caller_loops]
+                    if any("_take" in repr(t.get_coro()) for lp in loops for t in asyncio.all_tasks(lp)):
                         break
                 except RuntimeError:  # the loop's task set changed while it was read: look again
                     pass

@@ -155,6 +155,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
     Knob("max_idle_per_server", None, _int_range(1, 1 << 16), "client: idle pooled endpoints kept per server, "
          "across its ports (default: no cap beyond --pool-size per port)"),
     Knob("endpoint_idle_s", 60.0, _positive_duration, "client: a pooled endpoint idle this long is closed"),
+    Knob("direct_calls", True, _bool, "client: run a sync call's network exchange in the calling thread, "
+         "on an event loop of its own that progresses the same UCX worker (no hand-over to the UCX loop thread "
+         "and back: a 4 KiB fetch 2x faster on a 2-core VM); off: every call runs on the UCX loop thread"),
     # logging (the CLI's flags, accepted before or after any command)
     Knob("log_level", None, lambda t: _choice(_log_levels)(str(t).upper()),
          "DEBUG logs every request (and the traceback of an error)", _log_levels,

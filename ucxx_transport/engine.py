@@ -38,6 +38,7 @@ import concurrent.futures
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 import weakref
@@ -52,6 +53,8 @@ log = logging.getLogger("ucxx_transport.engine")
 ABANDONED_KEEP_S = 300.0
 #: how often a connect in progress checks whether its endpoint died (refused)
 REFUSED_POLL_S = 0.005
+#: how often a driver with nothing in flight looks again while another driver runs a call
+PEER_BUSY_RECHECK_S = 0.005
 PROGRESS_MODES = ("adaptive", "thread", "thread-polling", "polling", "blocking")
 DEFAULT_PROGRESS_MODE = "adaptive"
 
@@ -81,6 +84,12 @@ class _Engine:
     abandoned: list = field(default_factory=list)
     #: keepalives of requests still pending when ucxx could not be reset (never freed: UCX may write there)
     orphaned: list = field(default_factory=list)
+    #: every adaptive driver of the worker: the UCX loop's, then those of callers' own loops
+    #: (:func:`run_here`); and those loops (closed at release)
+    drivers: list = field(default_factory=list)
+    caller_loops: list = field(default_factory=list)
+    #: bumped at every start of the UCX loop: a caller's loop from an earlier start is not reused
+    epoch: int = 0
 
     def update(self, **fields) -> None:
         for name, value in fields.items():
@@ -89,6 +98,8 @@ class _Engine:
 
 _engine = _Engine()
 _lock = threading.RLock()
+#: per thread: its own event loop and driver for calls run in it (:func:`run_here`)
+_here = threading.local()
 
 
 #: UCX settings we start with unless the environment sets them (measured A/B on TCP
@@ -217,6 +228,11 @@ def mode() -> str | None:
     return _engine.mode
 
 
+def ucx_loop() -> asyncio.AbstractEventLoop | None:
+    """The shared UCX loop (:func:`acquire`), or None when it is not running."""
+    return _engine.loop
+
+
 def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Make sure UCX progresses on ``loop`` (call from inside the loop)."""
     c = compat.names()
@@ -235,9 +251,10 @@ def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
                         t.cancel()
             from .config import resolve  # config imports this module: resolved at call time
 
-            drv = AdaptiveProgress(ctx.worker, loop, spin_s=resolve("progress_spin_s", None))
+            drv = AdaptiveProgress(ctx.worker, loop, spin_s=resolve("progress_spin_s", None), peers=_engine.drivers)
             ProgressTasks[loop] = drv
             _engine.driver = drv
+            _engine.drivers.append(drv)
     elif _engine.shared and _engine.mode.startswith("thread") and \
             any(isinstance(t, ThreadMode) for t in ProgressTasks.values()):
         ProgressTasks.setdefault(loop, _SharedThreadProgress(loop))
@@ -251,9 +268,16 @@ def progress_call_max_s() -> float | None:
     return None if drv is None else drv.max_call_s
 
 
+def _driver() -> "AdaptiveProgress | None":
+    """The adaptive driver of the loop this code runs on: the calling thread's own while
+    :func:`run_here` runs a call in it, else the UCX loop's (None outside adaptive mode)."""
+    here = getattr(_here, "driver", None)
+    return here if here is not None else _engine.driver
+
+
 def kick() -> None:
     """Tell the progress driver an operation was just posted (no-op unless adaptive)."""
-    drv = _engine.driver
+    drv = _driver()
     if drv is not None:
         drv.kick()
 
@@ -266,7 +290,7 @@ async def send(ep, buf):
     non-thread modes re-checks every pending request on every loop iteration,
     which keeps a server with idle connections at 100 % CPU).
     """
-    drv = _engine.driver
+    drv = _driver()
     if drv is None:
         return await ep.send(buf)
     c = compat.names()
@@ -288,7 +312,7 @@ def post_recv(ep, buf) -> asyncio.Future:
     """Post a receive into ``buf`` on a ucxx Endpoint now, e.g. before sending the
     request it answers; the future completes when the message is in ``buf``.
     Cancelling it abandons the receive; ``buf`` stays referenced until UCX is done."""
-    drv = _engine.driver
+    drv = _driver()
     if drv is None:
         return asyncio.ensure_future(ep.recv(buf))
     c = compat.names()
@@ -315,7 +339,7 @@ async def _await_request(req, keepalive) -> None:
     """Await UCX request ``req``; ``keepalive`` (the buffers UCX reads or writes)
     stays referenced until UCX is done with it, even if the awaiting task is
     cancelled (a late completion must never land in freed memory)."""
-    drv = _engine.driver
+    drv = _driver()
     if drv is not None:
         await drv.wait(req, keepalive)
         return
@@ -426,11 +450,11 @@ def _reset_locked() -> None:
     c = compat.names()
     ProgressTasks, clear_progress_tasks = compat.progress_tasks(), c.clear_progress_tasks
 
-    drv = _engine.driver
-    if drv is not None:
-        drv.stop()
+    drivers = list(_engine.drivers)
+    for d in drivers:
+        d.stop()
     # buffers of requests UCX may still complete: referenced until the worker is gone
-    pending = [item.keepalive for item in (drv.pending if drv is not None else ())]
+    pending = [item.keepalive for d in drivers for item in d.pending]
     pending += [keep for _, keep in _engine.abandoned]
     _engine.abandoned.clear()
     others = [lp for lp in ProgressTasks if lp not in _engine.loops and not lp.is_closed()]
@@ -462,6 +486,7 @@ def _reset_locked() -> None:
             log.info("ucxx.reset(): context still referenced, freed when that reference goes (%s)",
                      str(exc).splitlines()[0][:200])
     _engine.update(mode=None, pid=None, driver=None, ctx=None, shared=False, loops=[])
+    _engine.drivers.clear()  # callers' loops are closed by release() once the UCX loop has stopped
 
 
 # ------------------------------------------------------------ the UCX loop ---
@@ -489,7 +514,7 @@ def acquire(progress_mode: str | None = None) -> asyncio.AbstractEventLoop:
                 loop.call_soon_threadsafe(loop.stop)
                 t.join(5)
                 raise
-            _engine.update(loop=loop, thread=t)
+            _engine.update(loop=loop, thread=t, epoch=_engine.epoch + 1)
         elif _engine.mode != mode and not _engine.shared:
             raise RuntimeError(f"this process already runs UCX with progress mode {_engine.mode!r}; "
                                f"asked for {mode!r}: use one mode per process")
@@ -533,6 +558,28 @@ def release(timeout: float = 5.0) -> None:
             log.error("UCX loop thread did not stop within %.1f s", timeout)
         else:
             loop.close()
+        _close_caller_loops()
+
+
+def _close_caller_loops() -> None:
+    """Close the callers' own loops (their drivers were stopped by the reset); one still
+    running a call (a thread calling while the last client closes) is left to its thread."""
+    loops, _engine.caller_loops = _engine.caller_loops, []
+    for lp in loops:
+        if lp.is_running() or lp.is_closed():
+            continue
+        try:
+            pending = [t for t in asyncio.all_tasks(lp) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                lp.run_until_complete(asyncio.wait(pending, timeout=1.0))
+            lp.run_until_complete(lp.shutdown_default_executor())
+        except RuntimeError as exc:  # pragma: no cover - e.g. another loop runs in this thread
+            log.debug("closing a caller's loop: %r", exc)
+        finally:
+            if not lp.is_running():
+                lp.close()
 
 
 def run(coro, timeout: float | None = None, on_interrupt=None):
@@ -592,6 +639,137 @@ def run(coro, timeout: float | None = None, on_interrupt=None):
     return task.result()
 
 
+def can_run_here() -> bool:
+    """Can :func:`run_here` run a call in this thread? Only with our adaptive driver (UCX
+    progressed by us, not by ucxx's own progress), in the process that started the loop,
+    from a thread with no event loop running, and, in the main thread, with Python's own
+    Ctrl-C handler (which :func:`run_here` replaces for the call's duration)."""
+    if _engine.driver is None or _engine.loop is None or _engine.pid != os.getpid():
+        return False
+    try:
+        asyncio.get_running_loop()
+        return False
+    except RuntimeError:
+        pass
+    return threading.current_thread() is not threading.main_thread() or \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _caller_loop() -> tuple[asyncio.AbstractEventLoop, "AdaptiveProgress"]:
+    """This thread's own event loop and its driver of the worker (made on first use, again
+    after the UCX loop was restarted; forgotten when the thread ends)."""
+    loop = getattr(_here, "loop", None)
+    if loop is not None and _here.epoch == _engine.epoch and not loop.is_closed():
+        return loop, _here.loop_driver
+    from .config import resolve  # config imports this module: resolved at call time
+
+    with _lock:
+        loop = asyncio.new_event_loop()
+        drv = AdaptiveProgress(_context().worker, loop, spin_s=resolve("progress_spin_s", None), peers=_engine.drivers)
+        _engine.drivers.append(drv)
+        _engine.caller_loops.append(loop)
+    _here.loop, _here.loop_driver, _here.epoch = loop, drv, _engine.epoch
+    _here.owner = owner = _LoopOwner()  # dropped with the thread's locals when the thread ends
+    _here.forget = weakref.finalize(owner, _forget_caller_loop, loop, drv)
+    return loop, drv
+
+
+class _LoopOwner:
+    """Lives in one thread's locals: when it goes (the thread ended), so does its loop."""
+
+
+def _forget_caller_loop(loop, drv) -> None:
+    """A thread that ran calls ended: its driver leaves the worker's peers, the buffers of its
+    requests still pending are kept for the life of the process, its loop is closed."""
+    with _lock:
+        if drv in _engine.drivers:
+            _engine.drivers.remove(drv)
+        if loop in _engine.caller_loops:
+            _engine.caller_loops.remove(loop)
+        _engine.orphaned.extend(item.keepalive for item in drv.pending if not item.request.completed)
+    drv.stop()
+    if drv.task is not None:
+        drv.task._log_destroy_pending = False  # it never runs again: no warning when it is collected
+    if not loop.is_running() and not loop.is_closed():
+        loop.close()
+
+
+def run_here(coro, timeout: float | None = None, on_interrupt=None):
+    """:func:`run`, but in the calling thread, on an event loop of its own that progresses
+    the same UCX worker: no hand-over to the UCX loop thread and back (two thread wake-ups,
+    70-130 us each on a 2-core VM). Check :func:`can_run_here` first.
+
+    The same rules as :func:`run`: on ``timeout`` the coroutine is cancelled and
+    ``TimeoutError`` raised. Ctrl-C never lands inside the coroutine: for the call's duration
+    the SIGINT handler only stops this loop, between two steps of the work; the work then
+    runs on to its end in a helper thread, ``on_interrupt`` gets a
+    ``concurrent.futures.Future`` of its outcome, and ``KeyboardInterrupt`` is raised here.
+    (UCX endpoints are not tied to a loop: whichever loop runs a call may use one.)"""
+    loop, drv = _caller_loop()
+    stopped: list = []  # why the loop stopped early: "timeout", "interrupt"
+    task = loop.create_task(coro)
+    task.add_done_callback(lambda _: loop.stop())
+    timer = None if timeout is None else loop.call_later(
+        max(0.0, timeout), lambda: (stopped.append("timeout"), task.cancel()))
+
+    def on_sigint(signum, frame):  # runs between two bytecodes of this thread: must not raise into the work
+        stopped.append("interrupt")
+        loop.call_soon_threadsafe(loop.stop)  # (also wakes the loop if it sleeps)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    _here.driver = drv
+    try:
+        loop.run_forever()
+    except BaseException:  # raised out of the loop itself (not the work's own error: that stays in the task)
+        if not task.done():
+            _finish_elsewhere(loop, drv, task, on_interrupt)
+        raise
+    finally:
+        _here.driver = None
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        if timer is not None:
+            timer.cancel()
+    if not task.done():  # stopped by Ctrl-C: the work runs on elsewhere
+        _finish_elsewhere(loop, drv, task, on_interrupt)
+        raise KeyboardInterrupt
+    if task.cancelled():
+        if "timeout" in stopped:
+            raise TimeoutError(f"no result within {timeout} s (the coroutine was cancelled)")
+        raise concurrent.futures.CancelledError("the call was cancelled")
+    if "interrupt" in stopped:  # Ctrl-C as the work ended: its outcome is kept, the interrupt goes on
+        if on_interrupt is not None:
+            outcome: concurrent.futures.Future = concurrent.futures.Future()
+            _settle_into(task, outcome)
+            on_interrupt(outcome)
+        raise KeyboardInterrupt
+    return task.result()
+
+
+def _finish_elsewhere(loop, drv, task, on_interrupt) -> None:
+    """An interrupted caller's loop, ``task`` unfinished, goes to a helper thread that runs it
+    to the task's end; the caller's next call makes a new loop."""
+    _here.loop = None
+    _here.forget.detach()  # the helper forgets the loop once the work is done
+    outcome: concurrent.futures.Future = concurrent.futures.Future()
+    task.add_done_callback(lambda t: _settle_into(t, outcome))
+
+    def finish() -> None:
+        _here.driver = drv
+        try:
+            loop.run_until_complete(task)
+        except BaseException as exc:  # noqa: BLE001 - the outcome is in ``outcome``, the caller's to see
+            log.debug("an interrupted call ended with %r", exc)
+        finally:
+            _here.driver = None
+            _forget_caller_loop(loop, drv)
+
+    threading.Thread(target=finish, name="ucxx-transport-interrupted-call", daemon=True).start()
+    if on_interrupt is not None:
+        on_interrupt(outcome)
+
+
 def _settle_into(task: asyncio.Task, outcome: concurrent.futures.Future) -> None:
     """Copy a finished ``task``'s outcome into ``outcome`` (the future an interrupted caller left)."""
     if task.cancelled():
@@ -621,15 +799,20 @@ class AdaptiveProgress:
     called, or ``idle_wakeup_s`` passes (a safety net, never the latency path).
     """
 
-    def __init__(self, worker, loop, spin_s: float = 0.002, idle_wakeup_s: float = 0.25, slice_s: float = 0.0005):
+    def __init__(self, worker, loop, spin_s: float = 0.002, idle_wakeup_s: float = 0.25, slice_s: float = 0.0005,
+                 peers: list | None = None):
         self.slice_s = slice_s
         self.worker = worker
         self.event_loop = loop
         self.spin_s = spin_s
         self.idle_wakeup_s = idle_wakeup_s
-        worker.init_blocking_progress_mode()
+        worker.init_blocking_progress_mode()  # (once per worker: later calls return at once)
         self._fd = worker.epoll_file_descriptor
         self._wake: asyncio.Future | None = None
+        #: every driver of this worker (this one included): progress made here may complete
+        #: another's requests, which it then hears of (:meth:`_nudge_peers`) instead of sleeping on
+        self._peers = peers if peers is not None else [self]
+        self._nudged = False
         self._last_active = time.monotonic()
         self.max_call_s = 0.0  # longest single worker progress call (diagnostics)
         # buffers stay referenced until UCX is done with them, even if the awaiting task was cancelled
@@ -657,6 +840,23 @@ class AdaptiveProgress:
 
     def _on_fd(self):
         self.kick()
+
+    def _peer_busy(self) -> bool:
+        """Is another driver's loop running (a call in progress in a caller's thread, or the UCX loop)?"""
+        return any(d is not self and d.event_loop.is_running() for d in self._peers)
+
+    def _nudge_peers(self) -> None:
+        """Progress made here may have completed requests of a peer driver sleeping in
+        another thread (its worker events were consumed here, so its fd stays quiet):
+        wake it, once per sleep."""
+        for d in self._peers:
+            w = d._wake
+            if d is not self and w is not None and d._pending and not d._nudged and not w.done():
+                d._nudged = True
+                try:
+                    d.event_loop.call_soon_threadsafe(d.kick)
+                except RuntimeError:  # its loop was closed meanwhile
+                    pass
 
     def wait(self, req, keepalive) -> asyncio.Future:
         """A future completed (or failed) when UCX request ``req`` completes."""
@@ -716,24 +916,36 @@ class AdaptiveProgress:
                 t_end = time.monotonic() + self.slice_s
                 while w.progress_once() and time.monotonic() < t_end:
                     pass
+                if len(self._peers) > 1:
+                    self._nudge_peers()
                 self._complete()
                 self._last_active = time.monotonic()
                 await sleep0(0)
                 continue
             self._complete()  # completions made by progress calls elsewhere (e.g. connect)
-            if time.monotonic() - self._last_active < self.spin_s:
+            # nothing of ours in flight while another driver runs a call: leave the worker's
+            # events to it (two threads progressing one worker contend for its lock and the
+            # GIL) and look again every PEER_BUSY_RECHECK_S, or when an operation is posted here
+            deaf = not self._pending and len(self._peers) > 1 and self._peer_busy()
+            if not deaf and time.monotonic() - self._last_active < self.spin_s:
                 await sleep0(0)
                 continue
-            if not w.arm():  # events pending: keep progressing
+            if not deaf and not w.arm():  # events pending: keep progressing
                 await sleep0(0)
                 continue
             self._wake = fut = loop.create_future()
-            loop.add_reader(self._fd, self._on_fd)
-            timer = loop.call_later(self.idle_wakeup_s, self.kick)
+            self._nudged = False
+            if len(self._peers) > 1 and any(p.request.completed for p in self._pending):
+                self._wake = None  # a peer's progress completed one before this driver slept
+                continue
+            if not deaf:
+                loop.add_reader(self._fd, self._on_fd)
+            timer = loop.call_later(PEER_BUSY_RECHECK_S if deaf else self.idle_wakeup_s, self.kick)
             try:
                 await fut
             finally:
                 timer.cancel()
-                loop.remove_reader(self._fd)
+                if not deaf:
+                    loop.remove_reader(self._fd)
                 self._wake = None
             self._last_active = time.monotonic()
