@@ -300,6 +300,29 @@ MUTATIONS: list[Mutation] = [
         (MECH + "test_fuzzed_requests_raise_protocol_error_or_decode",),
         "headers are parsed without checking their CRC-32",
     ),
+    Mutation(
+        "direct-call-uses-the-loop-driver", "ucxx_transport/engine.py",
+        "    return here if here is not None else _engine.driver\n",
+        "    return _engine.driver\n",
+        ("tests/test_direct_calls.py::test_threads_fetching_at_once_get_every_payload_once_and_intact",),
+        "a call run in the caller's thread waits on the UCX loop's driver (futures of another loop)",
+    ),
+    Mutation(
+        "ended-thread-keeps-its-driver", "ucxx_transport/engine.py",
+        "    _here.forget = weakref.finalize(owner, _forget_caller_loop, loop, drv)\n",
+        "    _here.forget = weakref.finalize(owner, lambda *a: None, loop, drv)\n",
+        ("tests/test_direct_calls.py::test_a_thread_that_ends_takes_its_loop_and_driver_with_it",),
+        "a thread that ran direct calls and ended leaves its loop and driver on the worker",
+    ),
+    Mutation(
+        "interrupted-direct-call-abandoned", "ucxx_transport/engine.py",
+        "    if not task.done():  # stopped by Ctrl-C: the work runs on elsewhere\n"
+        "        _finish_elsewhere(loop, drv, task, on_interrupt)\n",
+        "    if not task.done():  # stopped by Ctrl-C: the work runs on elsewhere\n"
+        "        task.cancel()\n",
+        ("tests/test_interrupted_calls.py::test_take_interrupted_while_it_waits_hands_its_payload_to_the_next_take",),
+        "a direct call stopped by Ctrl-C is dropped instead of finished elsewhere with its payloads kept",
+    ),
 ]
 
 

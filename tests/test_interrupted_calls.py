@@ -49,17 +49,20 @@ class Trainer:
         assert self.proc.wait(30) == 0, self.proc.stderr.read()[-3000:]
 
 
-def test_take_interrupted_while_it_waits_hands_its_payload_to_the_next_take(make_ring, ring_name, serve):
-    """Ctrl-C during a long-poll take: the take still finishes on the client's UCX loop; the
-    payload it consumes must reach the next take (before: consumed, ACKed and dropped)."""
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-call", "handed-over"])
+def test_take_interrupted_while_it_waits_hands_its_payload_to_the_next_take(make_ring, ring_name, serve, direct):
+    """Ctrl-C during a long-poll take: the take still finishes (on the client's UCX loop, or
+    for a direct call in a helper thread); the payload it consumes must reach the next take
+    (before: consumed, ACKed and dropped)."""
     ring = make_ring()
     srv = serve(ring_name)
     t = Trainer(f"""
         import asyncio, json, os, signal, sys, threading, time
         from clients import TransportClient
         from ucxx_transport import engine
-        c = TransportClient(local_fast_path=False, timeout=10)
+        c = TransportClient(local_fast_path=False, timeout=10, direct_calls={direct})
         c.connect({tuple(srv.address)!r})
+        assert engine.can_run_here()  # (the main thread, Python's own Ctrl-C handler)
 
         def ctrl_c_once_the_take_runs():  # a real SIGINT, once the take's task runs (on the UCX loop,
             while True:                     # or with direct calls on this thread's own loop)
