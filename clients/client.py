@@ -142,6 +142,9 @@ class TransportClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._closed = False
+        #: direct calls running now (in callers' threads): close() lets them end first (bounded)
+        self._direct_calls = threading.Condition()
+        self._direct_active = 0
         self._pid = os.getpid()  # a forked child must not use this client (its loop thread is not there)
         self._kept = Kept()  # payloads consumed by calls whose caller was interrupted (Ctrl-C)
         self._local = LocalReader(self._ledger, self._kept, enabled=local_fast_path and device == "cpu",
@@ -226,6 +229,10 @@ class TransportClient:
             except Exception as exc:  # noqa: BLE001 - closing goes on; what it may cost is said
                 log.warning("closing a FanIn failed (%r): payloads its TAKEs held go back to READY when "
                             "their servers' holds run out", exc)
+        with self._direct_calls:  # calls other threads run now end within their deadlines: let them
+            if not self._direct_calls.wait_for(lambda: self._direct_active == 0, timeout):
+                log.warning("closing: %d call(s) in other threads still running after %.1f s; they fail "
+                            "as UCX stops", self._direct_active, timeout)
         self._kept.close(timeout)  # interrupted calls still running may keep payloads: released
         if self._loop is not None:
             try:
@@ -262,11 +269,21 @@ class TransportClient:
         seconds = budget + 5.0
         on_interrupt = None if keep is None else (
             lambda outcome: self._kept.after_interrupt(outcome, keep, seconds, keys() if callable(keys) else keys))
-        run = engine.run_here if self.direct_calls and self.device == "cpu" and engine.can_run_here() else engine.run
+        if not (self.direct_calls and self.device == "cpu" and engine.can_run_here()):
+            try:
+                return engine.run(coro_fn(*args), seconds, on_interrupt=on_interrupt)
+            except TimeoutError:
+                raise CallTimeoutError(f"no answer within {budget + 5.0:.1f} s") from None
+        with self._direct_calls:
+            self._direct_active += 1
         try:
-            return run(coro_fn(*args), seconds, on_interrupt=on_interrupt)
+            return engine.run_here(coro_fn(*args), seconds, on_interrupt=on_interrupt)
         except TimeoutError:
             raise CallTimeoutError(f"no answer within {budget + 5.0:.1f} s") from None
+        finally:
+            with self._direct_calls:
+                self._direct_active -= 1
+                self._direct_calls.notify_all()
 
     async def _arun(self, coro_fn, *args):
         loop = self._ucx_loop()

@@ -148,3 +148,29 @@ def test_direct_and_handed_over_calls_deliver_the_same(make_ring, ring_name, ser
                             helpers.checksum(one) == one.meta["crc"])
             assert c.stats()["fetches"] >= 4
     assert seen[True] == seen[False] == ([0, 1, 2, 3, 4, 5], True)
+
+
+def test_close_lets_calls_running_in_other_threads_end_first(make_ring, ring_name, serve):
+    """close() while another thread's direct call long-polls: the call ends normally (its own
+    deadline), then the client closes; nothing fails halfway, nothing is left READING."""
+    ring = make_ring()
+    srv = serve(ring_name)
+    c = TransportClient(local_fast_path=False, timeout=10)
+    c.connect(tuple(srv.address))
+    outcome: list = []
+
+    def long_poll():
+        try:
+            outcome.append(c.take(tuple(srv.address), n=1, wait=1.5))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    t = threading.Thread(target=long_poll)
+    t.start()
+    assert helpers.wait_until(lambda: c._direct_active == 1, 10)
+    c.close(timeout=10)
+    t.join(10)
+    assert outcome == [[]], outcome
+    ref = ring.put({"x": np.arange(3)})
+    with TransportClient(local_fast_path=False, timeout=10) as again:  # the server and ring are fine
+        assert again.fetch(ref)["x"].tolist() == [0, 1, 2]
