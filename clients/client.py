@@ -231,8 +231,8 @@ class TransportClient:
                             "their servers' holds run out", exc)
         with self._direct_calls:  # calls other threads run now end within their deadlines: let them
             if not self._direct_calls.wait_for(lambda: self._direct_active == 0, timeout):
-                log.warning("closing: %d call(s) in other threads still running after %.1f s; they fail "
-                            "as UCX stops", self._direct_active, timeout)
+                log.warning("closing: %d call(s) in other threads still running after %.1f s: they are "
+                            "cancelled as UCX stops", self._direct_active, timeout)
         self._kept.close(timeout)  # interrupted calls still running may keep payloads: released
         if self._loop is not None:
             try:
@@ -274,16 +274,29 @@ class TransportClient:
                 return engine.run(coro_fn(*args), seconds, on_interrupt=on_interrupt)
             except TimeoutError:
                 raise CallTimeoutError(f"no answer within {budget + 5.0:.1f} s") from None
-        with self._direct_calls:
+            except concurrent.futures.CancelledError:
+                raise self._cancelled_by_close() from None
+        with self._direct_calls:  # checked here, under the lock close() waits on: a call either
+            if self._closed:      # counts before close() waits, or sees the client closed
+                raise TransportError("client is closed")
             self._direct_active += 1
         try:
             return engine.run_here(coro_fn(*args), seconds, on_interrupt=on_interrupt)
         except TimeoutError:
             raise CallTimeoutError(f"no answer within {budget + 5.0:.1f} s") from None
+        except concurrent.futures.CancelledError:
+            raise self._cancelled_by_close() from None
         finally:
             with self._direct_calls:
                 self._direct_active -= 1
                 self._direct_calls.notify_all()
+
+    def _cancelled_by_close(self) -> Exception:
+        """What a call cancelled under its caller raises (UCX's teardown cancels what still runs)."""
+        if self._closed:
+            return TransportError("the client was closed while this call ran (close() waits for calls in "
+                                  "other threads only up to its timeout): what it had not ACKed is served again")
+        return TransportError("the call was cancelled (UCX was stopped while it ran)")
 
     async def _arun(self, coro_fn, *args):
         loop = self._ucx_loop()

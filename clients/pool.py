@@ -80,11 +80,15 @@ def tcp_max_num_eps() -> int:
 
 
 def _locked(method):
-    """``method`` under the pool's lock."""
+    """``method`` under the pool's lock; the endpoints it retires or aborts are closed after the
+    lock is released (an abort can block for a while: other threads' calls use the pool meanwhile)."""
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
+        try:
+            with self._lock:
+                return method(self, *args, **kwargs)
+        finally:
+            self._close_leaving()
     return locked
 
 
@@ -110,7 +114,9 @@ class EndpointPool:
         self.stats = collections.Counter()
         #: calls run on the UCX loop and in callers' own threads (engine.run_here): the pool's
         #: state changes under this lock
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        #: closings decided under the lock, run once it is released (:func:`_locked`)
+        self._leaving: list = []
 
     # --------------------------------------------------------- rotation ----
     @_locked
@@ -124,11 +130,14 @@ class EndpointPool:
                 self._server_of[(host, p)] = server
         start = next(self._rr[host]) % len(ports)
         rotated = ports[start:] + ports[:start]
-        healthy = [p for p in rotated if not self.is_quarantined(host, p)]
+        healthy = [p for p in rotated if not self._quarantined_now(host, p)]
         return healthy or rotated
 
     @_locked
     def is_quarantined(self, host: str, port: int) -> bool:
+        return self._quarantined_now(host, port)
+
+    def _quarantined_now(self, host: str, port: int) -> bool:
         until = self._quarantined.get((host, port))
         if until is None:
             return False
@@ -139,14 +148,13 @@ class EndpointPool:
 
     @_locked
     def quarantine(self, host: str, port: int, reason: str) -> None:
-        again = self.is_quarantined(host, port)
+        again = self._quarantined_now(host, port)
         self._quarantined[(host, port)] = time.monotonic() + self.quarantine_s
         self.stats["quarantines"] += 1
         # one warning per state change (healthy -> quarantined), not one per failed attempt
         log.log(logging.DEBUG if again else logging.WARNING, "quarantining %s:%d for %.0f s (%s)", host, port,
                 self.quarantine_s, reason)
-        for pe in self._pop_all(host, port):
-            pe.abort()
+        self._leaving.extend(pe.abort for pe in self._pop_all(host, port))
 
     # ----------------------------------------------------------- pooling ---
     def _server(self, key: tuple[str, int]) -> tuple:
@@ -167,7 +175,7 @@ class EndpointPool:
         self._idle[(pe.host, pe.port)].remove(pe)
         self._take_out(pe)
         self.stats[why] += 1
-        self.retire(pe)
+        self._retire_later(pe)
 
     def _sweep(self, now: float) -> None:
         """Retire endpoints idle longer than ``idle_s`` (oldest first: stops at the first young one)."""
@@ -192,7 +200,7 @@ class EndpointPool:
                 return pe
             self.stats["expired"] += 1
             log.debug("endpoint to %s:%d is %.0f s old: replacing", host, port, now - pe.created)
-            self.retire(pe)
+            self._retire_later(pe)
         return None
 
     @_locked
@@ -201,7 +209,7 @@ class EndpointPool:
         q = self._idle[key]
         now = time.monotonic()
         if len(q) >= self.pool_size or now - pe.created >= self.max_age:
-            self.retire(pe)
+            self._retire_later(pe)
             return
         pe.returned = now
         q.append(pe)
@@ -224,8 +232,18 @@ class EndpointPool:
     @_locked
     def discard(self, host: str, port: int) -> None:
         """Abort every idle endpoint to (host, port) (one of them was found dead)."""
-        for pe in self._pop_all(host, port):
-            pe.abort()
+        self._leaving.extend(pe.abort for pe in self._pop_all(host, port))
+
+    def _retire_later(self, pe: PooledEndpoint) -> None:
+        self._leaving.append(functools.partial(self.retire, pe))
+
+    def _close_leaving(self) -> None:
+        while self._leaving:
+            try:
+                close = self._leaving.pop()
+            except IndexError:  # another thread took the last one
+                return
+            close()
 
     @_locked
     def drain(self) -> list[PooledEndpoint]:

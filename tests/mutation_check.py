@@ -323,6 +323,28 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_interrupted_calls.py::test_take_interrupted_while_it_waits_hands_its_payload_to_the_next_take",),
         "a direct call stopped by Ctrl-C is dropped instead of finished elsewhere with its payloads kept",
     ),
+    Mutation(
+        "stale-stop-stops-the-next-call", "ucxx_transport/engine.py",
+        "    def stop_this_call() -> None:\n        if current[0]:\n            loop.stop()\n",
+        "    def stop_this_call() -> None:\n        loop.stop()\n",
+        ("tests/test_direct_calls.py::test_ctrl_c_as_a_call_ends_does_not_interrupt_the_next_call",
+         "tests/test_direct_calls.py::test_two_quick_ctrl_c_still_let_the_interrupted_work_finish"),
+        "a Ctrl-C's stop queued for one call stops the next call on the reused loop (or the helper finishing it)",
+    ),
+    Mutation(
+        "callers-calls-left-at-teardown", "ucxx_transport/engine.py",
+        "            await _end_callers_calls(timeout / 4)\n",
+        "",
+        ("tests/test_direct_calls.py::test_a_call_outliving_its_clients_close_is_cancelled_not_left_to_its_deadline",),
+        "a call still running in another thread at UCX's teardown is left to its deadline, its endpoint open",
+    ),
+    Mutation(
+        "pool-aborts-under-its-lock", "clients/pool.py",
+        "        self._leaving.extend(pe.abort for pe in self._pop_all(host, port))\n\n    # -----",
+        "        for pe in self._pop_all(host, port):\n            pe.abort()\n\n    # -----",
+        ("tests/test_directory.py::test_pool_closes_endpoints_outside_its_lock",),
+        "an endpoint is aborted while the pool's lock is held: other threads' calls wait for it",
+    ),
 ]
 
 

@@ -5,8 +5,10 @@ same rules as a call handed to the UCX loop thread. Real server, real endpoints.
 import asyncio
 import concurrent.futures
 import gc
+import signal
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -174,3 +176,159 @@ def test_close_lets_calls_running_in_other_threads_end_first(make_ring, ring_nam
     ref = ring.put({"x": np.arange(3)})
     with TransportClient(local_fast_path=False, timeout=10) as again:  # the server and ring are fine
         assert again.fetch(ref)["x"].tolist() == [0, 1, 2]
+
+
+# ------------------------------------------------ Ctrl-C at the edges of a call --
+async def _value():
+    await asyncio.sleep(0)  # two loop rounds: a stray stop queued before it would cut it short
+    return 42
+
+
+def test_ctrl_c_as_a_call_ends_does_not_interrupt_the_next_call():
+    """A Ctrl-C handled in the call's last loop round leaves a stop queued on the thread's loop
+    (the loop is reused by the next call): it must not stop that next call."""
+    engine.acquire()
+    try:
+        assert engine.can_run_here()
+
+        async def ends_with_ctrl_c():
+            # runs in the same round as the task's completion: the handler's stop lands after it
+            asyncio.get_running_loop().call_soon(signal.raise_signal, signal.SIGINT)
+            return 1
+
+        kept: list = []
+        with pytest.raises(KeyboardInterrupt):
+            engine.run_here(ends_with_ctrl_c(), 5, on_interrupt=kept.append)
+        assert kept and kept[0].result(0) == 1, "the interrupted call's outcome is handed over"
+        try:
+            for _ in range(3):
+                assert engine.run_here(_value(), 5) == 42
+        except KeyboardInterrupt:
+            pytest.fail("a Ctrl-C of the previous call interrupted this one")
+    finally:
+        engine.release()
+
+
+def test_two_quick_ctrl_c_still_let_the_interrupted_work_finish():
+    """The second Ctrl-C's stop is queued after the loop already stopped for the first: the
+    helper thread finishing the work must not stop on it (the work, and its payloads, lost)."""
+    engine.acquire()
+    try:
+        async def work_through_two_interrupts():
+            signal.raise_signal(signal.SIGINT)
+            asyncio.get_running_loop().call_soon(signal.raise_signal, signal.SIGINT)
+            await asyncio.sleep(0.2)
+            return 7
+
+        kept: list = []
+        with pytest.raises(KeyboardInterrupt):
+            engine.run_here(work_through_two_interrupts(), 5, on_interrupt=kept.append)
+        assert kept[0].result(5) == 7, "the work was cut short in the helper thread"
+        assert engine.run_here(_value(), 5) == 42
+    finally:
+        engine.release()
+
+
+def test_ctrl_c_before_the_handler_is_swapped_starts_nothing(monkeypatch):
+    """A Ctrl-C landing while the call sets itself up (Python's handler still in place): the work
+    never starts, so no half-started call runs unseen during the next one."""
+    engine.acquire()
+    try:
+        ran: list = []
+
+        async def first():
+            ran.append("first")
+
+        real_signal = signal.signal
+        calls = {"n": 0}
+
+        def ctrl_c_on_first_swap(signum, handler):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise KeyboardInterrupt
+            return real_signal(signum, handler)
+
+        monkeypatch.setattr(engine.signal, "signal", ctrl_c_on_first_swap)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # "coroutine was never awaited"
+            with pytest.raises(KeyboardInterrupt):
+                engine.run_here(first(), 5)
+            gc.collect()
+        monkeypatch.setattr(engine.signal, "signal", real_signal)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert engine.run_here(_value(), 5) == 42
+        assert ran == [], "the interrupted call's work ran during the next call"
+    finally:
+        engine.release()
+
+
+def test_a_call_outliving_its_clients_close_is_cancelled_not_left_to_its_deadline(make_ring, ring_name, serve):
+    """close() gives up waiting for another thread's call (its timeout is shorter than the call):
+    UCX's teardown cancels that call in its own thread; it fails at once, no UCX context is made
+    again behind the closed client's back, and the ring's payloads are intact for the next client."""
+    ring = make_ring()
+    srv = serve(ring_name)
+    c = TransportClient(local_fast_path=False, timeout=30)
+    c.connect(tuple(srv.address))
+    outcome: list = []
+
+    def long_poll():
+        t0 = time.monotonic()
+        try:
+            outcome.append(c.take(tuple(srv.address), n=1, wait=20))
+        except BaseException as exc:  # noqa: BLE001 - reported below (not kept: its traceback holds UCX objects)
+            outcome.append(repr(exc))
+        outcome.append(time.monotonic() - t0)
+
+    t = threading.Thread(target=long_poll)
+    t.start()
+    assert helpers.wait_until(lambda: c._direct_active == 1, 10)
+    time.sleep(0.2)  # the take is posted and long-polling (no event to wait on from here)
+    c.close(timeout=0.5)
+    t.join(15)
+    assert not t.is_alive(), "the call runs on after UCX stopped"
+    assert "client was closed while this call ran" in outcome[0] and outcome[1] < 10, outcome
+    assert engine._engine.ctx is None and engine._engine.mode is None, "a UCX context was made again"
+    # the call's endpoint was closed on its way out (UCX progressed meanwhile): the server's TAKE
+    # for it has ended, so it does not lease the next payload to a reader that is gone
+    ref = ring.put({"x": np.arange(3)})
+    with TransportClient(local_fast_path=False, timeout=10) as again:
+        assert again.fetch(ref)["x"].tolist() == [0, 1, 2]
+
+
+def test_a_call_starting_as_the_client_closes_fails_clearly_and_makes_no_new_ucx(make_ring, ring_name, serve,
+                                                                                  monkeypatch):
+    """A call that passed its checks just before close() ran (close() then saw no call running
+    and stopped UCX) must not go on: it fails with "client is closed", and no UCX context is
+    created again behind the closed client's back."""
+    make_ring()
+    srv = serve(ring_name)
+    c = TransportClient(local_fast_path=False, timeout=10)
+    c.connect(tuple(srv.address))
+    checked, go_on = threading.Event(), threading.Event()
+    real = engine.can_run_here
+
+    def checked_then_held():  # the interleaving: this call is past its checks when close() runs
+        ok = real()
+        if threading.current_thread().name == "late-call":
+            checked.set()
+            go_on.wait(10)
+        return ok
+
+    monkeypatch.setattr(engine, "can_run_here", checked_then_held)
+    outcome: list = []
+
+    def late_call():
+        try:
+            outcome.append(c.take(tuple(srv.address), n=1, wait=0.1))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(repr(exc))
+
+    t = threading.Thread(target=late_call, name="late-call")
+    t.start()
+    assert checked.wait(10)
+    c.close(timeout=5)
+    go_on.set()
+    t.join(15)
+    assert not t.is_alive() and len(outcome) == 1 and "client is closed" in outcome[0], outcome
+    assert engine._engine.ctx is None and engine._engine.mode is None, "a UCX context was made again"

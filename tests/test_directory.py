@@ -139,3 +139,30 @@ def test_pool_budget_knobs_read_the_environment(monkeypatch):
     assert (p.max_idle, p.max_idle_per_server) == (7, 1)
     monkeypatch.delenv("UCXX_TRANSPORT_MAX_IDLE_ENDPOINTS")
     assert EndpointPool(pool_size=2, endpoint_max_age_s=100, quarantine_s=30).max_idle == 48, "3/4 of UCX's cap"
+
+
+def test_pool_closes_endpoints_outside_its_lock():
+    """An abort can block (close_blocking): another thread's call must still use the pool meanwhile."""
+    release = threading.Event()
+    in_abort = threading.Event()
+
+    class SlowToAbort(_FakeEndpoint):
+        def abort(self):
+            in_abort.set()
+            release.wait(10)
+            self.aborted = True
+
+    pool = _pool([])
+    pool.checkin(PooledEndpoint(SlowToAbort(), "h", 1))
+    quarantining = threading.Thread(target=pool.quarantine, args=("h", 1, "test"))
+    quarantining.start()
+    try:
+        assert in_abort.wait(5)
+        ordered: list = []
+        other = threading.Thread(target=lambda: ordered.append(pool.order("h", [1, 2])))
+        other.start()
+        other.join(2)
+        assert ordered == [[2, 1]] or ordered == [[2]], f"the pool was locked while an endpoint aborted: {ordered}"
+    finally:
+        release.set()
+        quarantining.join(10)

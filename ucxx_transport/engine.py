@@ -205,6 +205,8 @@ def _context():
     """The ucxx context we use (the application's when shared)."""
     ctx = _engine.ctx
     if ctx is None:
+        if getattr(_here, "driver", None) is not None:  # a call in a caller's thread outlived release()
+            raise RuntimeError("UCX was stopped while this call ran (its client was closed)")
         import_ucxx()
         return compat.get_or_create_context()
     return ctx
@@ -280,6 +282,20 @@ def kick() -> None:
     drv = _driver()
     if drv is not None:
         drv.kick()
+
+
+def kick_all() -> None:
+    """Wake every driver of the worker: after an endpoint was aborted, the cancellations of
+    requests posted from other threads' calls complete at once rather than at their next look."""
+    mine = _driver()
+    for d in list(_engine.drivers):
+        if d is mine:
+            d.kick()
+            continue
+        try:
+            d.event_loop.call_soon_threadsafe(d.kick)
+        except RuntimeError:  # its loop was closed meanwhile
+            pass
 
 
 async def send(ep, buf):
@@ -419,7 +435,7 @@ async def connect(host: str, port: int, timeout: float):
         except (*compat.ucx_errors(), RuntimeError) as close_exc:  # pragma: no cover - a failed endpoint may refuse
             log.debug("closing a failed endpoint: %r", close_exc)
         finally:
-            kick()
+            kick_all()
         if isinstance(exc, ucx_api.UCXMessageTruncatedError):
             ucx_ep.raise_on_error()
         raise
@@ -432,7 +448,7 @@ def abort(ep) -> None:
     try:
         ep.abort()
     finally:
-        kick()
+        kick_all()
 
 
 def reset() -> None:
@@ -451,8 +467,7 @@ def _reset_locked() -> None:
     ProgressTasks, clear_progress_tasks = compat.progress_tasks(), c.clear_progress_tasks
 
     drivers = list(_engine.drivers)
-    for d in drivers:
-        d.stop()
+    _stop_drivers(drivers)
     # buffers of requests UCX may still complete: referenced until the worker is gone
     pending = [item.keepalive for d in drivers for item in d.pending]
     pending += [keep for _, keep in _engine.abandoned]
@@ -487,6 +502,49 @@ def _reset_locked() -> None:
                      str(exc).splitlines()[0][:200])
     _engine.update(mode=None, pid=None, driver=None, ctx=None, shared=False, loops=[])
     _engine.drivers.clear()  # callers' loops are closed by release() once the UCX loop has stopped
+
+
+def _stop_drivers(drivers: list) -> None:
+    """Stop every driver of the worker (one whose loop runs in another thread, there)."""
+    try:
+        here = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    for d in drivers:
+        lp = d.event_loop
+        if lp is here or not lp.is_running():
+            d.stop()
+            continue
+        try:
+            lp.call_soon_threadsafe(d.stop)
+        except RuntimeError:  # closed meanwhile
+            d.stop()
+
+
+async def _end_callers_calls(timeout: float) -> None:
+    """On the UCX loop, at teardown: cancel the calls still running in callers' threads (their
+    client's close() gave up waiting for them) and wait for them to end (bounded), the worker
+    progressed meanwhile, so what they abort on the way out (their endpoints) is done."""
+    me = asyncio.get_running_loop()
+    busy = [d for d in _engine.drivers if d.event_loop is not me and d.event_loop.is_running()]
+    for d in busy:
+        try:
+            d.event_loop.call_soon_threadsafe(_cancel_calls, d)
+        except RuntimeError:  # closed meanwhile
+            pass
+    end = time.monotonic() + timeout
+    while any(d.event_loop.is_running() for d in busy) and time.monotonic() < end:
+        await asyncio.sleep(PEER_BUSY_RECHECK_S)  # a loop's end in another thread has no event to await
+    for d in busy:
+        if d.event_loop.is_running():
+            log.warning("a call in another thread did not stop within %.1f s of UCX's teardown", timeout)
+
+
+def _cancel_calls(drv) -> None:
+    """In a caller's thread: cancel the calls its loop runs (its driver runs on until they end)."""
+    for t in asyncio.all_tasks(drv.event_loop):
+        if t is not drv.task:
+            t.cancel()
 
 
 # ------------------------------------------------------------ the UCX loop ---
@@ -545,7 +603,8 @@ def release(timeout: float = 5.0) -> None:
             for x in tasks:
                 x.cancel()
             if tasks:
-                await asyncio.wait(tasks, timeout=timeout / 2)
+                await asyncio.wait(tasks, timeout=timeout / 4)
+            await _end_callers_calls(timeout / 4)
             _reset_locked()  # release() holds _lock
 
         try:
@@ -659,13 +718,16 @@ def _caller_loop() -> tuple[asyncio.AbstractEventLoop, "AdaptiveProgress"]:
     """This thread's own event loop and its driver of the worker (made on first use, again
     after the UCX loop was restarted; forgotten when the thread ends)."""
     loop = getattr(_here, "loop", None)
-    if loop is not None and _here.epoch == _engine.epoch and not loop.is_closed():
+    if loop is not None and _here.epoch == _engine.epoch and not loop.is_closed() and \
+            _here.loop_driver.worker is not None:
         return loop, _here.loop_driver
     from .config import resolve  # config imports this module: resolved at call time
 
     with _lock:
+        if _engine.ctx is None or _engine.driver is None:
+            raise RuntimeError("the UCX loop is not running (engine.acquire() first)")
         loop = asyncio.new_event_loop()
-        drv = AdaptiveProgress(_context().worker, loop, spin_s=resolve("progress_spin_s", None), peers=_engine.drivers)
+        drv = AdaptiveProgress(_engine.ctx.worker, loop, spin_s=resolve("progress_spin_s", None), peers=_engine.drivers)
         _engine.drivers.append(drv)
         _engine.caller_loops.append(loop)
     _here.loop, _here.loop_driver, _here.epoch = loop, drv, _engine.epoch
@@ -707,28 +769,40 @@ def run_here(coro, timeout: float | None = None, on_interrupt=None):
     (UCX endpoints are not tied to a loop: whichever loop runs a call may use one.)"""
     loop, drv = _caller_loop()
     stopped: list = []  # why the loop stopped early: "timeout", "interrupt"
-    task = loop.create_task(coro)
-    task.add_done_callback(lambda _: loop.stop())
-    timer = None if timeout is None else loop.call_later(
-        max(0.0, timeout), lambda: (stopped.append("timeout"), task.cancel()))
+    current = [True]  # this call runs the loop: a stop queued for it must not stop a later call
+
+    def stop_this_call() -> None:
+        if current[0]:
+            loop.stop()
 
     def on_sigint(signum, frame):  # runs between two bytecodes of this thread: must not raise into the work
         stopped.append("interrupt")
-        loop.call_soon_threadsafe(loop.stop)  # (also wakes the loop if it sleeps)
+        loop.call_soon_threadsafe(stop_this_call)  # (also wakes the loop if it sleeps)
 
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
-    _here.driver = drv
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    task = timer = None
     try:
+        if main:  # first: from here on a Ctrl-C only stops the loop, never lands between the steps below
+            signal.signal(signal.SIGINT, on_sigint)
+        task = loop.create_task(coro)
+        task.add_done_callback(lambda _: stop_this_call())
+        if timeout is not None:
+            timer = loop.call_later(max(0.0, timeout), lambda: (stopped.append("timeout"), task.cancel()))
+        _here.driver = drv
         loop.run_forever()
-    except BaseException:  # raised out of the loop itself (not the work's own error: that stays in the task)
-        if not task.done():
+    except BaseException:  # raised before the loop ran, or out of the loop itself (not the work's own error)
+        current[0] = False
+        if task is None:
+            coro.close()
+        elif not task.done():
             _finish_elsewhere(loop, drv, task, on_interrupt)
         raise
     finally:
+        current[0] = False
         _here.driver = None
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        if main:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
         if timer is not None:
             timer.cancel()
     if not task.done():  # stopped by Ctrl-C: the work runs on elsewhere
@@ -754,13 +828,15 @@ def _finish_elsewhere(loop, drv, task, on_interrupt) -> None:
     _here.forget.detach()  # the helper forgets the loop once the work is done
     outcome: concurrent.futures.Future = concurrent.futures.Future()
     task.add_done_callback(lambda t: _settle_into(t, outcome))
+    task.add_done_callback(lambda _: loop.stop())
 
     def finish() -> None:
         _here.driver = drv
         try:
-            loop.run_until_complete(task)
-        except BaseException as exc:  # noqa: BLE001 - the outcome is in ``outcome``, the caller's to see
-            log.debug("an interrupted call ended with %r", exc)
+            while not task.done():  # (a stray stop, e.g. of a second Ctrl-C, only ends one round)
+                loop.run_forever()
+        except BaseException as exc:  # noqa: BLE001 - the loop itself failed (not the work): said, loop closed
+            log.warning("an interrupted call's loop failed (%r); its outcome is lost", exc)
         finally:
             _here.driver = None
             _forget_caller_loop(loop, drv)
