@@ -506,3 +506,39 @@ def test_second_server_on_same_ring_is_refused_clearly(make_ring, ring_name, ser
                           "127.0.0.1"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 5 and "already served by a live process" in out.stderr  # ExitCode.RING
     assert "Traceback" not in out.stderr
+
+
+def test_an_ack_deferred_by_a_busy_slot_lock_warns_only_when_the_lock_stays_held(make_ring, ring_name, spawn,
+                                                                                   caplog):
+    """A slot lock busy for a millisecond (a producer descheduled on a loaded box) defers the
+    server's ACK quietly; one held for a second (a frozen process) is warned of, once, naming the
+    slot and where to look; when the holder is gone the ACK applies and the payload is consumed."""
+    import logging
+
+    from ucxx_transport import TransportServer
+    from ucxx_transport import server as server_mod
+
+    ring = make_ring()
+    ref = ring.put({"x": np.arange(4)})
+    srv = TransportServer(ring, host="127.0.0.1", n_ports=1)  # not started: its finaliser alone
+    lease = ring.claim(ref)
+    held = spawn.Event()
+    holder = spawn.Process(target=helpers.freeze_holding_slot_lock, args=(ring_name, ref.slot, held))
+    holder.start()
+    try:
+        assert held.wait(20)
+        with caplog.at_level(logging.DEBUG, logger="ucxx_transport.server"):
+            srv._finalise([lease], True)
+            srv._retry_deferred()
+            assert len(srv._deferred) == 1
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "a short wait is no warning"
+            srv._deferred[0].since -= server_mod.FROZEN_LOCK_WARN_S  # held that long now
+            srv._retry_deferred()
+            srv._retry_deferred()
+            warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len(warned) == 1 and f"slot {ref.slot}" in warned[0] and "status --ring" in warned[0], warned
+    finally:
+        holder.kill()
+        holder.join(10)
+    assert helpers.wait_until(lambda: (srv._retry_deferred(), not srv._deferred)[1], 10), "the ACK never applied"
+    assert ring.stats()["consumed"] == 1

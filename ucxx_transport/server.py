@@ -38,7 +38,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -93,6 +93,8 @@ RECOVER_INTERVAL_S = 0.25
 STAGING_CACHE_BYTES = 64 << 20
 #: longest the event loop polls a slot's lock before deferring a finaliser
 LOOP_LOCK_TIMEOUT_S = 0.001
+#: a deferred finaliser's lock busy this long is worth a warning (a frozen process, not a busy box)
+FROZEN_LOCK_WARN_S = 1.0
 
 
 def is_loopback(host: str) -> bool:
@@ -134,11 +136,13 @@ class EndReason(enum.Enum):
 
 @dataclass
 class _Deferred:
-    """A finaliser that met a slot lock held by a frozen process: retried later."""
+    """A finaliser that met a busy slot lock: retried later."""
 
     lease: object  # shm.SlotLease
     ack: bool
     undecodable: bool
+    since: float = field(default_factory=time.monotonic)
+    warned: bool = False
 
 
 @dataclass
@@ -879,8 +883,9 @@ class TransportServer:
                     if lease.dead_lettered:
                         self.metrics.dead_letters += 1
             except shm.SlotLockTimeoutError:
-                log.warning("slot %d: lock held by a frozen process; %s deferred", lease.slot,
-                            "ACK" if ack else "NACK")
+                # busy for LOOP_LOCK_TIMEOUT_S: on a loaded box, most often a producer descheduled
+                # mid-transition; said as a warning only if it stays busy (_retry_deferred)
+                log.debug("slot %d: lock busy; %s deferred", lease.slot, "ACK" if ack else "NACK")
                 self._deferred.append(_Deferred(lease, ack, bad))
 
     def _retry_deferred(self) -> None:
@@ -893,6 +898,13 @@ class TransportServer:
                     d.lease.nack(undecodable=d.undecodable, lock_timeout=0)
             except shm.SlotLockTimeoutError:
                 self._deferred.append(d)
+                waited = time.monotonic() - d.since
+                if not d.warned and waited >= FROZEN_LOCK_WARN_S:
+                    d.warned = True
+                    log.warning("slot %d: its lock has been held for %.1f s (a process frozen mid-transition: "
+                                "SIGSTOP, a debugger, swapped out); its %s waits, the payload is not served "
+                                "meanwhile; `ucxx-transport status --ring %s` lists stuck slots", d.lease.slot,
+                                waited, "ACK" if d.ack else "NACK", self.ring.name)
 
     # --------------------------------------------------------- inspection --
     def snapshot(self) -> dict:
