@@ -11,8 +11,9 @@ Process layout (spawned, never forked), kept alive across sizes:
 * memcpy  : ``np.copyto`` of the same bytes: the ceiling of the local path.
 
 Every system runs the same sizes with the same number of client processes;
-each row reports payloads/s, GB/s, latency p50/p99/p99.9 and CPU%/RSS per
-role (the median of --reps repetitions, with min-max), and every "ours" row its
+each row reports payloads/s (end to end: for GET, the wait for the producers' refs
+included), GB/s, latency p50/p99/p99.9 (of the transfer: a GET's wait for a ref is left
+out) and CPU%/RSS per role (the median of --reps repetitions, with min-max), and every "ours" row its
 ratio to each baseline on a line that names both systems, the size, the metric
 and the process layout.
 
@@ -176,8 +177,9 @@ def _client_worker(kind: str, conn, args: dict, refq) -> None:
         while now < t_end:
             b = op()
             t1 = time.perf_counter()
-            if n < LAT_SAMPLES:
-                lat[n] = t1 - now
+            if n < LAT_SAMPLES:  # the transfer's latency: without the wait for a ref from the producers
+                lat[n] = t1 - now - state.get("ref_wait_s", 0.0)
+            state["ref_wait_s"] = 0.0
             n += 1
             nbytes += b
             now = t1
@@ -210,10 +212,13 @@ def _make_op(kind: str, size: int, state: dict, args: dict, refq, epoch: int):
     pending: list = []
 
     def next_ref():
-        while not pending:
-            queued_in, refs = refq.get(timeout=30)
-            if queued_in == epoch:
-                pending.extend(refs)
+        if not pending:
+            t0 = time.perf_counter()
+            while not pending:
+                queued_in, refs = refq.get(timeout=30)
+                if queued_in == epoch:
+                    pending.extend(refs)
+            state["ref_wait_s"] = state.get("ref_wait_s", 0.0) + time.perf_counter() - t0  # not in the latency
         return pending.pop(0)
 
     if kind == "ours-get":

@@ -8,6 +8,7 @@ import gc
 import signal
 import threading
 import time
+import types
 import warnings
 
 import numpy as np
@@ -239,22 +240,23 @@ def test_ctrl_c_before_the_handler_is_swapped_starts_nothing(monkeypatch):
         async def first():
             ran.append("first")
 
-        real_signal = signal.signal
+        real = engine._signal
         calls = {"n": 0}
 
         def ctrl_c_on_first_swap(signum, handler):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise KeyboardInterrupt
-            return real_signal(signum, handler)
+            return real.signal(signum, handler)
 
-        monkeypatch.setattr(engine.signal, "signal", ctrl_c_on_first_swap)
+        monkeypatch.setattr(engine, "_signal", types.SimpleNamespace(getsignal=real.getsignal,
+                                                                      signal=ctrl_c_on_first_swap))
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # "coroutine was never awaited"
             with pytest.raises(KeyboardInterrupt):
                 engine.run_here(first(), 5)
             gc.collect()
-        monkeypatch.setattr(engine.signal, "signal", real_signal)
+        monkeypatch.setattr(engine, "_signal", real)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         assert engine.run_here(_value(), 5) == 42
         assert ran == [], "the interrupted call's work ran during the next call"
