@@ -274,7 +274,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "fork-child-finalises-parent-slots", "shm/state.py",
-        "        if int(self.owner[slot]) != self._pid:\n            raise ForkedHandleError(",
+        "        if self._not_ours(slot):\n            raise ForkedHandleError(",
         "        if False:\n            raise ForkedHandleError(",
         ("tests/test_fork.py::test_a_forked_child_uses_the_ring_but_never_touches_what_its_parent_holds",),
         "finalisers do not check that the slot's owner is this process",
