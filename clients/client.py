@@ -260,7 +260,8 @@ class TransportClient:
 
     # ------------------------------------------------------ sync / async ---
     def _run(self, coro_fn, *args, budget: float, keep=None, keys=None):
-        """``coro_fn(*args)`` on the UCX loop, waited for up to ``budget`` (+5 s). ``keep``: for calls
+        """``coro_fn(*args)`` in this thread where it can (a direct call, ``engine.run_here``), else on the
+        UCX loop, waited for up to ``budget`` (+5 s). ``keep``: for calls
         that consume payloads, what to do with the result if the caller is interrupted (Ctrl-C) while
         it waits: the call then finishes on the loop and hands its payloads to ``keep``; ``keys``: the
         payload keys it fetches, or a callable giving them (worked out only if the caller is
@@ -269,27 +270,24 @@ class TransportClient:
         seconds = budget + 5.0
         on_interrupt = None if keep is None else (
             lambda outcome: self._kept.after_interrupt(outcome, keep, seconds, keys() if callable(keys) else keys))
-        if not (self.direct_calls and self.device == "cpu" and engine.can_run_here()):
-            try:
-                return engine.run(coro_fn(*args), seconds, on_interrupt=on_interrupt)
-            except TimeoutError:
-                raise CallTimeoutError(f"no answer within {budget + 5.0:.1f} s") from None
-            except concurrent.futures.CancelledError:
-                raise self._cancelled_by_close() from None
-        with self._direct_calls:  # checked here, under the lock close() waits on: a call either
-            if self._closed:      # counts before close() waits, or sees the client closed
-                raise TransportError("client is closed")
-            self._direct_active += 1
+        direct = self.direct_calls and self.device == "cpu" and engine.can_run_here()
+        if direct:
+            with self._direct_calls:  # checked here, under the lock close() waits on: a call either
+                if self._closed:      # counts before close() waits, or sees the client closed
+                    raise TransportError("client is closed")
+                self._direct_active += 1
         try:
-            return engine.run_here(coro_fn(*args), seconds, on_interrupt=on_interrupt)
+            run = engine.run_here if direct else engine.run
+            return run(coro_fn(*args), seconds, on_interrupt=on_interrupt)
         except TimeoutError:
             raise CallTimeoutError(f"no answer within {budget + 5.0:.1f} s") from None
         except concurrent.futures.CancelledError:
             raise self._cancelled_by_close() from None
         finally:
-            with self._direct_calls:
-                self._direct_active -= 1
-                self._direct_calls.notify_all()
+            if direct:
+                with self._direct_calls:
+                    self._direct_active -= 1
+                    self._direct_calls.notify_all()
 
     def _cancelled_by_close(self) -> Exception:
         """What a call cancelled under its caller raises (UCX's teardown cancels what still runs)."""

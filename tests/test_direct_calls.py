@@ -3,7 +3,6 @@ own event loop progressing the process's one UCX worker (``engine.run_here``), w
 same rules as a call handed to the UCX loop thread. Real server, real endpoints."""
 
 import asyncio
-import concurrent.futures
 import gc
 import signal
 import threading
@@ -21,48 +20,15 @@ from ucxx_transport import engine
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_run_here_runs_in_the_calling_thread_returns_raises_and_cancels_on_timeout():
+def test_a_thread_running_its_own_event_loop_hands_its_calls_over():
+    """(run_here's result, error, timeout and cancel rules: test_mechanisms, run both ways)"""
     engine.acquire()
     try:
-        assert engine.can_run_here()
-        ran_in: list = []
-
-        async def value():
-            ran_in.append(threading.current_thread())
-            await asyncio.sleep(0)
-            return 42
-
-        async def fails():
-            raise KeyError("inside")
-
-        cancelled = threading.Event()
-
-        async def hangs():
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-
-        async def cancelled_inside():
-            asyncio.current_task().cancel()
-            await asyncio.sleep(0)
-
-        assert engine.run_here(value(), 5) == 42 and ran_in == [threading.current_thread()]
-        with pytest.raises(KeyError, match="inside"):
-            engine.run_here(fails(), 5)
-        t0 = time.monotonic()
-        with pytest.raises(TimeoutError):
-            engine.run_here(hangs(), 0.2)
-        assert time.monotonic() - t0 < 2 and cancelled.is_set()  # cancelled before run_here returned
-        with pytest.raises(concurrent.futures.CancelledError):
-            engine.run_here(cancelled_inside(), 5)
-        assert engine.run_here(value(), 5) == 42  # the thread's loop is fine afterwards
-
         async def inside_a_loop():
             return engine.can_run_here()
 
-        assert asyncio.run(inside_a_loop()) is False  # a thread running its own loop hands calls over
+        assert engine.can_run_here()
+        assert asyncio.run(inside_a_loop()) is False
     finally:
         engine.release()
 
@@ -153,27 +119,37 @@ def test_direct_and_handed_over_calls_deliver_the_same(make_ring, ring_name, ser
     assert seen[True] == seen[False] == ([0, 1, 2, 3, 4, 5], True)
 
 
+def _long_poll_in_a_thread(c, address, wait: float):
+    """A thread whose direct call long-polls (a take of ``wait`` s), started and in its call;
+    ``outcome`` gets what it returned or the repr of what it raised (not the exception: its
+    traceback holds UCX objects), then how long it took."""
+    c.connect(address)
+    outcome: list = []
+
+    def long_poll():
+        t0 = time.monotonic()
+        try:
+            outcome.append(c.take(address, n=1, wait=wait))
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            outcome.append(repr(exc))
+        outcome.append(time.monotonic() - t0)
+
+    t = threading.Thread(target=long_poll)
+    t.start()
+    assert helpers.wait_until(lambda: c._direct_active == 1, 10)
+    return t, outcome
+
+
 def test_close_lets_calls_running_in_other_threads_end_first(make_ring, ring_name, serve):
     """close() while another thread's direct call long-polls: the call ends normally (its own
     deadline), then the client closes; nothing fails halfway, nothing is left READING."""
     ring = make_ring()
     srv = serve(ring_name)
     c = TransportClient(local_fast_path=False, timeout=10)
-    c.connect(tuple(srv.address))
-    outcome: list = []
-
-    def long_poll():
-        try:
-            outcome.append(c.take(tuple(srv.address), n=1, wait=1.5))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            outcome.append(exc)
-
-    t = threading.Thread(target=long_poll)
-    t.start()
-    assert helpers.wait_until(lambda: c._direct_active == 1, 10)
+    t, outcome = _long_poll_in_a_thread(c, tuple(srv.address), wait=1.5)
     c.close(timeout=10)
     t.join(10)
-    assert outcome == [[]], outcome
+    assert outcome[0] == [], outcome
     ref = ring.put({"x": np.arange(3)})
     with TransportClient(local_fast_path=False, timeout=10) as again:  # the server and ring are fine
         assert again.fetch(ref)["x"].tolist() == [0, 1, 2]
@@ -271,20 +247,7 @@ def test_a_call_outliving_its_clients_close_is_cancelled_not_left_to_its_deadlin
     ring = make_ring()
     srv = serve(ring_name)
     c = TransportClient(local_fast_path=False, timeout=30)
-    c.connect(tuple(srv.address))
-    outcome: list = []
-
-    def long_poll():
-        t0 = time.monotonic()
-        try:
-            outcome.append(c.take(tuple(srv.address), n=1, wait=20))
-        except BaseException as exc:  # noqa: BLE001 - reported below (not kept: its traceback holds UCX objects)
-            outcome.append(repr(exc))
-        outcome.append(time.monotonic() - t0)
-
-    t = threading.Thread(target=long_poll)
-    t.start()
-    assert helpers.wait_until(lambda: c._direct_active == 1, 10)
+    t, outcome = _long_poll_in_a_thread(c, tuple(srv.address), wait=20)
     time.sleep(0.2)  # the take is posted and long-polling (no event to wait on from here)
     c.close(timeout=0.5)
     t.join(15)

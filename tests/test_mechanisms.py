@@ -499,18 +499,34 @@ def test_batch_ack_with_live_views_pins_the_slot_like_a_single_ack(make_ring):
 
 
 # ----------------------------------------------------- sync calls on the UCX loop --
+#: engine.run hands a coroutine to the UCX loop thread; engine.run_here runs it in the calling
+#: thread on a loop of its own (a direct call): both keep the same rules
+RUNNERS = pytest.mark.parametrize("where", ["UCX loop", "calling thread"])
+
+
+def _runner(engine, where: str):
+    if where == "calling thread":
+        assert engine.can_run_here()
+        return engine.run_here
+    return engine.run
+
+
 @pytest.mark.timeout(60)
-def test_engine_run_returns_raises_and_cancels_on_timeout():
-    """engine.run hands a coroutine to the UCX loop thread and waits: its result, its own
-    exception, or on timeout a TimeoutError with the coroutine cancelled (nothing keeps running
-    behind the caller's back)."""
+@RUNNERS
+def test_engine_run_returns_raises_and_cancels_on_timeout(where):
+    """A sync call of a coroutine gives its result, its own exception, or on timeout a
+    TimeoutError with the coroutine cancelled (nothing keeps running behind the caller's back)."""
     import asyncio
 
     from ucxx_transport import engine
 
     engine.acquire()
     try:
+        run = _runner(engine, where)
+        ran_in: list = []
+
         async def value():
+            ran_in.append(threading.current_thread())
             await asyncio.sleep(0)
             return 42
 
@@ -526,20 +542,24 @@ def test_engine_run_returns_raises_and_cancels_on_timeout():
                 cancelled.set()
                 raise
 
-        assert engine.run(value(), 5) == 42
+        assert run(value(), 5) == 42
+        assert (ran_in[0] is threading.current_thread()) == (where == "calling thread"), ran_in
         with pytest.raises(KeyError, match="inside"):
-            engine.run(fails(), 5)
+            run(fails(), 5)
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
-            engine.run(hangs(), 0.2)
-        assert time.monotonic() - t0 < 2 and cancelled.wait(5)
-        assert engine.run(value(), 5) == 42  # the loop is fine afterwards
+            run(hangs(), 0.2)
+        assert time.monotonic() - t0 < 2
+        # in the calling thread: cancelled before the call returned
+        assert cancelled.is_set() if where == "calling thread" else cancelled.wait(5)
+        assert run(value(), 5) == 42  # the loop is fine afterwards
     finally:
         engine.release()
 
 
 @pytest.mark.timeout(60)
-def test_engine_run_reports_a_cancelled_call_as_an_exception_and_a_negative_timeout_as_one():
+@RUNNERS
+def test_engine_run_reports_a_cancelled_call_as_an_exception_and_a_negative_timeout_as_one(where):
     import asyncio
     import concurrent.futures
 
@@ -547,6 +567,8 @@ def test_engine_run_reports_a_cancelled_call_as_an_exception_and_a_negative_time
 
     engine.acquire()
     try:
+        run = _runner(engine, where)
+
         async def cancelled_on_the_loop():
             asyncio.current_task().cancel()
             await asyncio.sleep(0)
@@ -555,9 +577,9 @@ def test_engine_run_reports_a_cancelled_call_as_an_exception_and_a_negative_time
             await asyncio.sleep(30)
 
         with pytest.raises(concurrent.futures.CancelledError):
-            engine.run(cancelled_on_the_loop(), 5)
+            run(cancelled_on_the_loop(), 5)
         with pytest.raises(TimeoutError):
-            engine.run(slow(), -1)
+            run(slow(), -1)
     finally:
         engine.release()
 
