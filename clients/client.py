@@ -281,7 +281,7 @@ class TransportClient:
             return run(coro_fn(*args), seconds, on_interrupt=on_interrupt)
         except TimeoutError:
             raise CallTimeoutError(f"no answer within {budget + 5.0:.1f} s") from None
-        except concurrent.futures.CancelledError:
+        except (concurrent.futures.CancelledError, engine.UCXStoppedError):
             raise self._cancelled_by_close() from None
         finally:
             if direct:

@@ -117,6 +117,8 @@ class EndpointPool:
         self._lock = threading.Lock()
         #: closings decided under the lock, run once it is released (:func:`_locked`)
         self._leaving: list = []
+        #: drained (its owner closes): nothing is pooled any more
+        self._drained = False
 
     # --------------------------------------------------------- rotation ----
     @_locked
@@ -205,6 +207,9 @@ class EndpointPool:
 
     @_locked
     def checkin(self, pe: PooledEndpoint) -> None:
+        if self._drained:  # a call that ended after the client closed: not pooled, retired
+            self._retire_later(pe)
+            return
         key = (pe.host, pe.port)
         q = self._idle[key]
         now = time.monotonic()
@@ -247,7 +252,9 @@ class EndpointPool:
 
     @_locked
     def drain(self) -> list[PooledEndpoint]:
-        """Remove and return every idle endpoint (the caller retires them)."""
+        """Remove and return every idle endpoint (the caller retires them); endpoints checked in
+        afterwards are retired, not pooled (the pool's owner is closing)."""
+        self._drained = True
         out = [pe for q in self._idle.values() for pe in q]
         self._idle.clear()
         self._lru.clear()

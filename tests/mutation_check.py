@@ -316,10 +316,10 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "interrupted-direct-call-abandoned", "ucxx_transport/engine.py",
-        "    if not task.done():  # stopped by Ctrl-C: the work runs on elsewhere\n"
-        "        _finish_elsewhere(loop, drv, task, on_interrupt)\n",
-        "    if not task.done():  # stopped by Ctrl-C: the work runs on elsewhere\n"
-        "        task.cancel()\n",
+        "            handed_over = True\n"
+        "            _finish_elsewhere(loop, drv, task, on_interrupt)\n",
+        "            handed_over = True\n"
+        "            task.cancel()\n",
         ("tests/test_interrupted_calls.py::test_take_interrupted_while_it_waits_hands_its_payload_to_the_next_take",),
         "a direct call stopped by Ctrl-C is dropped instead of finished elsewhere with its payloads kept",
     ),
@@ -344,6 +344,20 @@ MUTATIONS: list[Mutation] = [
         "        for pe in self._pop_all(host, port):\n            pe.abort()\n\n    # -----",
         ("tests/test_directory.py::test_pool_closes_endpoints_outside_its_lock",),
         "an endpoint is aborted while the pool's lock is held: other threads' calls wait for it",
+    ),
+    Mutation(
+        "abort-wakes-stopped-loops", "ucxx_transport/engine.py",
+        "        elif d.event_loop.is_running():  # a stopped loop's driver progresses when it next runs\n",
+        "        else:\n",
+        ("tests/test_direct_calls.py::test_aborts_do_not_pile_wake_ups_on_the_loop_of_a_thread_between_calls",),
+        "every abort queues a wake-up on the stopped loop of each thread between calls (unbounded)",
+    ),
+    Mutation(
+        "late-checkin-pooled", "clients/pool.py",
+        "        if self._drained:  # a call that ended after the client closed: not pooled, retired\n",
+        "        if False:\n",
+        ("tests/test_directory.py::test_an_endpoint_checked_in_after_the_pool_was_drained_is_retired_not_pooled",),
+        "an endpoint returned after close() drained the pool stays open in it (its ACK unconfirmed)",
     ),
 ]
 

@@ -297,3 +297,73 @@ def test_a_call_starting_as_the_client_closes_fails_clearly_and_makes_no_new_ucx
     t.join(15)
     assert not t.is_alive() and len(outcome) == 1 and "client is closed" in outcome[0], outcome
     assert engine._engine.ctx is None and engine._engine.mode is None, "a UCX context was made again"
+
+
+def test_a_ctrl_c_right_as_the_handler_goes_back_still_keeps_the_interrupted_work(monkeypatch):
+    """A second Ctrl-C the moment Python's own handler is back (it raises at once): the work the
+    first one interrupted has already been handed over, so its outcome is not dropped."""
+    engine.acquire()
+    try:
+        async def work():
+            signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: stops the loop mid-work
+            await asyncio.sleep(0.2)
+            return 7
+
+        real = engine._signal
+        swaps = {"n": 0}
+
+        def second_ctrl_c_on_restore(signum, handler):
+            swaps["n"] += 1
+            previous = real.signal(signum, handler)
+            if swaps["n"] == 2:  # Python's handler is back: the pending Ctrl-C raises here
+                raise KeyboardInterrupt
+            return previous
+
+        monkeypatch.setattr(engine, "_signal", types.SimpleNamespace(getsignal=real.getsignal,
+                                                                      signal=second_ctrl_c_on_restore))
+        kept: list = []
+        with pytest.raises(KeyboardInterrupt):
+            engine.run_here(work(), 5, on_interrupt=kept.append)
+        monkeypatch.setattr(engine, "_signal", real)
+        assert kept, "the interrupted work was never handed over"
+        assert kept[0].result(5) == 7
+        assert engine.run_here(_value(), 5) == 42
+    finally:
+        engine.release()
+
+
+def test_aborts_do_not_pile_wake_ups_on_the_loop_of_a_thread_between_calls():
+    """An endpoint abort wakes the drivers of running calls; a thread between calls (its loop
+    stopped, maybe for hours) must not collect one queued wake-up per abort."""
+    engine.acquire()
+    try:
+        assert engine.run_here(_value(), 5) == 42  # this thread's loop, now stopped between calls
+        drv = engine._here.loop_driver
+        woken = {"n": 0}
+        real_kick = drv.kick
+
+        def counted_kick():
+            woken["n"] += 1
+            real_kick()
+
+        drv.kick = counted_kick
+        for _ in range(1000):
+            engine.kick_all()
+        assert engine.run_here(_value(), 5) == 42
+        assert woken["n"] < 10, f"{woken['n']} wake-ups queued while the thread's loop was stopped"
+    finally:
+        engine.release()
+
+
+def test_a_direct_call_without_ucx_running_is_refused_clearly_and_starts_nothing():
+    assert engine._engine.mode is None, "UCX still runs from an earlier test"
+
+    async def never():
+        raise AssertionError("ran")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "coroutine was never awaited"
+        with pytest.raises(engine.UCXStoppedError, match="not running"):
+            engine.run_here(never(), 5)
+        gc.collect()
+    assert engine._engine.ctx is None, "a UCX context was made for the refused call"

@@ -166,3 +166,16 @@ def test_pool_closes_endpoints_outside_its_lock():
     finally:
         release.set()
         quarantining.join(10)
+
+
+def test_an_endpoint_checked_in_after_the_pool_was_drained_is_retired_not_pooled():
+    """A call in another thread that ends while its client closes returns its endpoint after
+    close() drained the pool: it must be closed (confirming its ACK), not left open in the pool."""
+    retired = []
+    pool = _pool(retired)
+    early = PooledEndpoint(_FakeEndpoint(), "h", 1)
+    pool.checkin(early)
+    assert pool.drain() == [early]
+    late = PooledEndpoint(_FakeEndpoint(), "h", 1)
+    pool.checkin(late)
+    assert retired == [late] and pool.idle == 0

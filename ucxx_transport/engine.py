@@ -57,6 +57,11 @@ REFUSED_POLL_S = 0.005
 #: how often a driver with nothing in flight looks again while another driver runs a call
 PEER_BUSY_RECHECK_S = 0.005
 _SIGINT = int(signal.SIGINT)
+
+
+class UCXStoppedError(RuntimeError):
+    """UCX is not running here: never started, or stopped (its last client closed) while a call
+    was under way."""
 PROGRESS_MODES = ("adaptive", "thread", "thread-polling", "polling", "blocking")
 DEFAULT_PROGRESS_MODE = "adaptive"
 
@@ -208,7 +213,7 @@ def _context():
     ctx = _engine.ctx
     if ctx is None:
         if getattr(_here, "driver", None) is not None:  # a call in a caller's thread outlived release()
-            raise RuntimeError("UCX was stopped while this call ran (its client was closed)")
+            raise UCXStoppedError("UCX was stopped while this call ran (its client was closed)")
         import_ucxx()
         return compat.get_or_create_context()
     return ctx
@@ -293,11 +298,11 @@ def kick_all() -> None:
     for d in list(_engine.drivers):
         if d is mine:
             d.kick()
-            continue
-        try:
-            d.event_loop.call_soon_threadsafe(d.kick)
-        except RuntimeError:  # its loop was closed meanwhile
-            pass
+        elif d.event_loop.is_running():  # a stopped loop's driver progresses when it next runs
+            try:
+                d.event_loop.call_soon_threadsafe(d.kick)
+            except RuntimeError:  # its loop was closed meanwhile
+                pass
 
 
 async def send(ep, buf):
@@ -517,8 +522,8 @@ def _stop_drivers(drivers: list) -> None:
         if lp is here or not lp.is_running():
             d.stop()
             continue
-        try:
-            lp.call_soon_threadsafe(d.stop)
+        try:  # (a call that began after _end_callers_calls looked: it ends now, not at its deadline)
+            lp.call_soon_threadsafe(_cancel_calls, d, True)
         except RuntimeError:  # closed meanwhile
             d.stop()
 
@@ -528,25 +533,34 @@ async def _end_callers_calls(timeout: float) -> None:
     client's close() gave up waiting for them) and wait for them to end (bounded), the worker
     progressed meanwhile, so what they abort on the way out (their endpoints) is done."""
     me = asyncio.get_running_loop()
-    busy = [d for d in _engine.drivers if d.event_loop is not me and d.event_loop.is_running()]
-    for d in busy:
-        try:
-            d.event_loop.call_soon_threadsafe(_cancel_calls, d)
-        except RuntimeError:  # closed meanwhile
-            pass
+    told: set = set()
     end = time.monotonic() + timeout
-    while any(d.event_loop.is_running() for d in busy) and time.monotonic() < end:
+    while True:  # looked at again each round: a call may start (or be handed to a helper) meanwhile
+        busy = [d for d in _engine.drivers if d.event_loop is not me and d.event_loop.is_running()]
+        for d in busy:
+            if id(d) not in told:
+                told.add(id(d))
+                try:
+                    d.event_loop.call_soon_threadsafe(_cancel_calls, d)
+                except RuntimeError:  # closed meanwhile
+                    pass
+        if not busy:
+            return
+        if time.monotonic() >= end:
+            log.warning("%d call(s) in other threads did not stop within %.1f s of UCX's teardown",
+                        len(busy), timeout)
+            return
         await asyncio.sleep(PEER_BUSY_RECHECK_S)  # a loop's end in another thread has no event to await
-    for d in busy:
-        if d.event_loop.is_running():
-            log.warning("a call in another thread did not stop within %.1f s of UCX's teardown", timeout)
 
 
-def _cancel_calls(drv) -> None:
-    """In a caller's thread: cancel the calls its loop runs (its driver runs on until they end)."""
+def _cancel_calls(drv, stop: bool = False) -> None:
+    """In a caller's thread: cancel the calls its loop runs (its driver runs on until they end,
+    unless ``stop``)."""
     for t in asyncio.all_tasks(drv.event_loop):
         if t is not drv.task:
             t.cancel()
+    if stop:
+        drv.stop()
 
 
 # ------------------------------------------------------------ the UCX loop ---
@@ -659,7 +673,7 @@ def run(coro, timeout: float | None = None, on_interrupt=None):
     loop = _engine.loop
     if loop is None:
         coro.close()
-        raise RuntimeError("the UCX loop is not running (engine.acquire() first)")
+        raise UCXStoppedError("the UCX loop is not running (engine.acquire() first)")
     if _engine.pid != os.getpid():
         coro.close()
         raise RuntimeError(f"the UCX loop belongs to process {_engine.pid} and this process is a fork of it "
@@ -727,7 +741,7 @@ def _caller_loop() -> tuple[asyncio.AbstractEventLoop, "AdaptiveProgress"]:
 
     with _lock:
         if _engine.ctx is None or _engine.driver is None:
-            raise RuntimeError("the UCX loop is not running (engine.acquire() first)")
+            raise UCXStoppedError("the UCX loop is not running (engine.acquire() first)")
         loop = asyncio.new_event_loop()
         drv = AdaptiveProgress(_engine.ctx.worker, loop, spin_s=resolve("progress_spin_s", None), peers=_engine.drivers)
         _engine.drivers.append(drv)
@@ -769,7 +783,11 @@ def run_here(coro, timeout: float | None = None, on_interrupt=None):
     runs on to its end in a helper thread, ``on_interrupt`` gets a
     ``concurrent.futures.Future`` of its outcome, and ``KeyboardInterrupt`` is raised here.
     (UCX endpoints are not tied to a loop: whichever loop runs a call may use one.)"""
-    loop, drv = _caller_loop()
+    try:
+        loop, drv = _caller_loop()
+    except BaseException:
+        coro.close()
+        raise
     stopped: list = []  # why the loop stopped early: "timeout", "interrupt"
     current = [True]  # this call runs the loop: a stop queued for it must not stop a later call
 
@@ -784,43 +802,51 @@ def run_here(coro, timeout: float | None = None, on_interrupt=None):
     main = threading.current_thread() is threading.main_thread()
     previous = _signal.getsignal(_SIGINT) if main else None
     task = timer = None
+    handed_over = False
+    # Python's own handler is back only at the very end: a Ctrl-C until then only stops the loop,
+    # so it never lands between the steps that start, hand over or settle the work
     try:
-        if main:  # first: from here on a Ctrl-C only stops the loop, never lands between the steps below
+        if main:
             _signal.signal(_SIGINT, on_sigint)
+        if drv.worker is None:  # stopped by UCX's teardown since this thread's last call
+            raise UCXStoppedError("UCX was stopped (its last client was closed)")
         task = loop.create_task(coro)
         task.add_done_callback(lambda _: stop_this_call())
         if timeout is not None:
             timer = loop.call_later(max(0.0, timeout), lambda: (stopped.append("timeout"), task.cancel()))
         _here.driver = drv
-        loop.run_forever()
-    except BaseException:  # raised before the loop ran, or out of the loop itself (not the work's own error)
+        try:
+            loop.run_forever()
+        finally:
+            current[0] = False
+            _here.driver = None
+            if timer is not None:
+                timer.cancel()
+        if not task.done():  # stopped by Ctrl-C: the work runs on elsewhere
+            handed_over = True
+            _finish_elsewhere(loop, drv, task, on_interrupt)
+            raise KeyboardInterrupt
+        if task.cancelled():
+            if "timeout" in stopped:
+                raise TimeoutError(f"no result within {timeout} s (the coroutine was cancelled)")
+            raise concurrent.futures.CancelledError("the call was cancelled")
+        if "interrupt" in stopped:  # Ctrl-C as the work ended: its outcome is kept, the interrupt goes on
+            if on_interrupt is not None:
+                outcome: concurrent.futures.Future = concurrent.futures.Future()
+                _settle_into(task, outcome)
+                on_interrupt(outcome)
+            raise KeyboardInterrupt
+        return task.result()
+    except BaseException:  # raised before the loop ran, out of the loop itself, or the outcome above
         current[0] = False
         if task is None:
             coro.close()
-        elif not task.done():
+        elif not task.done() and not handed_over:
             _finish_elsewhere(loop, drv, task, on_interrupt)
         raise
     finally:
-        current[0] = False
-        _here.driver = None
         if main:
             _signal.signal(_SIGINT, previous if previous is not None else signal.default_int_handler)
-        if timer is not None:
-            timer.cancel()
-    if not task.done():  # stopped by Ctrl-C: the work runs on elsewhere
-        _finish_elsewhere(loop, drv, task, on_interrupt)
-        raise KeyboardInterrupt
-    if task.cancelled():
-        if "timeout" in stopped:
-            raise TimeoutError(f"no result within {timeout} s (the coroutine was cancelled)")
-        raise concurrent.futures.CancelledError("the call was cancelled")
-    if "interrupt" in stopped:  # Ctrl-C as the work ended: its outcome is kept, the interrupt goes on
-        if on_interrupt is not None:
-            outcome: concurrent.futures.Future = concurrent.futures.Future()
-            _settle_into(task, outcome)
-            on_interrupt(outcome)
-        raise KeyboardInterrupt
-    return task.result()
 
 
 def _finish_elsewhere(loop, drv, task, on_interrupt) -> None:
