@@ -57,13 +57,14 @@ REFUSED_POLL_S = 0.005
 #: how often a driver with nothing in flight looks again while another driver runs a call
 PEER_BUSY_RECHECK_S = 0.005
 _SIGINT = int(signal.SIGINT)
+PROGRESS_MODES = ("adaptive", "thread", "thread-polling", "polling", "blocking")
+DEFAULT_PROGRESS_MODE = "adaptive"
 
 
 class UCXStoppedError(RuntimeError):
     """UCX is not running here: never started, or stopped (its last client closed) while a call
     was under way."""
-PROGRESS_MODES = ("adaptive", "thread", "thread-polling", "polling", "blocking")
-DEFAULT_PROGRESS_MODE = "adaptive"
+
 
 @dataclass
 class _Engine:
@@ -533,13 +534,13 @@ async def _end_callers_calls(timeout: float) -> None:
     client's close() gave up waiting for them) and wait for them to end (bounded), the worker
     progressed meanwhile, so what they abort on the way out (their endpoints) is done."""
     me = asyncio.get_running_loop()
-    told: set = set()
+    told: list = []
     end = time.monotonic() + timeout
     while True:  # looked at again each round: a call may start (or be handed to a helper) meanwhile
         busy = [d for d in _engine.drivers if d.event_loop is not me and d.event_loop.is_running()]
         for d in busy:
-            if id(d) not in told:
-                told.add(id(d))
+            if d not in told:
+                told.append(d)
                 try:
                     d.event_loop.call_soon_threadsafe(_cancel_calls, d)
                 except RuntimeError:  # closed meanwhile
