@@ -296,11 +296,33 @@ class TransportClient:
                                   "other threads only up to its timeout): what it had not ACKed is served again")
         return TransportError("the call was cancelled (UCX was stopped while it ran)")
 
-    async def _arun(self, coro_fn, *args):
+    async def _arun(self, coro_fn, *args, budget: float | None = None, keep=None, keys=None):
+        """``coro_fn(*args)`` on the UCX loop, awaited. ``keep``/``keys``/``budget``: as for
+        :meth:`_run`: when the awaiting task is cancelled (``asyncio.wait_for`` ran out, a task
+        group ended) the work runs on to its end (within ``budget`` + 5 s) and hands what it
+        consumed to ``keep``, the rule of an interrupted sync call; without ``keep`` it is cancelled."""
         loop = self._ucx_loop()
         if asyncio.get_running_loop() is loop:
-            return await coro_fn(*args)
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro_fn(*args), loop))
+            work = asyncio.ensure_future(coro_fn(*args))
+            waiter = work
+        else:
+            work = asyncio.run_coroutine_threadsafe(coro_fn(*args), loop)
+            waiter = asyncio.wrap_future(work)
+        if keep is None:
+            return await waiter
+        try:
+            return await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            if waiter is not work:  # its outcome is read from ``work``: mark the copy's as seen
+                waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._kept.after_interrupt(work, keep, (budget or self.call_budget()) + 5.0,
+                                       keys() if callable(keys) else keys)
+            raise
+
+    async def _asettle(self, keys) -> None:
+        """:meth:`Kept.settle` for async callers (waits in a worker thread, not on the loop)."""
+        if self._kept.any():
+            await asyncio.get_running_loop().run_in_executor(None, self._kept.settle, keys)
 
     def _transfer_s(self, nbytes: int) -> float:
         """Extra deadline for moving ``nbytes`` over the slowest expected link."""
@@ -361,13 +383,20 @@ class TransportClient:
                 raise r.error
             return r.payload
         ref = self._checked(ref)
-        kept = self._kept.pop(ref.key)  # consumed by an interrupted sync call
+        await self._asettle([ref.key])
+        kept = self._kept.pop(ref.key)  # consumed by an interrupted (or cancelled) call
         if kept is not None:
             return self.present(kept)
         local = self._local.fetch(ref)
         if local is not None:
             return self.present(local)
-        return self.present(await self._arun(self._fetch_ref, ref))
+        got = await self._arun(self._fetch_ref, ref, budget=self.call_budget(ref.nbytes),
+                               keys=[ref.key], keep=lambda got: self._kept.keep(ref.key, got))
+        try:
+            return self.present(got)
+        except BaseException:  # a conversion failed: consumed, kept for the next fetch of it
+            self._kept.keep(ref.key, got)
+            raise
 
     def present(self, payload: shm.Payload) -> shm.Payload:
         """``payload`` as this client hands payloads out (``copy``, ``tensor_type``)."""
@@ -499,7 +528,20 @@ class TransportClient:
         """:meth:`fetch_many` for callers with their own event loop."""
         if fields is not None:
             encode_fields(fields)
-        return self._present_results(await self._arun(self._fetch_many, list(refs), fields))
+        refs = list(refs)
+        await self._asettle(_keys(refs))
+        kept = self._pop_kept(refs, fields)  # (settled above: no wait here)
+        rest = [i for i in range(len(refs)) if i not in kept]
+        got = await self._arun(self._fetch_many, [refs[i] for i in rest], fields, budget=self._batch_budget(refs),
+                               keys=lambda: _keys(refs), keep=lambda results: self._kept.keep_results(results, fields)
+                               ) if rest else []
+        got = dict(zip(rest, got))
+        results = [kept[i] if i in kept else got[i] for i in range(len(refs))]
+        try:
+            return self._present_results(results)
+        except BaseException:  # a conversion failed: consumed, kept for the next fetch of them
+            self._kept.keep_results(results, fields)
+            raise
 
     def take(self, address, n: int = 1, wait: float = 0.0, *, fields=None) -> list[shm.Payload]:
         """The next ``n`` READY payloads of a server (publish order), waiting up
@@ -526,8 +568,21 @@ class TransportClient:
         """:meth:`take` for callers with their own event loop."""
         host, ports = self._address(address)
         blob = None if fields is None else encode_fields(fields)
-        got = self._kept.pop_taken((host, tuple(ports)), n, fields)  # consumed by an interrupted sync take
-        return [self.present(p) for p in got or await self._arun(self._take, host, ports, n, wait, 0, blob)]
+        where = (host, tuple(ports))
+        if self._kept.any():  # a cancelled take from there still running counts as waiting for payloads
+            await asyncio.get_running_loop().run_in_executor(None, lambda: self._kept.settle([("take", where)],
+                                                                                         limit=wait))
+        got = self._kept.pop_taken(where, n, fields)  # consumed by an interrupted (or cancelled) take
+        if not got:
+            got = await self._arun(self._take, host, ports, n, wait, 0, blob,
+                                   budget=self.call_budget() + wait + self._exchanges.transfer_s(n << 24),
+                                   keys=[("take", where)],
+                                   keep=lambda payloads: self._kept.keep_taken(where, payloads, fields))
+        try:
+            return [self.present(p) for p in got]
+        except BaseException:  # a conversion failed: consumed, kept for the next take
+            self._kept.keep_taken(where, got, fields)
+            raise
 
     def take_any(self, directory, n: int = 16, wait: float = 0.0) -> list[shm.Payload]:
         """Up to ``n`` payloads pulled fairly from every live server of ``directory``

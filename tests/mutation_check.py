@@ -359,6 +359,13 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_directory.py::test_an_endpoint_checked_in_after_the_pool_was_drained_is_retired_not_pooled",),
         "an endpoint returned after close() drained the pool stays open in it (its ACK unconfirmed)",
     ),
+    Mutation(
+        "cancelled-async-call-dropped", "clients/client.py",
+        "            return await asyncio.shield(waiter)\n",
+        "            return await waiter\n",
+        ("tests/test_interrupted_calls.py::test_an_async_call_cancelled_after_its_ack_keeps_the_payload_for_the_next_call",),
+        "an async call cancelled after its ACK is cancelled with it: the payload it consumed is lost",
+    ),
 ]
 
 

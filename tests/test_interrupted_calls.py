@@ -203,3 +203,91 @@ def test_kept_payloads_are_handed_out_as_asked_and_released_at_close(make_ring, 
     assert len(kept) == 0
     with pytest.raises(shm.PayloadReleasedError):
         payloads[0]["a"]
+
+
+# ------------------------------------------------------------ async callers --
+@pytest.mark.parametrize("call", ["afetch", "afetch_many", "atake"])
+def test_an_async_call_cancelled_after_its_ack_keeps_the_payload_for_the_next_call(make_ring, ring_name, serve,
+                                                                                   monkeypatch, call):
+    """An async caller whose call is cancelled (asyncio.wait_for ran out, a task group ended)
+    just after the call ACKed its payload: the payload was consumed on the server; it must
+    reach the next call that asks, not be dropped with the cancelled one."""
+    import asyncio
+    import threading
+
+    from ucxx_transport import engine
+    from ucxx_transport.protocol import Op, ProtocolError, decode_request
+
+    ring = make_ring()
+    srv = serve(ring_name)
+    ref = ring.put({"x": np.arange(5)})
+    acked = threading.Event()
+    real_send = engine.send
+
+    def is_ack(buf) -> bool:
+        try:
+            return decode_request(buf).op == Op.ACK
+        except ProtocolError:  # a request with a table after its header (GETV)
+            return False
+
+    async def send_then_linger_after_an_ack(ep, buf):
+        await real_send(ep, buf)
+        if not acked.is_set() and is_ack(buf):
+            acked.set()
+            await asyncio.sleep(0.3)  # the call is now between its ACK and its return
+
+    monkeypatch.setattr(engine, "send", send_then_linger_after_an_ack)
+    address = tuple(srv.address)
+
+    async def ask(c):
+        if call == "afetch":
+            return await c.afetch(ref)
+        if call == "afetch_many":
+            (r,) = await c.afetch_many([ref])
+            if r.error is not None:
+                raise r.error
+            return r.payload
+        (p,) = await c.atake(address, n=1, wait=5)
+        return p
+
+    async def main(c):
+        first = asyncio.ensure_future(ask(c))
+        assert await asyncio.get_running_loop().run_in_executor(None, acked.wait, 20)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await ask(c)
+
+    with TransportClient(local_fast_path=False, timeout=10, direct_calls=False) as c:
+        got = asyncio.run(main(c))
+        assert got["x"].tolist() == [0, 1, 2, 3, 4]
+        got.release()
+    assert ring.stats()["consumed"] == 1
+
+
+@pytest.mark.parametrize("then", ["atake", "take"])
+def test_a_long_poll_atake_cancelled_while_it_waits_loses_nothing_published_after(make_ring, ring_name, serve, then):
+    """An async long-poll take cancelled while it waits (``asyncio.wait_for`` ran out): the
+    take runs on, so the payload published afterwards may be consumed by it; that payload
+    must reach the next take (async, or a sync direct call from another thread), not vanish
+    with the cancelled one; nothing is left claimed."""
+    import asyncio
+
+    ring = make_ring()
+    srv = serve(ring_name)
+    address = tuple(srv.address)
+
+    async def main(c):
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(c.atake(address, n=1, wait=3), 0.3)  # the server holds it as a waiter
+        ring.put({"x": np.arange(3)})
+        if then == "atake":
+            return await c.atake(address, n=1, wait=5)
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: c.take(address, n=1, wait=5))
+
+    with TransportClient(local_fast_path=False, timeout=10) as c:
+        got = asyncio.run(main(c))
+        assert len(got) == 1 and got[0]["x"].tolist() == [0, 1, 2]
+        got[0].release()
+        assert c.stats()["kept_after_interrupt"] == 0
+    assert ring.stats()["consumed"] == 1
