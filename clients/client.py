@@ -391,7 +391,7 @@ class TransportClient:
         if local is not None:
             return self.present(local)
         got = await self._arun(self._fetch_ref, ref, budget=self.call_budget(ref.nbytes),
-                               keys=[ref.key], keep=lambda got: self._kept.keep(ref.key, got))
+                               keys=[ref.key], keep=lambda got: self._kept.keep(ref.key, got, cancelled=True))
         try:
             return self.present(got)
         except BaseException:  # a conversion failed: consumed, kept for the next fetch of it
@@ -533,7 +533,8 @@ class TransportClient:
         kept = self._pop_kept(refs, fields)  # (settled above: no wait here)
         rest = [i for i in range(len(refs)) if i not in kept]
         got = await self._arun(self._fetch_many, [refs[i] for i in rest], fields, budget=self._batch_budget(refs),
-                               keys=lambda: _keys(refs), keep=lambda results: self._kept.keep_results(results, fields)
+                               keys=lambda: _keys(refs),
+                               keep=lambda results: self._kept.keep_results(results, fields, cancelled=True)
                                ) if rest else []
         got = dict(zip(rest, got))
         results = [kept[i] if i in kept else got[i] for i in range(len(refs))]
@@ -577,7 +578,8 @@ class TransportClient:
             got = await self._arun(self._take, host, ports, n, wait, 0, blob,
                                    budget=self.call_budget() + wait + self._exchanges.transfer_s(n << 24),
                                    keys=[("take", where)],
-                                   keep=lambda payloads: self._kept.keep_taken(where, payloads, fields))
+                                   keep=lambda payloads: self._kept.keep_taken(where, payloads, fields,
+                                                                               cancelled=True))
         try:
             return [self.present(p) for p in got]
         except BaseException:  # a conversion failed: consumed, kept for the next take

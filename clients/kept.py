@@ -1,5 +1,6 @@
 """Payloads that a call consumed but could not hand out, because its caller was
-interrupted while it waited (Ctrl-C in the calling thread).
+interrupted while it waited (Ctrl-C in the calling thread), or, for an async call,
+cancelled its ``await`` (``asyncio.wait_for`` ran out, a task group ended).
 
 A sync call's work runs on the UCX loop. Abandoning it when the caller is
 interrupted would drop payloads that a server already counts as consumed (the
@@ -82,16 +83,18 @@ class Kept:
         with self._lock:
             return len(self._by_key) + sum(map(len, self._taken.values()))
 
-    def keep(self, key, payload, fields=None) -> None:
+    def keep(self, key, payload, fields=None, cancelled: bool = False) -> None:
         """Keep one fetched payload under its key."""
-        self.keep_many([(key, payload)], fields)
+        self.keep_many([(key, payload)], fields, cancelled)
 
-    def keep_results(self, results, fields=None) -> None:
+    def keep_results(self, results, fields=None, cancelled: bool = False) -> None:
         """Keep the payloads of a batch's results (``FetchResult`` objects) under their refs' keys."""
-        self.keep_many([(_key(r.ref), r.payload) for r in results if r.payload is not None], fields)
+        self.keep_many([(_key(r.ref), r.payload) for r in results if r.payload is not None], fields, cancelled)
 
-    def keep_many(self, pairs: list, fields=None) -> None:
-        """Keep fetched payloads, given as (key, payload) pairs."""
+    def keep_many(self, pairs: list, fields=None, cancelled: bool = False) -> None:
+        """Keep fetched payloads, given as (key, payload) pairs. ``cancelled``: by an async
+        call its caller cancelled (routine under ``asyncio.wait_for``: logged at INFO, not
+        as a warning like a Ctrl-C)."""
         if not pairs:
             return
         with self._lock:
@@ -101,11 +104,13 @@ class Kept:
         if closed:
             self._release([p for _, p in pairs], "the client closed before they could be kept")
             return
-        log.warning("a fetch was interrupted after %d payload(s) were consumed: kept for the next fetch or "
-                    "fetch_many of those refs (%s...)", len(pairs), pairs[0][0])
+        log.log(logging.INFO if cancelled else logging.WARNING, "a fetch was %s after %d payload(s) were "
+                "consumed: kept for the next fetch or fetch_many of those refs (%s...)",
+                "cancelled" if cancelled else "interrupted", len(pairs), pairs[0][0])
 
-    def keep_taken(self, address: tuple, payloads, fields=None) -> None:
-        """Keep a take's payloads for the next take from ``address`` ((host, ports tuple))."""
+    def keep_taken(self, address: tuple, payloads, fields=None, cancelled: bool = False) -> None:
+        """Keep a take's payloads for the next take from ``address`` ((host, ports tuple));
+        ``cancelled``: as for :meth:`keep_many`."""
         payloads = list(payloads)
         if not payloads:
             return
@@ -116,8 +121,9 @@ class Kept:
         if closed:
             self._release(payloads, "the client closed before they could be kept")
             return
-        log.warning("a take from %s:%s was interrupted after %d payload(s) were consumed: kept for the "
-                    "next take from that server", address[0], list(address[1]), len(payloads))
+        log.log(logging.INFO if cancelled else logging.WARNING, "a take from %s:%s was %s after %d payload(s) "
+                "were consumed: kept for the next take from that server", address[0], list(address[1]),
+                "cancelled" if cancelled else "interrupted", len(payloads))
 
     # ------------------------------------------------------- handing out ---
     def pop(self, key, fields=None):

@@ -662,10 +662,17 @@ class SlotTable:
 
     # ----------------------------------------------------------- recovery --
     def owner_alive(self, slot: int) -> bool:
-        """Is the process holding ``slot`` (WRITING/READING) still alive?"""
+        """Is the process holding ``slot`` (WRITING/READING) still alive?
+
+        The owner's lock on the slot's ownership byte answers; the owner field only
+        says which process to ask first. A PID is not a process's identity across PID
+        namespaces (containers sharing /dev/shm: the producer in one and the server in
+        another are often both PID 1), so a slot that names this process's PID but that
+        this process's own records do not hold is another process's: its lock decides."""
         if int(self.owner[slot]) == self._pid:
             o = self._owned
-            return bool(o.holder[slot]) and bool(o.lease[slot] == self.lease[slot])
+            if o.holder[slot] and o.lease[slot] == self.lease[slot]:
+                return True
         return _sync.lock_held_elsewhere(self._fd, LOCK_OWNER_BASE + slot)
 
     def recover(self) -> int:

@@ -19,11 +19,19 @@ Clients log a payload *before* it is consumed (held deliveries / local leases,
 settled after logging), so a client killed at any point never makes a consumed
 payload look lost; what it held is delivered again (counted as
 ``redelivered_after_client_kill``, allowed: at-least-once across clients).
+
+The ``async`` consumer is the exception: it calls ``atake`` under ``asyncio.wait_for``
+with a random, often too short, timeout, so its calls are cancelled at any point
+(before the request, while the server waits, after the ACK). A cancelled call's work
+runs on and what it consumed must come out of the next ``atake``. A plain take is
+consumed before it returns (no hold), so this consumer is frozen (SIGSTOP) but never
+killed: a kill after an ACK loses what only that process had, by design.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import glob
 import json
@@ -103,10 +111,18 @@ def _consume(ring_name: str, workdir: str, client: str, mode: str) -> None:
     idle_since = None
     with TransportClient(local_fast_path=False, timeout=2.0, quarantine_s=0.5, max_attempts=2) as c:
         offsets: dict = {}
+        loop = asyncio.new_event_loop() if mode == "async" else None
+        rnd = random.Random(os.getpid())
         while True:
             got = 0
             try:
-                if mode == "local":
+                if mode == "async":
+                    addr = ring.server_address()
+                    if addr is None:
+                        time.sleep(0.05)
+                    else:
+                        got = loop.run_until_complete(_take_cancelled_at_random(c, addr, log, client, rnd))
+                elif mode == "local":
                     try:
                         lease = ring.claim(timeout=0.2)
                     except shm.RingEmptyError:
@@ -152,7 +168,22 @@ def _consume(ring_name: str, workdir: str, client: str, mode: str) -> None:
                 idle_since = idle_since or time.monotonic()
                 if time.monotonic() - idle_since > 2.0:
                     break
+        if loop is not None:
+            loop.close()
     ring.close()
+
+
+async def _take_cancelled_at_random(c, addr, log, client: str, rnd) -> int:
+    """One ``atake`` whose caller gives up after a random 0.5-60 ms (``asyncio.wait_for``):
+    often cancelled mid-call; what a cancelled take consumed comes out of a later one."""
+    try:
+        got = await asyncio.wait_for(c.atake(addr, n=4, wait=0.2), rnd.uniform(0.0005, 0.06))
+    except asyncio.TimeoutError:
+        return 0
+    for p in got:
+        _record(log, client, p)
+        p.release()
+    return len(got)
 
 
 def _consume_batch(ring, log, client: str, refs: list) -> int:
@@ -294,8 +325,7 @@ class Campaign:
     def inject(self) -> None:
         r = self.rnd.random()
         if r < 0.25:
-            victim = self.server
-            kind = "server"
+            victim, kind, name = self.server, "server", "server"
         else:
             names = [n for n in self.procs if self.procs[n].is_alive()]
             if not names:
@@ -304,7 +334,8 @@ class Campaign:
             victim = self.procs[name]
             kind = "producer" if name.startswith("p") else "client"
         pid = victim.pid
-        if self.rnd.random() < 0.5:
+        unkillable = name.startswith("c-async")  # (see the module's docstring)
+        if self.rnd.random() < 0.5 and not unkillable:
             self.killed.add(pid)
             self.killed_shm |= _ucx_shm_files_of(pid)  # UCX cannot unlink what a SIGKILLed process held
             os.kill(pid, signal.SIGKILL)
@@ -432,7 +463,7 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of fault injection (default 60)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--producers", type=int, default=2)
-    ap.add_argument("--clients", default="take,fetch,local,batch", help="client modes, comma-separated")
+    ap.add_argument("--clients", default="take,fetch,local,batch,async", help="client modes, comma-separated")
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--fault-every", type=float, nargs=2, default=(0.05, 0.3), metavar=("MIN_S", "MAX_S"))
     a = ap.parse_args(argv)

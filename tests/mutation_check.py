@@ -360,6 +360,13 @@ MUTATIONS: list[Mutation] = [
         "an endpoint returned after close() drained the pool stays open in it (its ACK unconfirmed)",
     ),
     Mutation(
+        "owner-pid-taken-for-identity", "shm/state.py",
+        "            if o.holder[slot] and o.lease[slot] == self.lease[slot]:\n                return True\n",
+        "            return bool(o.holder[slot]) and bool(o.lease[slot] == self.lease[slot])\n",
+        ("tests/test_ring_processes.py::test_a_live_holder_with_the_same_pid_in_another_pid_namespace_is_not_recovered",),
+        "a slot naming this process's PID is taken for its own: a live holder in another PID namespace is recovered",
+    ),
+    Mutation(
         "cancelled-async-call-dropped", "clients/client.py",
         "            return await asyncio.shield(waiter)\n",
         "            return await waiter\n",

@@ -112,3 +112,60 @@ def test_live_owner_in_other_process_never_reclaimed(make_ring, ring_name, spawn
     finally:
         os.kill(p.pid, signal.SIGKILL)
         p.join(10)
+
+
+def _unshare_pid_works() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "true"], timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _unshare_pid_works(), reason="needs root and unshare(1) for PID namespaces")
+@pytest.mark.parametrize("held", ["writer", "lease"])
+def test_a_live_holder_with_the_same_pid_in_another_pid_namespace_is_not_recovered(make_ring, ring_name, held):
+    """Containers sharing /dev/shm each have their own PID namespace: the producer in one and
+    the server in another are often both PID 1. A slot held by a live process whose PID
+    number equals the recovering process's own must not look like one of its own slots
+    that it no longer holds (before: recovered while held: a live writer's slot FREE, a live
+    reader's payload READY again, so read twice)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    ring = make_ring(slots=4)
+    if held == "lease":
+        ring.put({"x": np.arange(3)})
+    env = dict(os.environ, PYTHONPATH=helpers.REPO)
+    holder = subprocess.Popen(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", textwrap.dedent(f"""
+            import os, sys, shm
+            ring = shm.RingBuffer.attach({ring_name!r})
+            h = ring.reserve(timeout=5) if {held!r} == "writer" else ring.claim(timeout=5)
+            print(os.getpid(), h.slot, flush=True)
+            sys.stdin.readline()  # held until the test says
+            """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        pid, slot = map(int, holder.stdout.readline().split())
+        assert pid == 1  # (PID 1 of its own namespace)
+        held_state = ring.slot_info()[slot]["state"]
+        recoverer = subprocess.run(
+            ["unshare", "--pid", "--fork", sys.executable, "-c", textwrap.dedent(f"""
+                import os, shm
+                assert os.getpid() == 1
+                ring = shm.RingBuffer.attach({ring_name!r})
+                print(ring.recover())
+                """)], capture_output=True, text=True, env=env, timeout=60)
+        assert recoverer.returncode == 0, recoverer.stderr
+        assert recoverer.stdout.split() == ["0"], recoverer.stdout
+        assert ring.slot_info()[slot]["state"] == held_state  # still held by the live process
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    ring.recover()  # the holder is gone now: its slot is recovered
+    assert ring.state_counts()["FREE" if held == "writer" else "READY"] >= 1
