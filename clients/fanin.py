@@ -31,6 +31,7 @@ before); across clients, see README "Guarantees".
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import threading
@@ -98,6 +99,10 @@ class FanIn:
         self._next_refresh = 0.0
         self._lock = threading.Lock()
         self._closed = False
+        # payloads consumed but not handed out: Ctrl-C landed while their delivery was settled (the
+        # settle runs on to its end); handed out by the next take / next() (filled on the UCX loop)
+        self._kept: collections.deque = collections.deque()
+        self._settling: set = set()  # those settles still running (an Event each, set once what it kept is here)
         self.counters = {"refreshes": 0, "refresh_errors": 0, "failures": 0, "readmitted": 0, "given_back": 0,
                          "rounds": 0, "long_polls": 0}
 
@@ -257,16 +262,38 @@ class FanIn:
             self._maybe_refresh()
 
     # -------------------------------------------------------------- settle --
-    def _settle(self, pairs: list[tuple[object, int]]) -> list:
+    def _settle(self, pairs: list[tuple[object, int]], handing=None) -> list:
         """Settle deliveries at once on the UCX loop: ``settle(k)`` consumes the first
-        ``k`` of each and returns the rest to READY. Per delivery True/None."""
+        ``k`` of each and returns the rest to READY. Per delivery True/None.
+        ``handing``: per delivery, the payloads the caller hands out once it is settled;
+        if the caller is interrupted (Ctrl-C) meanwhile, the settle runs on and what it
+        consumed is kept for the next take, not lost."""
         if not pairs:
             return []
 
         async def all_of():
             return await asyncio.gather(*(d.settle(k) for d, k in pairs), return_exceptions=True)
+
+        def keep_when_settled(outcome) -> None:
+            settled = threading.Event()
+            self._settling.add(settled)
+
+            def done(f) -> None:
+                try:
+                    if f.cancelled() or f.exception() is not None:
+                        return  # nothing was consumed: the servers give the payloads back
+                    got = [p for r, ps in zip(f.result(), handing) if not isinstance(r, BaseException) for p in ps]
+                    self._kept.extend(got)
+                    if got:
+                        log.warning("fan-in: interrupted while %d consumed payload(s) were settled: kept for "
+                                    "the next take", len(got))
+                finally:
+                    self._settling.discard(settled)
+                    settled.set()
+            outcome.add_done_callback(done)
         try:
-            res = engine.run(all_of(), self.client.timeout + 5.0)
+            res = engine.run(all_of(), self.client.timeout + 5.0,
+                             on_interrupt=None if handing is None else keep_when_settled)
         except TimeoutError:
             res = [None] * len(pairs)
         for (d, k), r in zip(pairs, res):
@@ -276,6 +303,13 @@ class FanIn:
                 log.info("fan-in: settling %d of %d payload(s) not confirmed; the server decides", k, len(d.items))
             self.counters["given_back"] += len(d.items) - k
         return res
+
+    def _await_interrupted(self, limit: float) -> None:
+        """Wait up to ``limit`` s for settles of interrupted takes still running: what they
+        consume is kept, and the caller looks at what was kept next."""
+        end = time.monotonic() + limit
+        for settled in list(self._settling):
+            settled.wait(max(0.0, end - time.monotonic()))
 
     def _hand_out(self, s: _Server, d, k: int) -> list:
         got = []
@@ -293,10 +327,19 @@ class FanIn:
         for this client). Raises ValueError for a bad ``n``/``wait``; a failing
         server is skipped (see :meth:`stats`), never raised."""
         with self._lock:
-            held = self._collect(n, wait)
-            out = [p for s, d, k in held for p in self._hand_out(s, d, k)]  # before settling remembers the keys
-            self._settle([(d, k) for _, d, k in held])
-            return [self.client.present(p) for p in out]
+            self._await_interrupted(wait)
+            if self._kept and n >= 1:  # consumed by a take that was interrupted while it settled
+                out = [self._kept.popleft() for _ in range(min(n, len(self._kept)))]
+            else:
+                held = self._collect(n, wait)
+                given = [self._hand_out(s, d, k) for s, d, k in held]  # before settling remembers the keys
+                self._settle([(d, k) for _, d, k in held], handing=given)
+                out = [p for got in given for p in got]
+            try:
+                return [self.client.present(p) for p in out]
+            except BaseException:  # interrupted, or a conversion failed: consumed, kept for the next take
+                self._kept.extendleft(reversed(out))
+                raise
 
     def stream(self, n: int = 16, wait: float = 1.0) -> "FanInStream":
         """Iterate payloads from every server until closed (``with`` block); only what
@@ -328,6 +371,12 @@ class FanIn:
                     continue
                 self._harvest(s, held, 0)
             self._settle([(d, 0) for _, d, _ in held])
+            kept, self._kept = list(self._kept), collections.deque()
+            for p in kept:
+                p.release()
+            if kept:
+                log.warning("fan-in: released %d payload(s) consumed by interrupted takes that nobody took "
+                            "before close: they were consumed and are not served again", len(kept))
 
     def __enter__(self):
         return self
@@ -354,6 +403,9 @@ class FanInStream:
     def __next__(self):
         f = self._f
         while not self._closed:
+            f._await_interrupted(self._wait)
+            if f._kept:  # consumed by a next() interrupted while it settled
+                return f.client.present(f._kept.popleft())
             while self._queue:
                 item = self._queue[0]
                 s, d, k, handed = item
@@ -365,7 +417,7 @@ class FanInStream:
                         continue
                     if handed == k:
                         self._queue.pop(0)
-                        f._settle([(d, k)])
+                        f._settle([(d, k)], handing=[[payload]])
                     s.served += 1
                     return f.client.present(payload)
                 self._queue.pop(0)

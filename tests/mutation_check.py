@@ -360,6 +360,27 @@ MUTATIONS: list[Mutation] = [
         "an endpoint returned after close() drained the pool stays open in it (its ACK unconfirmed)",
     ),
     Mutation(
+        "handed-over-call-ctrl-c-not-held", "ucxx_transport/engine.py",
+        "    held = threading.current_thread() is threading.main_thread() and \\\n",
+        "    held = False and \\\n",
+        ("tests/test_interrupted_calls.py::test_a_call_interrupted_at_any_step_hands_its_outcome_to_on_interrupt",),
+        "engine.run leaves Python's SIGINT handler in place: a Ctrl-C as the work returns drops its result",
+    ),
+    Mutation(
+        "direct-call-late-ctrl-c-swallowed", "ucxx_transport/engine.py",
+        "    if \"interrupt\" in stopped:  # Ctrl-C in the call's last steps",
+        "    if False:  # Ctrl-C in the call's last steps",
+        ("tests/test_interrupted_calls.py::test_a_call_interrupted_at_any_step_hands_its_outcome_to_on_interrupt",),
+        "a direct call's Ctrl-C in its last steps is noted by its handler and swallowed as the handler goes back",
+    ),
+    Mutation(
+        "fan-in-settle-interrupt-dropped", "clients/fanin.py",
+        "                             on_interrupt=None if handing is None else keep_when_settled)",
+        "                             on_interrupt=None)",
+        ("tests/test_interrupted_calls.py::test_fan_in_interrupted_while_it_settles_keeps_what_it_consumed",),
+        "a fan-in take interrupted while it settles drops what the settle consumed",
+    ),
+    Mutation(
         "owner-pid-taken-for-identity", "shm/state.py",
         "            if o.holder[slot] and o.lease[slot] == self.lease[slot]:\n                return True\n",
         "            return bool(o.holder[slot]) and bool(o.lease[slot] == self.lease[slot])\n",

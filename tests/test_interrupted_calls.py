@@ -291,3 +291,97 @@ def test_a_long_poll_atake_cancelled_while_it_waits_loses_nothing_published_afte
         got[0].release()
         assert c.stats()["kept_after_interrupt"] == 0
     assert ring.stats()["consumed"] == 1
+
+
+@pytest.mark.parametrize("how", ["take", "stream"])
+def test_fan_in_interrupted_while_it_settles_keeps_what_it_consumed(make_ring, ring_name, serve, how):
+    """Ctrl-C while a fan-in take (or a FanIn stream's next()) settles its delivery: the
+    settle runs on and consumes the payload; the next take / next() must hand it out
+    (before: consumed and dropped with the interrupted call)."""
+    ring = make_ring()
+    srv = serve(ring_name)
+    ring.put({"x": np.arange(4)}, meta={"i": 1})
+    entry = {"ring_id": ring.ring_id, "ring": ring_name, "host": srv.address[0], "ports": list(srv.address[1])}
+    t = Trainer(f"""
+        import asyncio, json, os, signal, sys
+        from clients import FanIn, TransportClient, held
+        from ucxx_transport.directory import StaticDirectory
+
+        real_settle = held.HeldDelivery.settle
+
+        async def settle_after_a_ctrl_c(self, k):  # a real SIGINT lands while the settle runs
+            if k:
+                os.kill(os.getpid(), signal.SIGINT)
+                await asyncio.sleep(0.3)
+            return await real_settle(self, k)
+
+        held.HeldDelivery.settle = settle_after_a_ctrl_c
+        c = TransportClient(local_fast_path=False, timeout=10)
+        f = FanIn(c, StaticDirectory([{entry!r}]))
+        s = f.stream(n=1, wait=5) if {how!r} == "stream" else None
+        try:
+            got = next(s) if s is not None else f.take(n=1, wait=5)
+            print("not interrupted", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        held.HeldDelivery.settle = real_settle
+        got = [next(s)] if s is not None else f.take(n=1, wait=1)
+        print("got", json.dumps([p.meta for p in got]), flush=True)
+        if s is not None:
+            s.close()
+        f.close()
+        c.close()
+    """)
+    t.expect("interrupted")
+    assert json.loads(t.expect("got")) == [{"i": 1}]
+    t.finish()
+    assert ring.stats()["consumed"] == 1 and ring.state_counts()["FREE"] == ring.slots
+
+
+@pytest.mark.parametrize("where,when", [("UCX loop", "while it waits"), ("UCX loop", "as it returns"),
+                                        ("calling thread", "as it returns")])
+def test_a_call_interrupted_at_any_step_hands_its_outcome_to_on_interrupt(where, when):
+    """A sync call (``engine.run``: handed to the UCX loop thread, as in other progress
+    modes, settling held deliveries, fan-in; ``engine.run_here``: a direct call) whose
+    caller gets a Ctrl-C while it waits, or in its last steps once the work's result is
+    in: the result reaches ``on_interrupt`` and the interrupt goes on (before: a Ctrl-C
+    in the last steps dropped the result, or for a direct call was swallowed)."""
+    t = Trainer(f"""
+        import _thread, asyncio, json, os, signal
+        from ucxx_transport import engine
+
+        class LateCtrlC(asyncio.Task):  # one Ctrl-C lands as the caller takes the finished work's result
+            fired = False
+
+            def result(self):
+                if not LateCtrlC.fired:
+                    LateCtrlC.fired = True
+                    _thread.interrupt_main()
+                return super().result()
+
+        async def work():
+            if {when!r} == "while it waits":
+                os.kill(os.getpid(), signal.SIGINT)
+            return "consumed"
+
+        engine.acquire()
+        run = engine.run_here if {where!r} == "calling thread" else engine.run
+        if {where!r} == "calling thread":
+            assert engine.can_run_here()
+            run(asyncio.sleep(0), 5)  # (makes this thread's loop)
+        loop = engine._here.loop if {where!r} == "calling thread" else engine._engine.loop
+        if {when!r} == "as it returns":
+            loop.set_task_factory(lambda lp, c: (LateCtrlC if c.__name__ == "work" else asyncio.Task)(c, loop=lp))
+        kept = []
+        try:
+            run(work(), 10, on_interrupt=kept.append)
+            print("returned", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        loop.set_task_factory(None)
+        print("kept", json.dumps([o.result(10) for o in kept]), flush=True)
+        engine.release()
+    """)
+    t.expect("interrupted")
+    assert json.loads(t.expect("kept")) == ["consumed"]
+    t.finish()

@@ -690,29 +690,60 @@ def run(coro, timeout: float | None = None, on_interrupt=None):
     # concurrent Future (a Condition): the same hand-over, about 40 us cheaper per sync call here
     done: queue.SimpleQueue = queue.SimpleQueue()
     started: list = []
+    interrupted: list = []
 
     def start() -> None:
         task = loop.create_task(coro)
         started.append(task)
         task.add_done_callback(done.put)
 
-    loop.call_soon_threadsafe(start)
+    def on_sigint(signum, frame):  # between two bytecodes of this thread: only note it and wake the wait
+        interrupted.append(True)
+        done.put(_INTERRUPTED)  # (SimpleQueue.put is reentrant: safe in a handler that interrupts get())
+
+    def run_on() -> None:  # the caller is interrupted while the work runs: it runs on; its outcome to on_interrupt
+        if on_interrupt is None:
+            return
+        outcome: concurrent.futures.Future = concurrent.futures.Future()
+        # callbacks run in order: start() has run by the time this does
+        loop.call_soon_threadsafe(lambda: [t.add_done_callback(lambda t: _settle_into(t, outcome))
+                                           for t in started])
+        on_interrupt(outcome)
+
+    # In the main thread with Python's own handler, a Ctrl-C only wakes the wait until the very end:
+    # it never lands between handing the work over and taking its result (the result is not dropped)
+    held = threading.current_thread() is threading.main_thread() and \
+        _signal.getsignal(_SIGINT) is signal.default_int_handler
+    if held:
+        _signal.signal(_SIGINT, on_sigint)
     try:
-        task = done.get(timeout=None if timeout is None else max(0.0, timeout))
-    except queue.Empty:
-        # callbacks run in order: start() has run by the time this does; cancel what it started
-        loop.call_soon_threadsafe(lambda: [t.cancel() for t in started])
-        raise TimeoutError(f"no result within {timeout} s (the coroutine was cancelled)") from None
-    except BaseException:  # the waiting thread was interrupted (Ctrl-C): the work runs on
-        if on_interrupt is not None:
-            outcome: concurrent.futures.Future = concurrent.futures.Future()
-            loop.call_soon_threadsafe(lambda: [t.add_done_callback(lambda t: _settle_into(t, outcome))
-                                               for t in started])
-            on_interrupt(outcome)
-        raise
-    if task.cancelled():  # (by a teardown): an Exception for the caller, as concurrent futures raise
-        raise concurrent.futures.CancelledError("the call was cancelled on the UCX loop")
-    return task.result()
+        loop.call_soon_threadsafe(start)
+        try:
+            task = done.get(timeout=None if timeout is None else max(0.0, timeout))
+        except queue.Empty:
+            # callbacks run in order: start() has run by the time this does; cancel what it started
+            loop.call_soon_threadsafe(lambda: [t.cancel() for t in started])
+            raise TimeoutError(f"no result within {timeout} s (the coroutine was cancelled)") from None
+        except BaseException:  # the waiting thread was interrupted (another handler's Ctrl-C): the work runs on
+            run_on()
+            raise
+        if task is _INTERRUPTED:  # our handler woke the wait: the work runs on
+            run_on()
+            raise KeyboardInterrupt
+        if task.cancelled():  # (by a teardown): an Exception for the caller, as concurrent futures raise
+            raise concurrent.futures.CancelledError("the call was cancelled on the UCX loop")
+        result = None if interrupted else task.result()
+    finally:
+        if held:  # (a Ctrl-C still pending runs our handler first, which notes it)
+            _signal.signal(_SIGINT, signal.default_int_handler)
+    if interrupted:  # Ctrl-C as the work ended: its outcome is kept, the interrupt goes on
+        _keep_outcome(task, on_interrupt)
+        raise KeyboardInterrupt
+    return result
+
+
+#: what :func:`run`'s wait receives when its SIGINT handler ran
+_INTERRUPTED = object()
 
 
 def can_run_here() -> bool:
@@ -832,12 +863,9 @@ def run_here(coro, timeout: float | None = None, on_interrupt=None):
                 raise TimeoutError(f"no result within {timeout} s (the coroutine was cancelled)")
             raise concurrent.futures.CancelledError("the call was cancelled")
         if "interrupt" in stopped:  # Ctrl-C as the work ended: its outcome is kept, the interrupt goes on
-            if on_interrupt is not None:
-                outcome: concurrent.futures.Future = concurrent.futures.Future()
-                _settle_into(task, outcome)
-                on_interrupt(outcome)
+            _keep_outcome(task, on_interrupt)
             raise KeyboardInterrupt
-        return task.result()
+        result = task.result()
     except BaseException:  # raised before the loop ran, out of the loop itself, or the outcome above
         current[0] = False
         if task is None:
@@ -846,8 +874,20 @@ def run_here(coro, timeout: float | None = None, on_interrupt=None):
             _finish_elsewhere(loop, drv, task, on_interrupt)
         raise
     finally:
-        if main:
+        if main:  # (a Ctrl-C still pending runs our handler first, which notes it)
             _signal.signal(_SIGINT, previous if previous is not None else signal.default_int_handler)
+    if "interrupt" in stopped:  # Ctrl-C in the call's last steps: its outcome is kept, the interrupt goes on
+        _keep_outcome(task, on_interrupt)
+        raise KeyboardInterrupt
+    return result
+
+
+def _keep_outcome(task: asyncio.Task, on_interrupt) -> None:
+    """Hand a finished ``task``'s outcome to ``on_interrupt`` (the caller was interrupted as it ended)."""
+    if on_interrupt is not None:
+        outcome: concurrent.futures.Future = concurrent.futures.Future()
+        _settle_into(task, outcome)
+        on_interrupt(outcome)
 
 
 def _finish_elsewhere(loop, drv, task, on_interrupt) -> None:
