@@ -31,7 +31,6 @@ before); across clients, see README "Guarantees".
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import logging
 import threading
@@ -43,6 +42,7 @@ from ucxx_transport.directory import Directory, DirectoryError, ServerEntry
 from ucxx_transport.protocol import MAX_TAKE
 
 from .errors import AuthError, TransportError
+from .kept import KeptWhenSettled
 
 log = logging.getLogger("clients.fanin")
 
@@ -100,9 +100,8 @@ class FanIn:
         self._lock = threading.Lock()
         self._closed = False
         # payloads consumed but not handed out: Ctrl-C landed while their delivery was settled (the
-        # settle runs on to its end); handed out by the next take / next() (filled on the UCX loop)
-        self._kept: collections.deque = collections.deque()
-        self._settling: set = set()  # those settles still running (an Event each, set once what it kept is here)
+        # settle runs on to its end); handed out by the next take / next()
+        self._kept = KeptWhenSettled("fan-in")
         self.counters = {"refreshes": 0, "refresh_errors": 0, "failures": 0, "readmitted": 0, "given_back": 0,
                          "rounds": 0, "long_polls": 0}
 
@@ -274,26 +273,9 @@ class FanIn:
         async def all_of():
             return await asyncio.gather(*(d.settle(k) for d, k in pairs), return_exceptions=True)
 
-        def keep_when_settled(outcome) -> None:
-            settled = threading.Event()
-            self._settling.add(settled)
-
-            def done(f) -> None:
-                try:
-                    if f.cancelled() or f.exception() is not None:
-                        return  # nothing was consumed: the servers give the payloads back
-                    got = [p for r, ps in zip(f.result(), handing) if not isinstance(r, BaseException) for p in ps]
-                    self._kept.extend(got)
-                    if got:
-                        log.warning("fan-in: interrupted while %d consumed payload(s) were settled: kept for "
-                                    "the next take", len(got))
-                finally:
-                    self._settling.discard(settled)
-                    settled.set()
-            outcome.add_done_callback(done)
         try:
             res = engine.run(all_of(), self.client.timeout + 5.0,
-                             on_interrupt=None if handing is None else keep_when_settled)
+                             on_interrupt=None if handing is None else self._kept.on_interrupt(handing))
         except TimeoutError:
             res = [None] * len(pairs)
         for (d, k), r in zip(pairs, res):
@@ -303,13 +285,6 @@ class FanIn:
                 log.info("fan-in: settling %d of %d payload(s) not confirmed; the server decides", k, len(d.items))
             self.counters["given_back"] += len(d.items) - k
         return res
-
-    def _await_interrupted(self, limit: float) -> None:
-        """Wait up to ``limit`` s for settles of interrupted takes still running: what they
-        consume is kept, and the caller looks at what was kept next."""
-        end = time.monotonic() + limit
-        for settled in list(self._settling):
-            settled.wait(max(0.0, end - time.monotonic()))
 
     def _hand_out(self, s: _Server, d, k: int) -> list:
         got = []
@@ -327,9 +302,9 @@ class FanIn:
         for this client). Raises ValueError for a bad ``n``/``wait``; a failing
         server is skipped (see :meth:`stats`), never raised."""
         with self._lock:
-            self._await_interrupted(wait)
+            self._kept.wait(wait)
             if self._kept and n >= 1:  # consumed by a take that was interrupted while it settled
-                out = [self._kept.popleft() for _ in range(min(n, len(self._kept)))]
+                out = self._kept.pop(n)
             else:
                 held = self._collect(n, wait)
                 given = [self._hand_out(s, d, k) for s, d, k in held]  # before settling remembers the keys
@@ -338,7 +313,7 @@ class FanIn:
             try:
                 return [self.client.present(p) for p in out]
             except BaseException:  # interrupted, or a conversion failed: consumed, kept for the next take
-                self._kept.extendleft(reversed(out))
+                self._kept.put_back(out)
                 raise
 
     def stream(self, n: int = 16, wait: float = 1.0) -> "FanInStream":
@@ -371,12 +346,7 @@ class FanIn:
                     continue
                 self._harvest(s, held, 0)
             self._settle([(d, 0) for _, d, _ in held])
-            kept, self._kept = list(self._kept), collections.deque()
-            for p in kept:
-                p.release()
-            if kept:
-                log.warning("fan-in: released %d payload(s) consumed by interrupted takes that nobody took "
-                            "before close: they were consumed and are not served again", len(kept))
+            self._kept.release(max(0.0, limit - time.monotonic()))
 
     def __enter__(self):
         return self
@@ -403,9 +373,9 @@ class FanInStream:
     def __next__(self):
         f = self._f
         while not self._closed:
-            f._await_interrupted(self._wait)
+            f._kept.wait(self._wait)
             if f._kept:  # consumed by a next() interrupted while it settled
-                return f.client.present(f._kept.popleft())
+                return f.client.present(f._kept.pop(1)[0])
             while self._queue:
                 item = self._queue[0]
                 s, d, k, handed = item

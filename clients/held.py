@@ -46,12 +46,13 @@ class HeldDelivery:
         """The server may have given these payloads back (its hold ran out)."""
         return time.monotonic() >= self.expires
 
-    def settle_sync(self, k: int, timeout: float) -> bool | None:
-        """:meth:`settle` from a plain thread (not the UCX loop)."""
+    def settle_sync(self, k: int, timeout: float, on_interrupt=None) -> bool | None:
+        """:meth:`settle` from a plain thread (not the UCX loop). ``on_interrupt``: as for
+        ``engine.run`` (the caller is interrupted: the settle runs on, its outcome goes there)."""
         if self.settled or self._pe is None:
             return self._settle_empty(k)
         try:
-            return engine.run(self.settle(k), timeout)
+            return engine.run(self.settle(k), timeout, on_interrupt=on_interrupt)
         except TimeoutError:
             return None
 
@@ -112,7 +113,7 @@ class LocalDelivery:
     def payloads(self) -> list:
         return [self.items[0][1]]
 
-    def settle_sync(self, k: int, timeout: float = 0) -> bool:
+    def settle_sync(self, k: int, timeout: float = 0, on_interrupt=None) -> bool:
         if not self.settled:
             self.settled = True
             key, payload = self.items[0]

@@ -185,3 +185,65 @@ def _as_asked(where, payload, had, fields):
 def _key(ref) -> tuple:
     """The payload key of a result's ref (a SlotRef, or the dict a caller passed)."""
     return ref.key if isinstance(ref, shm.SlotRef) else shm.SlotRef.from_dict(ref).key
+
+
+class KeptWhenSettled:
+    """Payloads a consumer was handing out when its caller's Ctrl-C interrupted the settle
+    (the ACK) of their delivery: the settle runs on to its end, and what it consumed is kept
+    here for that consumer's next call (a fan-in take, a stream's ``next()``). Thread-safe:
+    filled on the UCX loop thread, emptied by the consumer's thread."""
+
+    def __init__(self, what: str):
+        self._what = what
+        self._kept: collections.deque = collections.deque()
+        self._running: set = set()  # an Event per settle still running, set once what it kept is here
+
+    def on_interrupt(self, handing: list):
+        """An ``on_interrupt`` for the settle of deliveries whose payloads are ``handing``
+        (one list per delivery; the settle's result is one verdict per delivery, or one
+        verdict for one delivery). A delivery whose settle failed consumed nothing (its
+        server gives it back); one confirmed or unknown is kept (as a settle that returns
+        hands it out: if the server never applies it, this client drops its repeats)."""
+        def register(outcome) -> None:
+            settled = threading.Event()
+            self._running.add(settled)
+
+            def done(f) -> None:
+                try:
+                    if f.cancelled() or f.exception() is not None:
+                        return
+                    verdicts = f.result() if isinstance(f.result(), list) else [f.result()]
+                    got = [p for v, ps in zip(verdicts, handing) if not isinstance(v, BaseException) for p in ps]
+                    self._kept.extend(got)
+                    if got:
+                        log.warning("%s: interrupted while %d consumed payload(s) were settled: kept for its next "
+                                    "call", self._what, len(got))
+                finally:
+                    self._running.discard(settled)
+                    settled.set()
+            outcome.add_done_callback(done)
+        return register
+
+    def wait(self, limit: float) -> None:
+        """Wait up to ``limit`` s for settles still running (what they consume is then here)."""
+        end = time.monotonic() + limit
+        for settled in list(self._running):
+            settled.wait(max(0.0, end - time.monotonic()))
+
+    def __bool__(self) -> bool:
+        return bool(self._kept)
+
+    def pop(self, n: int) -> list:
+        """Up to ``n`` kept payloads, oldest first."""
+        return [self._kept.popleft() for _ in range(min(n, len(self._kept)))]
+
+    def put_back(self, payloads: list) -> None:
+        """Payloads popped but not handed out after all (a conversion failed, another Ctrl-C)."""
+        self._kept.extendleft(reversed(payloads))
+
+    def release(self, limit: float) -> None:
+        """The consumer closes: wait up to ``limit`` s for running settles, then release what
+        nobody took (consumed: never served again)."""
+        self.wait(limit)
+        left = self.pop(len(self._kept))
+        Kept._release(left, f"{self._what} closed before they were handed out")

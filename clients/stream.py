@@ -16,6 +16,9 @@ Shutdown is symmetric and hang-free:
 * the source or a fetch raises -> no new fetch starts; deliveries already
   fetched are handed out first, then the first error re-raises in the consumer.
 
+A Ctrl-C while ``__next__`` settles the payload it hands out does not drop it: the
+settle runs on, and the next ``__next__`` waits for it and returns that payload.
+
 If the consumer keeps a payload waiting longer than ``hold_s`` the server may
 have given it back; the stream then fetches that ref again (refs mode), or
 hands it out anyway (TAKE mode: at-least-once, see README "Guarantees").
@@ -29,6 +32,8 @@ import logging
 import queue
 import threading
 from typing import Iterable
+
+from .kept import KeptWhenSettled
 
 log = logging.getLogger("clients.stream")
 
@@ -82,6 +87,9 @@ class FetchStream:
         self._stop = threading.Event()
         self._done = False
         self._current: _Item | None = None  # a TAKE batch being handed out
+        # a payload whose settle (its ACK) the consumer's Ctrl-C interrupted: the settle runs on and
+        # consumes it, so it is the next one handed out
+        self._interrupted = KeptWhenSettled("fetch stream")
         self._thread = threading.Thread(target=self._run, name="fetch-stream", daemon=True)
         self._thread.start()
 
@@ -166,6 +174,9 @@ class FetchStream:
         return self
 
     def __next__(self):
+        self._interrupted.wait(self._client.timeout + 5.0)
+        if self._interrupted:
+            return self._client.present(self._interrupted.pop(1)[0])
         while True:
             cur = self._current
             if cur is not None:
@@ -203,7 +214,9 @@ class FetchStream:
                 continue  # a repeat (redelivered after a server crash): consumed with the rest, not handed out
             if item.handed == len(items):
                 self._current = None
-                ok = d.settle_sync(item.handed, self._client.timeout + 5.0)
+                # (Ctrl-C while it settles: the settle runs on; what it consumed is handed out next)
+                ok = d.settle_sync(item.handed, self._client.timeout + 5.0,
+                                   on_interrupt=self._interrupted.on_interrupt([[payload]]))
                 if ok is None and d.expired and item.ref is not None:
                     # the server may have given it back: fetching the ref again tells (STALE: it was ours)
                     payload = self._refetch(item.ref, payload)
@@ -236,6 +249,7 @@ class FetchStream:
         if self._thread.is_alive():
             log.warning("fetch stream thread still finishing a call; it exits when the call's deadline passes")
         self._give_back_queued()  # what the fetcher queued while we waited for it
+        self._interrupted.release(self._client.timeout + 5.0 if timeout is None else timeout)
 
     def _give_back_queued(self) -> None:
         while True:

@@ -188,9 +188,8 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "recovery-trusts-dead-owner", "shm/state.py",
-        '        """Is the process holding ``slot`` (WRITING/READING) still alive?"""\n',
-        '        """Is the process holding ``slot`` (WRITING/READING) still alive?"""\n'
-        "        return True\n",
+        "        if int(self.owner[slot]) == self._pid:\n            o = self._owned\n",
+        "        return True\n        if int(self.owner[slot]) == self._pid:\n            o = self._owned\n",
         ("tests/test_ring_processes.py::test_sigkill_reader_holding_lease_payload_ready_again",),
         "owner_alive always True: nothing is ever recovered",
     ),
@@ -281,8 +280,8 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "interrupted-results-dropped", "clients/kept.py",
-        '        """Keep fetched payloads, given as (key, payload) pairs."""\n',
-        '        """Keep fetched payloads, given as (key, payload) pairs."""\n        return\n',
+        "                self._by_key.update((k, (p, fields)) for k, p in pairs)\n",
+        "                pass\n",
         ("tests/test_interrupted_calls.py::test_batch_interrupted_in_a_later_round_keeps_what_it_consumed",),
         "what an interrupted fetch consumed is dropped instead of kept",
     ),
@@ -375,10 +374,17 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "fan-in-settle-interrupt-dropped", "clients/fanin.py",
-        "                             on_interrupt=None if handing is None else keep_when_settled)",
+        "                             on_interrupt=None if handing is None else self._kept.on_interrupt(handing))",
         "                             on_interrupt=None)",
         ("tests/test_interrupted_calls.py::test_fan_in_interrupted_while_it_settles_keeps_what_it_consumed",),
         "a fan-in take interrupted while it settles drops what the settle consumed",
+    ),
+    Mutation(
+        "fetch-stream-settle-interrupt-dropped", "clients/stream.py",
+        "                                   on_interrupt=self._interrupted.on_interrupt([[payload]]))",
+        "                                   on_interrupt=None)",
+        ("tests/test_interrupted_calls.py::test_fetch_stream_interrupted_while_it_acks_hands_the_payload_out_next",),
+        "a FetchStream next() interrupted while it ACKs drops the payload the ACK consumed",
     ),
     Mutation(
         "owner-pid-taken-for-identity", "shm/state.py",

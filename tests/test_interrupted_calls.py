@@ -385,3 +385,46 @@ def test_a_call_interrupted_at_any_step_hands_its_outcome_to_on_interrupt(where,
     t.expect("interrupted")
     assert json.loads(t.expect("kept")) == ["consumed"]
     t.finish()
+
+
+@pytest.mark.parametrize("source", ["refs", "take"])
+def test_fetch_stream_interrupted_while_it_acks_hands_the_payload_out_next(make_ring, ring_name, serve, source):
+    """Ctrl-C while a FetchStream's next() settles (ACKs) the payload it is handing out:
+    the settle runs on and consumes it; the next next() must return it (before: consumed
+    and dropped)."""
+    ring = make_ring()
+    srv = serve(ring_name)
+    ref = ring.put({"x": np.arange(4)}, meta={"i": 1})
+    t = Trainer(f"""
+        import asyncio, json, os, signal
+        import shm
+        from clients import TransportClient, held
+
+        real_settle = held.HeldDelivery.settle
+
+        async def settle_after_a_ctrl_c(self, k):  # a real SIGINT lands while the ACK is on its way
+            if k:
+                os.kill(os.getpid(), signal.SIGINT)
+                await asyncio.sleep(0.3)
+            return await real_settle(self, k)
+
+        held.HeldDelivery.settle = settle_after_a_ctrl_c
+        c = TransportClient(local_fast_path=False, timeout=10)
+        if {source!r} == "refs":
+            s = c.stream([shm.SlotRef.from_dict({json.dumps(ref.to_dict())})])
+        else:
+            s = c.stream(address={tuple(srv.address)!r}, wait=1)
+        try:
+            next(s)
+            print("not interrupted", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        held.HeldDelivery.settle = real_settle
+        print("got", json.dumps(next(s).meta), flush=True)
+        s.close()
+        c.close()
+    """)
+    t.expect("interrupted")
+    assert json.loads(t.expect("got")) == {"i": 1}
+    t.finish()
+    assert ring.stats()["consumed"] == 1 and ring.state_counts()["FREE"] == ring.slots
