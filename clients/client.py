@@ -708,7 +708,9 @@ class TransportClient:
         future's result is a delivery (``.payloads``, ``.settle_sync(k, timeout)``)
         that is not consumed until settled: ``settle_sync(1, ...)`` consumes it,
         ``settle_sync(0, ...)`` gives it back to READY; the server holds it up to
-        ``hold_s`` seconds. Same-host refs are claimed synchronously."""
+        ``hold_s`` seconds. Same-host refs are claimed synchronously. The future is
+        running from the start: ``cancel()`` returns False and the fetch goes on (cancelled
+        halfway, it could drop a payload the server already counts as consumed)."""
         ref = self._checked(ref)
         if self._local.ring_for(ref) is not None:
             fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -723,11 +725,29 @@ class TransportClient:
                     lease.ack()  # consumed now; the slot stays PINNED while views of it live
                 fut.set_result(LocalDelivery(self._ledger, ref.key, payload, lease) if hold_s else payload)
                 return fut
-        return asyncio.run_coroutine_threadsafe(self._fetch_ref(ref, hold_s), self._ucx_loop())
+        return self._started(self._fetch_ref(ref, hold_s))
 
     def submit_many(self, refs: Sequence[shm.SlotRef]) -> concurrent.futures.Future:
         """Start :meth:`fetch_many` in the background: a future of its results."""
-        return asyncio.run_coroutine_threadsafe(self._fetch_many(list(refs)), self._ucx_loop())
+        return self._started(self._fetch_many(list(refs)))
+
+    def _started(self, coro) -> concurrent.futures.Future:
+        """``coro`` started on the UCX loop: a future of its outcome that is already *running*,
+        so, as for an executor's running job, ``cancel()`` returns False and the work goes on
+        (cancelling it halfway would drop what the server already counts as consumed)."""
+        work = asyncio.run_coroutine_threadsafe(coro, self._ucx_loop())
+        outcome: concurrent.futures.Future = concurrent.futures.Future()
+        outcome.set_running_or_notify_cancel()
+
+        def copy(f) -> None:
+            if f.cancelled():  # by UCX's teardown (the client closed)
+                outcome.set_exception(self._cancelled_by_close())
+            elif f.exception() is not None:
+                outcome.set_exception(f.exception())
+            else:
+                outcome.set_result(f.result())
+        work.add_done_callback(copy)
+        return outcome
 
     def delivered(self, key) -> bool:
         """Has this client already returned the payload ``key`` ((ring id, slot, generation))?"""
@@ -737,7 +757,7 @@ class TransportClient:
         """Start a TAKE now; a future of a held delivery (see :meth:`submit`) of up to
         ``n`` payloads, consumed only as far as it is settled."""
         host, ports = self._address(address)
-        return asyncio.run_coroutine_threadsafe(self._take(host, ports, n, wait, hold_s), self._ucx_loop())
+        return self._started(self._take(host, ports, n, wait, hold_s))
 
 
 

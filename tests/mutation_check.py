@@ -387,6 +387,13 @@ MUTATIONS: list[Mutation] = [
         "a FetchStream next() interrupted while it ACKs drops the payload the ACK consumed",
     ),
     Mutation(
+        "submitted-fetch-cancellable", "clients/client.py",
+        "        outcome.set_running_or_notify_cancel()\n",
+        "        outcome.add_done_callback(lambda f: f.cancelled() and work.cancel())\n",
+        ("tests/test_interrupted_calls.py::test_cancelling_a_submitted_fetch_after_its_ack_does_not_drop_the_payload",),
+        "a submitted fetch's future can be cancelled halfway: the payload its ACK consumed is lost",
+    ),
+    Mutation(
         "owner-pid-taken-for-identity", "shm/state.py",
         "            if o.holder[slot] and o.lease[slot] == self.lease[slot]:\n                return True\n",
         "            return bool(o.holder[slot]) and bool(o.lease[slot] == self.lease[slot])\n",

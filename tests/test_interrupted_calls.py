@@ -428,3 +428,46 @@ def test_fetch_stream_interrupted_while_it_acks_hands_the_payload_out_next(make_
     assert json.loads(t.expect("got")) == {"i": 1}
     t.finish()
     assert ring.stats()["consumed"] == 1 and ring.state_counts()["FREE"] == ring.slots
+
+
+@pytest.mark.parametrize("call", ["submit", "submit_many"])
+def test_cancelling_a_submitted_fetch_after_its_ack_does_not_drop_the_payload(make_ring, ring_name, serve,
+                                                                              monkeypatch, call):
+    """``fut.cancel()`` on a running ``submit``/``submit_many`` future (a caller giving up on
+    stragglers) right after the fetch ACKed its payload: the future is running, so, as for
+    an executor's running job, cancel() returns False and the result still arrives (before:
+    the work was cancelled halfway and the payload the server counted as consumed was lost)."""
+    import asyncio
+    import threading
+
+    from ucxx_transport import engine
+    from ucxx_transport.protocol import Op, ProtocolError, decode_request
+
+    ring = make_ring()
+    serve(ring_name)
+    ref = ring.put({"x": np.arange(5)})
+    acked = threading.Event()
+    real_send = engine.send
+
+    def is_ack(buf) -> bool:
+        try:
+            return decode_request(buf).op == Op.ACK
+        except ProtocolError:  # a request with a table after its header (GETV)
+            return False
+
+    async def send_then_linger_after_an_ack(ep, buf):
+        await real_send(ep, buf)
+        if not acked.is_set() and is_ack(buf):
+            acked.set()
+            await asyncio.sleep(0.3)  # the fetch is now between its ACK and its return
+
+    monkeypatch.setattr(engine, "send", send_then_linger_after_an_ack)
+    with TransportClient(local_fast_path=False, timeout=10) as c:
+        fut = c.submit(ref) if call == "submit" else c.submit_many([ref])
+        assert acked.wait(20)
+        assert fut.cancel() is False  # running: not cancellable
+        got = fut.result(20)
+        payload = got if call == "submit" else got[0].payload
+        assert payload["x"].tolist() == [0, 1, 2, 3, 4]
+        payload.release()
+    assert ring.stats()["consumed"] == 1
