@@ -206,21 +206,16 @@ def test_kept_payloads_are_handed_out_as_asked_and_released_at_close(make_ring, 
 
 
 # ------------------------------------------------------------ async callers --
-@pytest.mark.parametrize("call", ["afetch", "afetch_many", "atake"])
-def test_an_async_call_cancelled_after_its_ack_keeps_the_payload_for_the_next_call(make_ring, ring_name, serve,
-                                                                                   monkeypatch, call):
-    """An async caller whose call is cancelled (asyncio.wait_for ran out, a task group ended)
-    just after the call ACKed its payload: the payload was consumed on the server; it must
-    reach the next call that asks, not be dropped with the cancelled one."""
+def _linger_after_the_first_ack(monkeypatch):
+    """Make this process's first ACK send linger 0.3 s once sent (the call is then between its
+    ACK and its return, the moment a cancel must not drop what it consumed); an Event set
+    when that ACK went out."""
     import asyncio
     import threading
 
     from ucxx_transport import engine
     from ucxx_transport.protocol import Op, ProtocolError, decode_request
 
-    ring = make_ring()
-    srv = serve(ring_name)
-    ref = ring.put({"x": np.arange(5)})
     acked = threading.Event()
     real_send = engine.send
 
@@ -234,9 +229,24 @@ def test_an_async_call_cancelled_after_its_ack_keeps_the_payload_for_the_next_ca
         await real_send(ep, buf)
         if not acked.is_set() and is_ack(buf):
             acked.set()
-            await asyncio.sleep(0.3)  # the call is now between its ACK and its return
+            await asyncio.sleep(0.3)
 
     monkeypatch.setattr(engine, "send", send_then_linger_after_an_ack)
+    return acked
+
+
+@pytest.mark.parametrize("call", ["afetch", "afetch_many", "atake"])
+def test_an_async_call_cancelled_after_its_ack_keeps_the_payload_for_the_next_call(make_ring, ring_name, serve,
+                                                                                   monkeypatch, call):
+    """An async caller whose call is cancelled (asyncio.wait_for ran out, a task group ended)
+    just after the call ACKed its payload: the payload was consumed on the server; it must
+    reach the next call that asks, not be dropped with the cancelled one."""
+    import asyncio
+
+    ring = make_ring()
+    srv = serve(ring_name)
+    ref = ring.put({"x": np.arange(5)})
+    acked = _linger_after_the_first_ack(monkeypatch)
     address = tuple(srv.address)
 
     async def ask(c):
@@ -303,19 +313,12 @@ def test_fan_in_interrupted_while_it_settles_keeps_what_it_consumed(make_ring, r
     ring.put({"x": np.arange(4)}, meta={"i": 1})
     entry = {"ring_id": ring.ring_id, "ring": ring_name, "host": srv.address[0], "ports": list(srv.address[1])}
     t = Trainer(f"""
-        import asyncio, json, os, signal, sys
-        from clients import FanIn, TransportClient, held
+        import json
+        from clients import FanIn, TransportClient
+        from tests.ctrl_c_hooks import ctrl_c_while_settling
         from ucxx_transport.directory import StaticDirectory
 
-        real_settle = held.HeldDelivery.settle
-
-        async def settle_after_a_ctrl_c(self, k):  # a real SIGINT lands while the settle runs
-            if k:
-                os.kill(os.getpid(), signal.SIGINT)
-                await asyncio.sleep(0.3)
-            return await real_settle(self, k)
-
-        held.HeldDelivery.settle = settle_after_a_ctrl_c
+        undo = ctrl_c_while_settling()
         c = TransportClient(local_fast_path=False, timeout=10)
         f = FanIn(c, StaticDirectory([{entry!r}]))
         s = f.stream(n=1, wait=5) if {how!r} == "stream" else None
@@ -324,7 +327,7 @@ def test_fan_in_interrupted_while_it_settles_keeps_what_it_consumed(make_ring, r
             print("not interrupted", flush=True)
         except KeyboardInterrupt:
             print("interrupted", flush=True)
-        held.HeldDelivery.settle = real_settle
+        undo()
         got = [next(s)] if s is not None else f.take(n=1, wait=1)
         print("got", json.dumps([p.meta for p in got]), flush=True)
         if s is not None:
@@ -396,19 +399,12 @@ def test_fetch_stream_interrupted_while_it_acks_hands_the_payload_out_next(make_
     srv = serve(ring_name)
     ref = ring.put({"x": np.arange(4)}, meta={"i": 1})
     t = Trainer(f"""
-        import asyncio, json, os, signal
+        import json
         import shm
-        from clients import TransportClient, held
+        from clients import TransportClient
+        from tests.ctrl_c_hooks import ctrl_c_while_settling
 
-        real_settle = held.HeldDelivery.settle
-
-        async def settle_after_a_ctrl_c(self, k):  # a real SIGINT lands while the ACK is on its way
-            if k:
-                os.kill(os.getpid(), signal.SIGINT)
-                await asyncio.sleep(0.3)
-            return await real_settle(self, k)
-
-        held.HeldDelivery.settle = settle_after_a_ctrl_c
+        undo = ctrl_c_while_settling()
         c = TransportClient(local_fast_path=False, timeout=10)
         if {source!r} == "refs":
             s = c.stream([shm.SlotRef.from_dict({json.dumps(ref.to_dict())})])
@@ -419,7 +415,7 @@ def test_fetch_stream_interrupted_while_it_acks_hands_the_payload_out_next(make_
             print("not interrupted", flush=True)
         except KeyboardInterrupt:
             print("interrupted", flush=True)
-        held.HeldDelivery.settle = real_settle
+        undo()
         print("got", json.dumps(next(s).meta), flush=True)
         s.close()
         c.close()
@@ -437,31 +433,10 @@ def test_cancelling_a_submitted_fetch_after_its_ack_does_not_drop_the_payload(ma
     stragglers) right after the fetch ACKed its payload: the future is running, so, as for
     an executor's running job, cancel() returns False and the result still arrives (before:
     the work was cancelled halfway and the payload the server counted as consumed was lost)."""
-    import asyncio
-    import threading
-
-    from ucxx_transport import engine
-    from ucxx_transport.protocol import Op, ProtocolError, decode_request
-
     ring = make_ring()
     serve(ring_name)
     ref = ring.put({"x": np.arange(5)})
-    acked = threading.Event()
-    real_send = engine.send
-
-    def is_ack(buf) -> bool:
-        try:
-            return decode_request(buf).op == Op.ACK
-        except ProtocolError:  # a request with a table after its header (GETV)
-            return False
-
-    async def send_then_linger_after_an_ack(ep, buf):
-        await real_send(ep, buf)
-        if not acked.is_set() and is_ack(buf):
-            acked.set()
-            await asyncio.sleep(0.3)  # the fetch is now between its ACK and its return
-
-    monkeypatch.setattr(engine, "send", send_then_linger_after_an_ack)
+    acked = _linger_after_the_first_ack(monkeypatch)
     with TransportClient(local_fast_path=False, timeout=10) as c:
         fut = c.submit(ref) if call == "submit" else c.submit_many([ref])
         assert acked.wait(20)
