@@ -163,11 +163,15 @@ def _scenario(n_servers: int, tmp_path, monkeypatch) -> dict:
                 if readmitted is None and any(p.meta["src"] == 0 for p in got):
                     readmitted = time.monotonic() - t_restart
             figures.update(readmitted_after_restart_s=readmitted, max_open_endpoints=counter.max_open,
+                           phase3_s=time.monotonic() - t_restart,
                            fan_stats={k: v for k, v in fan.stats().items() if k != "servers"})
+            not_done = {k for k in range(n_servers) for i in range(SLOTS) if (k, i) not in seen}
+            figures["servers_not_done"] = {k: fan.stats()["servers"][rings[k].ring_id] for k in sorted(not_done)[:3]}
         assert readmitted is not None, "the restarted server's payloads were never served"
         assert bad == 0
         missing = {(k, i) for k in range(n_servers) for i in range(SLOTS)} - set(seen)
-        assert not missing, f"{len(missing)} payloads never delivered, e.g. {sorted(missing)[:5]}"
+        assert not missing, (f"{len(missing)} payloads never delivered, e.g. {sorted(missing)[:5]}; ring states "
+                             f"{[rings[k].state_counts() for k in sorted({k for k, _ in missing})][:3]}; {figures}")
         assert counter.max_open <= max_idle + n_servers + 1, figures
         return figures
     finally:
