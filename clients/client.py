@@ -319,10 +319,10 @@ class TransportClient:
                                        keys() if callable(keys) else keys)
             raise
 
-    async def _asettle(self, keys) -> None:
+    async def _asettle(self, keys, limit: float | None = None) -> None:
         """:meth:`Kept.settle` for async callers (waits in a worker thread, not on the loop)."""
         if self._kept.any():
-            await asyncio.get_running_loop().run_in_executor(None, self._kept.settle, keys)
+            await asyncio.get_running_loop().run_in_executor(None, self._kept.settle, keys, limit)
 
     def _transfer_s(self, nbytes: int) -> float:
         """Extra deadline for moving ``nbytes`` over the slowest expected link."""
@@ -570,9 +570,8 @@ class TransportClient:
         host, ports = self._address(address)
         blob = None if fields is None else encode_fields(fields)
         where = (host, tuple(ports))
-        if self._kept.any():  # a cancelled take from there still running counts as waiting for payloads
-            await asyncio.get_running_loop().run_in_executor(None, lambda: self._kept.settle([("take", where)],
-                                                                                         limit=wait))
+        # a cancelled take from there still running counts as waiting for payloads
+        await self._asettle([("take", where)], limit=wait)
         got = self._kept.pop_taken(where, n, fields)  # consumed by an interrupted (or cancelled) take
         if not got:
             got = await self._arun(self._take, host, ports, n, wait, 0, blob,

@@ -113,7 +113,7 @@ class LocalDelivery:
     def payloads(self) -> list:
         return [self.items[0][1]]
 
-    def settle_sync(self, k: int, timeout: float = 0, on_interrupt=None) -> bool:
+    def settle_sync(self, k: int, timeout: float = 0, on_interrupt=None) -> bool:  # (local: no wait to interrupt)
         if not self.settled:
             self.settled = True
             key, payload = self.items[0]
