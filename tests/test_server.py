@@ -222,6 +222,7 @@ def test_client_killed_before_ack_payload_ready_again(make_ring, ring_name, serv
     with RawConn("127.0.0.1", srv.ports[1]) as c:  # another client gets it
         resp, data = get(c, ref, 1)
         np.testing.assert_array_equal(decode(data)["x"], np.arange(10))
+        assert c.request(Request(Op.PING, 2)).status == Status.OK  # answered after the ACK was applied
     assert ring.state_counts()["FREE"] == 2
 
 
