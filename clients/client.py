@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import logging
 import os
 import threading
@@ -502,9 +503,13 @@ class TransportClient:
             return None  # the general path gives each ref that error
         if ring is None:
             return None
-        results = [FetchResult(r, None, detached(o)) if isinstance(o, BaseException) else FetchResult(r, o)
-                   for r, o in zip(checked, self._local.fetch_many(ring, checked))]
-        retry = [i for i, r in enumerate(results) if r.error is not None and getattr(r.error, "retryable", False)]
+        outcomes = self._local.fetch_many(ring, checked)
+        if not any(map(isinstance, outcomes, itertools.repeat(BaseException))):  # the usual batch: all delivered
+            results, retry = list(map(FetchResult, checked, outcomes)), []
+        else:
+            results = [FetchResult(r, None, detached(o)) if isinstance(o, BaseException) else FetchResult(r, o)
+                       for r, o in zip(checked, outcomes)]
+            retry = [i for i, r in enumerate(results) if r.error is not None and getattr(r.error, "retryable", False)]
         if retry and self.max_rounds > 1:
             try:
                 again = self._run(self._fetch_many, [checked[i] for i in retry], fields, 1,

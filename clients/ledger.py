@@ -9,6 +9,7 @@ never lose an increment, and the dedup window is checked and updated atomically.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 
 from ucxx_transport.reservoir import Reservoir
@@ -43,19 +44,29 @@ class Ledger:
         """Record a batch of deliveries under one lock: per key True if it is new (counted
         in ``counter``, when given, and in ``bytes`` with its size, plus a latency sample of
         ``seconds_each`` when given), False if it was delivered before (a duplicate, counted as such)."""
-        fresh = []
         with self._lock:
             d = self._delivered
-            nbytes = 0
-            for key, size in zip(keys, sizes):
-                if key in d:
-                    fresh.append(False)
-                    continue
-                d[key] = None
-                fresh.append(True)
-                nbytes += size
-            for _ in range(len(d) - self._window):
-                d.popitem(last=False)
+            before = len(d)
+            if d.keys().isdisjoint(keys):  # the usual batch: every payload new (checked and recorded in C)
+                d.update(zip(keys, itertools.repeat(None)))
+                if len(d) - before == len(keys):
+                    fresh = [True] * len(keys)
+                else:  # a key named twice in the batch: its first delivery is the new one
+                    firsts: set = set()
+                    fresh = [k not in firsts and not firsts.add(k) for k in keys]
+                nbytes = sum(itertools.compress(sizes, fresh))
+            else:
+                fresh = []
+                nbytes = 0
+                for key, size in zip(keys, sizes):
+                    if key in d:
+                        fresh.append(False)
+                        continue
+                    d[key] = None
+                    fresh.append(True)
+                    nbytes += size
+            if len(d) > self._window:  # the oldest forgotten, in C
+                collections.deque(map(d.__delitem__, list(itertools.islice(d, len(d) - self._window))), maxlen=0)
             n_new = sum(fresh)
             if counter is not None:
                 self._counts[counter] += n_new
@@ -69,6 +80,13 @@ class Ledger:
     def seen(self, key) -> bool:
         """Was the payload ``key`` ((ring id, slot, generation)) delivered already?"""
         return key in self._delivered  # one dict lookup: atomic under the GIL
+
+    def seen_of(self, keys) -> set:
+        """Which of ``keys`` were delivered already (usually none: one check in C)."""
+        d = self._delivered
+        if d.keys().isdisjoint(keys):
+            return set()
+        return set(filter(d.__contains__, keys))
 
     def forget(self, key) -> None:
         """A delivery that was handed back (given back to READY, never consumed)."""

@@ -11,6 +11,7 @@ UCX loop.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -134,7 +135,7 @@ class LocalReader:
         n = len(refs)
         keys = [r.key for r in refs]
         slots = [r.slot for r in refs]
-        repeats = set(filter(self._ledger.seen, keys))  # delivered before: the one-by-one path drops them
+        repeats = self._ledger.seen_of(keys)  # delivered before: the one-by-one path drops them
         if not repeats and len(set(slots)) == n:
             idx = list(range(n))  # the usual batch: every ref new, every slot named once
         else:
@@ -166,7 +167,8 @@ class LocalReader:
             if claimed:
                 results = batch.payloads()
                 ok = range(len(claimed))
-                broken = [k for k, p in enumerate(results) if isinstance(p, shm.FrameError)]
+                broken = [k for k, p in enumerate(results) if isinstance(p, shm.FrameError)] \
+                    if any(map(isinstance, results, itertools.repeat(shm.FrameError))) else []
                 for k in broken:
                     self._give_back_undecodable(batch, k)
                     results[k] = CorruptPayloadError(f"local frame of {keys[claimed[k]]}: {results[k]}")
@@ -186,10 +188,12 @@ class LocalReader:
                     out[j] = result
                 results = []  # (the payloads live on in out)
                 if ok:
-                    fresh = self._ledger.remember_batch([keys[claimed[k]] for k in ok], "local_fetches",
-                                                        batch.nbytes[list(ok)].tolist(),
+                    whole = len(ok) == n  # (every ref claimed and acked: the usual batch)
+                    fresh = self._ledger.remember_batch(keys if whole else [keys[claimed[k]] for k in ok],
+                                                        "local_fetches",
+                                                        (batch.nbytes if whole else batch.nbytes[list(ok)]).tolist(),
                                                         (time.perf_counter() - t0) / len(ok))
-                    for k, new in zip(ok, fresh):
+                    for k, new in ([] if all(fresh) else zip(ok, fresh)):
                         if not new:  # delivered meanwhile by another path (a replay after a crash): acked, dropped
                             j = claimed[k]
                             out[j].release()

@@ -21,6 +21,8 @@ import platform
 import struct
 import time
 
+import numpy as np
+
 # struct flock on Linux/x86_64 and aarch64: short l_type, short l_whence,
 # off_t l_start, off_t l_len, pid_t l_pid (+ padding)
 _FLOCK = struct.Struct("hhqqi4x")
@@ -64,14 +66,18 @@ def lock_release(fd: int, start: int, length: int = 1) -> None:
 
 
 def runs(sorted_ints) -> list[tuple[int, int]]:
-    """[(start, length)] of the runs of consecutive values in an ascending sequence."""
-    out: list[tuple[int, int]] = []
-    for v in sorted_ints:
-        if out and out[-1][0] + out[-1][1] == v:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((v, 1))
-    return out
+    """[(start, length)] of the runs of consecutive values in an ascending sequence
+    (with few array operations: a batch's slots are usually one run, or a few)."""
+    a = np.asarray(sorted_ints, np.int64)
+    n = len(a)
+    if not n:
+        return []
+    lo = int(a[0])
+    if int(a[-1]) - lo == n - 1:  # ascending and spanning n values: one run
+        return [(lo, n)]
+    cut = (np.flatnonzero(a[1:] - a[:-1] != 1) + 1).tolist()
+    firsts = [0, *cut]
+    return [(int(a[i]), j - i) for i, j in zip(firsts, [*cut, n])]
 
 
 def lock_held_elsewhere(fd: int, start: int) -> bool:

@@ -577,7 +577,9 @@ def decode_many(u8: np.ndarray, starts, lengths) -> list:
     lengths = np.asarray(lengths, np.int64)
     out: list = [None] * len(starts)
     inside = (lengths >= FRAME_HEADER.size) & (lengths <= len(u8)) & (starts >= 0) & (starts <= len(u8) - lengths)
-    group = _batch_group(u8, starts, lengths, np.flatnonzero(inside))
+    group = _uniform_group(u8, starts, lengths) if inside.all() else None
+    if group is None:
+        group = _batch_group(u8, starts, lengths, np.flatnonzero(inside))
     if group is not None:
         try:
             _views_of_group(u8, starts, group, out)
@@ -604,6 +606,28 @@ def _decode_one(u8: np.ndarray, start: int, length: int):
     except _UNDECODABLE as exc:
         err = exc if isinstance(exc, FrameError) else FrameError(f"corrupt payload frame: {type(exc).__name__}: {exc}")
         return without_tracebacks(err)
+
+
+def _uniform_group(u8, starts, lengths):
+    """The usual batch: every frame (all inside ``u8``) has the first one's header and
+    field table byte for byte (the same fields and shapes) and no metadata or layout
+    tree. Then :func:`parse_index` of the first frame alone validates them all, since
+    it reads nothing else of a frame but its length, checked here too. The group of
+    all items (as :func:`_batch_group` gives it), or None: the general checks decide."""
+    s0, n0 = int(starts[0]), int(lengths[0])
+    h = _words(u8, starts, _HEADER_WORDS)
+    head = h[0]
+    if head[0] != _FLAT_V2 or head[1] >> 32 or head[6] or not (h == head).all() or (lengths < head[2]).any():
+        return None  # (a raw or version-1 frame, metadata, a layout tree, a header that differs, a short frame)
+    try:
+        index = parse_index(u8[s0:s0 + n0])
+    except FrameError:
+        return None  # the first frame alone words its error; the others the same one
+    table_off, n_fields = int(head[3]), len(index.fields)
+    ent = _words(u8, starts + table_off, n_fields * _ENTRY_WORDS)
+    if not (ent == ent[0]).all():
+        return None
+    return np.arange(len(starts)), h, ent.reshape(len(starts), n_fields, _ENTRY_WORDS), index.fields
 
 
 def _batch_group(u8, starts, lengths, cand):

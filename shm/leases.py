@@ -311,7 +311,8 @@ class LeaseBatch:
         self._pid = _sync.pid  # (a fork's copy of this batch is not the child's)
         self.done = np.zeros(len(slots), bool)
         self._watch = None  # the shared anchor of the payloads' views, once decoded
-        self._decision = np.full(len(slots), -1, np.int8)  # per item, deferred to the views: 1 ack, 0 nack
+        self._decision = np.empty(len(slots), np.int8)  # per item, deferred to the views: 1 ack, 0 nack
+        self._decision.fill(-1)
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -384,7 +385,8 @@ class LeaseBatch:
         if self._ring._closed:
             self.done[:] = True
             return True
-        acks = np.broadcast_to(np.asarray(ack, bool), self.done.shape)
+        acks = np.full(len(self.done), ack, bool) if isinstance(ack, bool) else \
+            np.broadcast_to(np.asarray(ack, bool), self.done.shape)
         which = np.flatnonzero(live)
         kept: list = []
 

@@ -535,10 +535,12 @@ class RingBuffer:
         self._check_open()
         self._table.apply_pending()  # late finalisations queued by view callbacks, like every ring call
         slots = np.asarray(slots, np.int64)
-        if len(slots) and (slots.min() < 0 or slots.max() >= self._slots):
-            raise ValueError(f"slot out of range for ring {self._name!r} ({self._slots} slots)")
-        if len(np.unique(slots)) != len(slots):
-            raise ValueError("a batch claim names a slot twice")
+        if len(slots):
+            ordered = np.sort(slots)
+            if ordered[0] < 0 or ordered[-1] >= self._slots:
+                raise ValueError(f"slot out of range for ring {self._name!r} ({self._slots} slots)")
+            if (ordered[1:] == ordered[:-1]).any():
+                raise ValueError("a batch claim names a slot twice")
         return slots
 
     def claim_many(self, slots, generations) -> list:

@@ -462,7 +462,7 @@ class SlotTable:
             if len(take):
                 order = np.sort(take)
                 taken: list[tuple[int, int]] = []
-                for start, n in _sync.runs(order.tolist()):
+                for start, n in _sync.runs(order):
                     if not _sync.lock_acquire(self._fd, LOCK_OWNER_BASE + start, blocking=False, length=n):
                         for s0, n0 in taken:  # leave nothing half-claimed behind
                             _sync.lock_release(self._fd, LOCK_OWNER_BASE + s0, n0)
@@ -512,7 +512,7 @@ class SlotTable:
             self.ctrl["consumed"][held] += 1
             released = slots[valid & ~kept]
             self.owner[released] = 0
-            for start, n in _sync.runs(np.sort(released).tolist()):
+            for start, n in _sync.runs(np.sort(released)):
                 _sync.lock_release(self._fd, LOCK_OWNER_BASE + start, n)
             self._owned.holder[released] = 0
         finally:
@@ -611,7 +611,7 @@ class SlotTable:
                     self.state[slots[valid & ~freed]] = READY
                     released = slots[valid]
                     self.owner[released] = 0
-                    for start, n in _sync.runs(np.sort(released).tolist()):
+                    for start, n in _sync.runs(np.sort(released)):
                         _sync.lock_release(self._fd, LOCK_OWNER_BASE + start, n)
                     self._owned.holder[released] = 0
                 finally:

@@ -251,6 +251,14 @@ MUTATIONS: list[Mutation] = [
         "parse_index lets a field run past the data area",
     ),
     Mutation(
+        "uniform-batch-table-not-compared", "shm/frame.py",
+        "    if not (ent == ent[0]).all():\n        return None\n",
+        "",
+        ("tests/test_frame.py::test_a_batch_of_identical_layouts_is_validated_by_its_first_frame",
+         "tests/test_frame.py::test_decode_many_agrees_with_decoding_each_frame_alone"),
+        "decode_many takes a batch's field tables for the first frame's without comparing them",
+    ),
+    Mutation(
         "frame-raw-bounds-check-removed", "shm/frame.py",
         "if FRAME_HEADER.size + raw_len > table_off:",
         "if False:",

@@ -233,8 +233,8 @@ def _same_value(x, y) -> bool:
     return repr(x) == repr(y)
 
 
-def _batch_payload(rng, kind: int):
-    n = int(rng.integers(0, 40))
+def _batch_payload(rng, kind: int, n: int | None = None):
+    n = int(rng.integers(0, 40)) if n is None else n
     import ml_dtypes
 
     return [
@@ -309,11 +309,14 @@ def test_decode_many_agrees_with_decoding_each_frame_alone(seed, monkeypatch):
         b = int(rng.integers(1, 24))
         buf = np.zeros(b * stride, np.uint8)
         uniform = trial % 2 == 0  # half the batches share one field set (the fast path)
+        identical = trial % 4 == 0  # a quarter also share shapes, without metadata (the fastest path)
+        size = int(rng.integers(0, 40))
         starts, lengths = [], []
         for i in range(b):
             start = i * stride + (0 if trial % 3 else int(rng.integers(0, 4)) * 8)  # some unaligned
-            p = _batch_payload(rng, 0 if uniform else int(rng.integers(0, 5)))
-            n = encode_into(memoryview(buf)[start:start + stride - 64], p, {"i": i} if rng.random() < 0.3 else None)
+            p = _batch_payload(rng, 0 if uniform else int(rng.integers(0, 5)), size if identical else None)
+            meta = {"i": i} if rng.random() < 0.3 and not identical else None
+            n = encode_into(memoryview(buf)[start:start + stride - 64], p, meta)
             starts.append(start)
             lengths.append(min(n + 64, stride - 64) if rng.random() < 0.3 else n)
         for _ in range(int(rng.integers(0, 4))):
@@ -347,6 +350,31 @@ def test_decode_many_validates_a_ragged_batch_together(monkeypatch):
     assert [p["tok"].tolist() for p in got] == [list(range(10 + i)) for i in range(64)]
     assert [p.meta for p in got] == [{"step": i} for i in range(64)] and got[5]["done"].shape == ()
     assert all(p.nbytes == n for p, n in zip(got, lengths))
+
+
+def test_a_batch_of_identical_layouts_is_validated_by_its_first_frame(monkeypatch):
+    """The usual batch (same fields, same shapes, no metadata): the first frame is parsed
+    and the others' headers and tables compared with it as arrays. A frame whose table
+    differs in one word (here a field moved past the data area) sends the batch to the
+    general checks, and only that frame fails."""
+    import shm.frame as frame
+
+    stride = 8192
+    buf = np.zeros(64 * stride, np.uint8)
+    lengths = [encode_into(memoryview(buf)[i * stride:(i + 1) * stride],
+                           {"tok": np.full(100, i), "lp": np.ones((10, 10), np.float32)}) for i in range(64)]
+    general = []
+    real = frame._batch_group
+    monkeypatch.setattr(frame, "_batch_group", lambda *a: general.append(1) or real(*a))
+    got = frame.decode_many(buf, np.arange(64) * stride, lengths)
+    assert not general
+    assert [int(p["tok"][0]) for p in got] == list(range(64)) and all(p["lp"].shape == (10, 10) for p in got)
+    assert all(p.meta == {} for p in got) and got[3].meta is not got[4].meta  # a fresh dict each
+    table = int.from_bytes(buf[7 * stride + 24:7 * stride + 32].tobytes(), "little")
+    buf[7 * stride + table:7 * stride + table + 8] = np.frombuffer((1 << 20).to_bytes(8, "little"), np.uint8)
+    got = frame.decode_many(buf, np.arange(64) * stride, lengths)
+    assert general and isinstance(got[7], FrameError)
+    assert all(not isinstance(p, FrameError) for i, p in enumerate(got) if i != 7)
 
 
 def test_a_small_batch_is_decoded_frame_by_frame(monkeypatch):
