@@ -30,6 +30,7 @@ import collections
 import concurrent.futures
 import itertools
 import logging
+import operator
 import os
 import threading
 import time
@@ -892,32 +893,45 @@ class TransportClient:
             # (ring, ring id, host, ports) -> (same host?, the indices of its batch): looked up once
             # a round (attaching a ring maps its segment: never on this loop)
             places: dict = {}
-            seen = self._ledger.seen
-            for i in pending:
-                ref = checked[i]
-                if self.device != "cpu":
-                    tasks.append(one(i))
-                    continue
-                place = (ref.ring, ref.ring_id, ref.host, ref.ports)
-                target = places.get(place)
-                if target is None:
-                    try:
-                        ring = await loop.run_in_executor(None, self._local.ring_for, ref) \
-                            if self._local.enabled else None
-                        if ring is None:
-                            host, ports = await self._where_from_loop(ref)
-                            target = (False, groups[(host, tuple(ports), ref.ring, ref.ring_id)])
-                        else:
-                            target = (True, here.setdefault(id(ring), (ring, []))[1])
-                    except Exception as exc:  # noqa: BLE001 - e.g. no address: this ref's result
-                        put(i, exc)
+            repeats = self._ledger.seen_of([checked[i].key for i in pending])
+
+            async def place_each(todo):
+                for i in todo:
+                    ref = checked[i]
+                    if self.device != "cpu":
+                        tasks.append(one(i))
                         continue
-                    places[place] = target
-                local, idxs = target
-                if not local and seen(ref.key):  # served again after a crash: GET it alone (ACKed, dropped)
-                    tasks.append(one(i))
-                    continue
-                idxs.append(i)
+                    place = _PLACE(ref)
+                    target = places.get(place)
+                    if target is None:
+                        try:
+                            ring = await loop.run_in_executor(None, self._local.ring_for, ref) \
+                                if self._local.enabled else None
+                            if ring is None:
+                                host, ports = await self._where_from_loop(ref)
+                                target = (False, groups[(host, tuple(ports), ref.ring, ref.ring_id)])
+                            else:
+                                target = (True, here.setdefault(id(ring), (ring, []))[1])
+                        except Exception as exc:  # noqa: BLE001 - e.g. no address: this ref's result
+                            put(i, exc)
+                            continue
+                        places[place] = target
+                    local, idxs = target
+                    if not local and ref.key in repeats:  # served again after a crash: GET it alone (ACKed, dropped)
+                        tasks.append(one(i))
+                        continue
+                    idxs.append(i)
+
+            # the usual batch names one place: the first ref's is looked up, the others join its batch
+            if self.device == "cpu" and len(pending) > 1 and len(set(map(_PLACE, map(checked.__getitem__, pending)))) == 1:
+                await place_each(pending[:1])
+                target = places.get(_PLACE(checked[pending[0]]))
+                if target is not None and (target[0] or not repeats):
+                    target[1].extend(pending[1:])
+                else:  # its lookup failed, or some ref is a repeat: each of the others on its own
+                    await place_each(pending[1:])
+            else:
+                await place_each(pending)
             for ring, idxs in here.values():
                 tasks.append(local_batch(idxs, ring))
             for (host, ports, _, _), idxs in groups.items():
@@ -948,6 +962,10 @@ class TransportClient:
         return await self._net.call(host, ports, self._exchanges.ping_port, "PING")
 
 
+
+
+#: where a ref's payload is fetched from: refs of one place travel in one batch
+_PLACE = operator.attrgetter("ring", "ring_id", "host", "ports")
 
 
 def _keys(refs) -> list:

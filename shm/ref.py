@@ -24,9 +24,13 @@ MAX_GENERATION = 2**64 - 1
 MAX_REF_NBYTES = 2**48
 
 
-#: ring names and ids already validated once (bounded): the constructor's fast path
+#: ring names, ids and hosts already validated once, and validated ports tuples (each
+#: its own canonical object, which refs share), bounded: the constructor's fast path
+_KNOWN_MAX = 4096
 _NAMES_OK: set = set()
 _IDS_OK: set = set()
+_HOSTS_OK: set = set()
+_PORTS_OK: dict = {}
 
 
 def valid_ring_name(name) -> bool:
@@ -62,23 +66,37 @@ class SlotRef:
     ring_id: str | None = None
 
     def __post_init__(self):
-        # fast path (every field of the usual types and in range); anything else is
-        # checked field by field below, which names the culprit
-        ports = self.ports
-        if (self.ring in _NAMES_OK and type(self.slot) is int and 0 <= self.slot < MAX_SLOTS
+        # fast path (every field of the usual types and in range; ring, id, host and ports
+        # among those validated before: the ports tuple is that very object); anything
+        # else is checked field by field below, which names the culprit
+        ports, host = self.ports, self.host
+        if (type(self.slot) is int and 0 <= self.slot < MAX_SLOTS
                 and type(self.generation) is int and 0 <= self.generation <= MAX_GENERATION
                 and type(self.nbytes) is int and 0 <= self.nbytes <= MAX_REF_NBYTES
-                and (self.host is None or (type(self.host) is str and 0 < len(self.host) <= MAX_HOST_BYTES
-                                           and self.host.isascii()))
-                and type(ports) is tuple and len(ports) <= MAX_PORTS
-                and all(type(p) is int and 0 < p < 65536 for p in ports)
-                and (self.ring_id is None or self.ring_id in _IDS_OK)):
+                and type(self.ring) is str and self.ring in _NAMES_OK
+                and (host is None or (type(host) is str and host in _HOSTS_OK))
+                and type(ports) is tuple and (not ports or _PORTS_OK.get(ports) is ports or self._intern_ports())
+                and (self.ring_id is None or (type(self.ring_id) is str and self.ring_id in _IDS_OK))):
             return
         self._validate()
-        if len(_NAMES_OK) < 4096:
-            _NAMES_OK.add(self.ring)
-        if self.ring_id is not None and len(_IDS_OK) < 4096:
+        if type(self.ring) is str and len(_NAMES_OK) < _KNOWN_MAX:  # (plain strings only: a subclass
+            _NAMES_OK.add(self.ring)                                  # could compare equal to anything)
+        if type(self.ring_id) is str and len(_IDS_OK) < _KNOWN_MAX:
             _IDS_OK.add(self.ring_id)
+        if type(host) is str and len(_HOSTS_OK) < _KNOWN_MAX:
+            _HOSTS_OK.add(host)
+        if self.ports:
+            self._intern_ports()
+
+    def _intern_ports(self) -> bool:
+        """Are the ports a tuple of valid ints? Then the ref holds the canonical tuple of
+        those values (an equal one is as good), which the next check finds by identity."""
+        ports = self.ports
+        if not (len(ports) <= MAX_PORTS and all(type(p) is int and 0 < p < 65536 for p in ports)):
+            return False
+        if len(_PORTS_OK) < _KNOWN_MAX:
+            object.__setattr__(self, "ports", _PORTS_OK.setdefault(ports, ports))
+        return True
 
     def _validate(self):
         if not valid_ring_name(self.ring):
@@ -130,4 +148,4 @@ class SlotRef:
             raise InvalidRefError(f"not a SlotRef dict: missing {', '.join(missing)} in {d!r:.200}")
         ports = d.get("ports")
         return cls(d["ring"], d["slot"], d["generation"], d["nbytes"], d.get("host"),
-                   () if ports is None else ports, d.get("ring_id"))
+                   () if ports is None else tuple(ports) if type(ports) is list else ports, d.get("ring_id"))

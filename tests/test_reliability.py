@@ -54,6 +54,24 @@ def test_slotref_validated_when_built(field, value):
         shm.SlotRef(**{**good, field: value})
 
 
+@pytest.mark.parametrize("local", [True, False])
+def test_a_forged_ref_of_unhashable_or_lookalike_fields_is_its_own_error(make_ring, ring_name, serve, local):
+    """Refs re-checked by the client: a ring or ring id of an unhashable type, or ports
+    equal to a validated tuple but of floats or bools, are that ref's InvalidRefError
+    (before, an unhashable name raised TypeError out of a same-host fetch_many)."""
+    ring = make_ring(slots=8)
+    serve(ring_name, "--n-ports", "1")
+    refs = put_many(ring, 3)
+    bad = [forge(refs[2], ring=[ring_name]), forge(refs[2], ring_id=[refs[2].ring_id]),
+           forge(refs[2], ports=tuple(float(p) for p in refs[2].ports)), forge(refs[2], ports=(True,)),
+           forge(refs[2], host=[refs[2].host])]
+    with TransportClient(local_fast_path=local, timeout=2.0) as c:
+        results = c.fetch_many([refs[0], *bad, refs[1]])
+        assert [r.payload["i"] for r in results if r.ok] == [0, 1]
+        assert all(isinstance(r.error, InvalidRefError) for r in results[1:-1]), [r.error for r in results]
+    assert ring.state_counts()["READY"] == 1  # the forged ref's payload is untouched
+
+
 def test_one_malformed_ref_never_loses_the_batch(make_ring, ring_name, serve):
     ring = make_ring(slots=16)
     serve(ring_name, "--n-ports", "2")
