@@ -553,10 +553,12 @@ def _words(u8: np.ndarray, starts: np.ndarray, n: int) -> np.ndarray:
     return u8[starts[:, None] + np.arange(n * 8)].view(_WORD)
 
 
-#: batches of fewer frames are decoded frame by frame: below about 40 frames of 3 fields that is
-#: faster than the array checks (2-core box: 1 frame 8 vs 170-200 us, 32 frames 230-290 vs
-#: 280-360 us, 64 frames 540-700 vs 370-520 us)
-DECODE_MANY_MIN = 40
+#: batches of fewer frames are decoded frame by frame: below about 16 frames of 3 fields that is
+#: faster than comparing identical layouts as arrays (2-core box: 4 frames 17 vs 46 us, 16 frames
+#: 66 vs 68 us, 32 frames 131 vs 88 us, 64 frames 269 vs 128 us), and below about 40 faster
+#: than the general array checks of ragged layouts (32 frames 230-290 vs 280-360 us)
+DECODE_MANY_MIN = 16
+RAGGED_MANY_MIN = 40
 
 
 def decode_many(u8: np.ndarray, starts, lengths) -> list:
@@ -571,14 +573,14 @@ def decode_many(u8: np.ndarray, starts, lengths) -> list:
     as the first one's (shapes and sizes may differ: ragged rollouts). Every other
     item (raw, version 1, another field set, anything that fails a check) goes
     through :func:`parse_index` alone, which also words its error."""
-    if len(starts) < DECODE_MANY_MIN:  # the array checks cost ~170 us however few the frames
+    if len(starts) < DECODE_MANY_MIN:  # the array checks cost ~40 us however few the frames
         return [_decode_one(u8, int(s), int(n)) for s, n in zip(starts, lengths)]
     starts = np.asarray(starts, np.int64)
     lengths = np.asarray(lengths, np.int64)
     out: list = [None] * len(starts)
     inside = (lengths >= FRAME_HEADER.size) & (lengths <= len(u8)) & (starts >= 0) & (starts <= len(u8) - lengths)
     group = _uniform_group(u8, starts, lengths) if inside.all() else None
-    if group is None:
+    if group is None and len(starts) >= RAGGED_MANY_MIN:
         group = _batch_group(u8, starts, lengths, np.flatnonzero(inside))
     if group is not None:
         try:

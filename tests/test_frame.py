@@ -302,6 +302,7 @@ def test_decode_many_agrees_with_decoding_each_frame_alone(seed, monkeypatch):
     from shm.frame import _decode_one, decode_many
 
     monkeypatch.setattr(frame, "DECODE_MANY_MIN", 1)  # the array checks for every batch size
+    monkeypatch.setattr(frame, "RAGGED_MANY_MIN", 1)
 
     rng = np.random.default_rng(seed)
     stride, checked, errors = 4096, 0, 0
@@ -378,7 +379,7 @@ def test_a_batch_of_identical_layouts_is_validated_by_its_first_frame(monkeypatc
 
 
 def test_a_small_batch_is_decoded_frame_by_frame(monkeypatch):
-    """Below DECODE_MANY_MIN frames the array checks cost more than they save (~170 us
+    """Below DECODE_MANY_MIN frames the array checks cost more than they save (~40 us
     fixed): such a batch goes through the one-frame decoder, with the same results."""
     import shm.frame as frame
 
@@ -394,3 +395,23 @@ def test_a_small_batch_is_decoded_frame_by_frame(monkeypatch):
     assert alone == [0, stride, 2 * stride] and frame.DECODE_MANY_MIN > 3
     assert [p["tok"].tolist() for p in got[:2]] == [list(range(5)), list(range(6))]
     assert isinstance(got[2], FrameError)
+
+
+def test_a_mid_sized_batch_uses_the_array_checks_only_for_identical_layouts(monkeypatch):
+    """Between DECODE_MANY_MIN and RAGGED_MANY_MIN frames, identical layouts are compared
+    as arrays and ragged ones decoded frame by frame (each the faster there)."""
+    import shm.frame as frame
+
+    n, stride = 20, 4096
+    assert frame.DECODE_MANY_MIN <= n < frame.RAGGED_MANY_MIN
+    alone = []
+    real = frame._decode_one
+    monkeypatch.setattr(frame, "_decode_one", lambda *a: alone.append(a[1]) or real(*a))
+    for ragged in (False, True):
+        buf = np.zeros(n * stride, np.uint8)
+        lengths = [encode_into(memoryview(buf)[i * stride:(i + 1) * stride], {"tok": np.arange(5 + ragged * i)})
+                   for i in range(n)]
+        alone.clear()
+        got = frame.decode_many(buf, np.arange(n) * stride, lengths)
+        assert len(alone) == (n if ragged else 0)
+        assert [p["tok"].tolist() for p in got] == [list(range(5 + ragged * i)) for i in range(n)]
