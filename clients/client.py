@@ -479,7 +479,12 @@ class TransportClient:
         return out
 
     def _batch_budget(self, refs: list) -> float:
-        total = sum(getattr(r, "nbytes", 0) if isinstance(getattr(r, "nbytes", 0), int) else 0 for r in refs)
+        try:
+            total = sum(map(_NBYTES, refs))  # the usual batch: SlotRefs
+        except (AttributeError, TypeError):
+            total = None
+        if type(total) is not int:  # refs as dicts, or forged ones (each gets its own error later)
+            total = sum(getattr(r, "nbytes", 0) if isinstance(getattr(r, "nbytes", 0), int) else 0 for r in refs)
         waves = max(1, -(-len(refs) // self.max_inflight))
         return (self.call_budget() * waves + self._exchanges.transfer_s(min(total, 1 << 50))) * self.max_rounds
 
@@ -832,13 +837,16 @@ class TransportClient:
         """Layer 3: rounds; only retryable failures go to the next round. Refs of one
         server and ring travel as batches (GETV: one request, one entry table, small
         payloads coalesced, one ACK), several batches in flight at once."""
-        results = [FetchResult(r) for r in refs]
-        checked: dict[int, shm.SlotRef] = {}
-        for i, r in enumerate(refs):
-            try:
-                checked[i] = self._checked(r)
-            except Exception as exc:  # noqa: BLE001 - any failure is this ref's result; siblings go on
-                results[i].error = detached(exc)
+        results = list(map(FetchResult, refs))
+        try:
+            checked: dict[int, shm.SlotRef] = dict(enumerate(map(self._checked, refs)))  # the usual batch
+        except Exception:  # noqa: BLE001 - some ref is bad: each one on its own below
+            checked = {}
+            for i, r in enumerate(refs):
+                try:
+                    checked[i] = self._checked(r)
+                except Exception as exc:  # noqa: BLE001 - any failure is this ref's result; siblings go on
+                    results[i].error = detached(exc)
         sem = asyncio.Semaphore(self.max_inflight)
         loop = asyncio.get_running_loop()
 
@@ -876,8 +884,12 @@ class TransportClient:
                         [checked[i] for i in idxs], h, p, fields), f"GETV {len(idxs)}")
                 except Exception as exc:  # noqa: BLE001 - the whole batch failed the same way
                     outs = [exc] * len(idxs)
-                for i, o in zip(idxs, outs):
-                    put(i, o)
+                if any(map(isinstance, outs, itertools.repeat(BaseException))):
+                    for i, o in zip(idxs, outs):
+                        put(i, o)
+                else:  # the usual answer: a payload each (results of this round carry no payload yet)
+                    for i, o in zip(idxs, outs):
+                        results[i].payload, results[i].error = o, None
 
         pending = list(checked)
         for rnd in range(first_round, self.max_rounds):
@@ -966,6 +978,7 @@ class TransportClient:
 
 #: where a ref's payload is fetched from: refs of one place travel in one batch
 _PLACE = operator.attrgetter("ring", "ring_id", "host", "ports")
+_NBYTES = operator.attrgetter("nbytes")
 
 
 def _keys(refs) -> list:

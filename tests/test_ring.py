@@ -371,3 +371,30 @@ def test_slots_one_handle_holds_are_alive_to_another_handle_of_the_same_process(
     finally:
         holder.close()
     assert single is not None and ring.recover() == 1 and ring.ready_count() == 1
+
+
+@pytest.mark.parametrize("layout", ["even", "uneven", "ragged"])
+def test_copy_frames_puts_each_frame_at_its_offset(make_ring, layout):
+    """A batch's frames copied into a staging buffer (the server's coalesced answer): frames
+    of one size at evenly spaced offsets go in one gather, any other layout frame by frame;
+    either way each frame lands whole at its offset and nothing else is written."""
+    ring = make_ring(slots=16)
+    sizes = [40 + (i if layout == "ragged" else 0) for i in range(12)]
+    refs = [ring.put({"x": np.full(n, i, np.uint8)}) for i, n in enumerate(sizes)]
+    order = [5, 0, 11, 3, 7, 1, 9, 2, 10, 4, 8, 6]  # slots out of order, as a GETV names them
+    batch, codes = ring.claim_batch([refs[i].slot for i in order], [refs[i].generation for i in order])
+    assert (codes > 0).all()
+    frames = [bytes(batch.frame(k)) for k in range(len(order))]
+    step = max(len(f) for f in frames) + 64
+    offsets = [k * step + (8 * k * k if layout == "uneven" else 0) for k in range(len(order))]
+    out = np.full(offsets[-1] + step, 0xEE, np.uint8)  # (uneven: 8 k^2 bytes of gap grow between frames)
+    batch.copy_frames(out, offsets)
+    mask = np.ones(len(out), bool)
+    for k, (off, f) in enumerate(zip(offsets, frames)):
+        assert bytes(out[off:off + len(f)]) == f, k
+        mask[off:off + len(f)] = False
+    assert (out[mask] == 0xEE).all()
+    part = np.full(len(out), 0xEE, np.uint8)
+    batch.copy_frames(part, offsets[:3], [4, 5, 6])  # some items only (the server's coalesced plans)
+    assert [bytes(part[o:o + len(frames[k])]) for o, k in zip(offsets[:3], (4, 5, 6))] == frames[4:7]
+    batch.finalise(True)

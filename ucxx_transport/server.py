@@ -603,7 +603,8 @@ class TransportServer:
             await self._reply(ep, Response(Status.BAD_REQUEST, req.request_id, message=str(exc)))
             return False
         slots = table["slot"].astype(np.int64)
-        if len(np.unique(slots)) != n or (req.flags & FLAG_ONE_MESSAGE
+        ordered = np.sort(slots)
+        if (ordered[1:] == ordered[:-1]).any() or (req.flags & FLAG_ONE_MESSAGE
                                            and (int(table["nbytes"].sum()) > ONE_MESSAGE_MAX
                                                 or fields is not None)):
             self.metrics.count("GETV", "BAD_REQUEST")
@@ -623,8 +624,10 @@ class TransportServer:
                 for lease in batch.leases(bad):
                     lease.nack()
                 table["status"][got[bad]] = Status.BAD_REQUEST
-            table["status"][got[~wrong]] = Status.OK
-            batch = batch.subset(np.flatnonzero(~wrong))
+                table["status"][got[~wrong]] = Status.OK
+                batch = batch.subset(np.flatnonzero(~wrong))
+            else:
+                table["status"][got] = Status.OK
         counts = np.bincount(table["status"], minlength=len(Status))
         for st in Status:
             if counts[st]:
