@@ -288,6 +288,12 @@ class SlotLease:
             log.debug("nack of dropped lease on slot %d: %s", self.slot, exc)
 
 
+#: frames up to this size are copied into a staging buffer by one gather (a temporary copy,
+#: then one into place) rather than one copy each; above it the second copy costs more than
+#: the per-frame Python saves (2-core box, 128 frames: 4 KiB 20 vs 45 us, 8 KiB 64 vs 54 us)
+GATHER_MAX = 6 << 10
+
+
 class LeaseBatch:
     """Many payloads of one ring held in READING by this process, leased at once
     (:meth:`RingBuffer.claim_batch`): arrays instead of one object per payload.
@@ -342,13 +348,13 @@ class LeaseBatch:
         u8, base, stride = r._u8, r._data_off + SLOT_HEADROOM, r._stride
         sel = slice(None) if which is None else np.asarray(which, np.int64)
         slots, sizes = self.slots[sel], self.nbytes[sel]
-        if len(slots) > 1 and len(offsets) == len(slots):  # frames of one size at evenly spaced offsets:
-            step, n = offsets[1] - offsets[0], int(sizes[0])  # one gather (C) instead of a copy per frame
-            if 0 < n <= step and (sizes == n).all() and offsets[-1] - offsets[0] == step * (len(offsets) - 1) \
-                    and (np.diff(offsets) == step).all():
+        if len(slots) > 1 and len(offsets) == len(slots) and 0 < int(sizes[0]) <= GATHER_MAX:
+            step, n = offsets[1] - offsets[0], int(sizes[0])  # small frames of one size, evenly spaced:
+            if n <= step and (sizes == n).all() and offsets[-1] - offsets[0] == step * (len(offsets) - 1) \
+                    and (np.diff(offsets) == step).all():   # one gather and one copy, in C
                 src = np.ndarray((int(slots.max()) + 1, n), np.uint8, buffer=u8, offset=base, strides=(stride, 1))
                 dst = np.ndarray((len(slots), n), np.uint8, buffer=out, offset=int(offsets[0]), strides=(step, 1))
-                np.take(src, slots, axis=0, out=dst, mode="clip")  # (slots in range: claimed from this ring)
+                dst[...] = src[slots]
                 return
         for sl, n, off in zip(slots.tolist(), sizes.tolist(), offsets):
             src = base + sl * stride

@@ -373,13 +373,16 @@ def test_slots_one_handle_holds_are_alive_to_another_handle_of_the_same_process(
     assert single is not None and ring.recover() == 1 and ring.ready_count() == 1
 
 
-@pytest.mark.parametrize("layout", ["even", "uneven", "ragged"])
+@pytest.mark.parametrize("layout", ["even", "uneven", "ragged", "large"])
 def test_copy_frames_puts_each_frame_at_its_offset(make_ring, layout):
-    """A batch's frames copied into a staging buffer (the server's coalesced answer): frames
-    of one size at evenly spaced offsets go in one gather, any other layout frame by frame;
-    either way each frame lands whole at its offset and nothing else is written."""
+    """A batch's frames copied into a staging buffer (the server's coalesced answer): small
+    frames of one size at evenly spaced offsets go in one gather, any other layout (and
+    frames above GATHER_MAX) frame by frame; either way each frame lands whole at its
+    offset and nothing else is written."""
+    from shm.leases import GATHER_MAX
+
     ring = make_ring(slots=16)
-    sizes = [40 + (i if layout == "ragged" else 0) for i in range(12)]
+    sizes = [(GATHER_MAX + 100 if layout == "large" else 40) + (i if layout == "ragged" else 0) for i in range(12)]
     refs = [ring.put({"x": np.full(n, i, np.uint8)}) for i, n in enumerate(sizes)]
     order = [5, 0, 11, 3, 7, 1, 9, 2, 10, 4, 8, 6]  # slots out of order, as a GETV names them
     batch, codes = ring.claim_batch([refs[i].slot for i in order], [refs[i].generation for i in order])
