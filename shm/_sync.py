@@ -66,16 +66,17 @@ def lock_release(fd: int, start: int, length: int = 1) -> None:
 
 
 def runs(sorted_ints) -> list[tuple[int, int]]:
-    """[(start, length)] of the runs of consecutive values in an ascending sequence
-    (with few array operations: a batch's slots are usually one run, or a few)."""
+    """[(start, length)] of the runs of consecutive values (each one more than the one
+    before) in a sequence, in its order (with few array operations: a batch's sorted
+    slots are usually one run, or a few)."""
     a = np.asarray(sorted_ints, np.int64)
     n = len(a)
     if not n:
         return []
-    lo = int(a[0])
-    if int(a[-1]) - lo == n - 1:  # ascending and spanning n values: one run
-        return [(lo, n)]
-    cut = (np.flatnonzero(a[1:] - a[:-1] != 1) + 1).tolist()
+    step = a[1:] - a[:-1]
+    if (step == 1).all():  # consecutive values: one run
+        return [(int(a[0]), n)]
+    cut = (np.flatnonzero(step != 1) + 1).tolist()
     firsts = [0, *cut]
     return [(int(a[i]), j - i) for i, j in zip(firsts, [*cut, n])]
 

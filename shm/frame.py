@@ -619,7 +619,7 @@ def _uniform_group(u8, starts, lengths):
     s0, n0 = int(starts[0]), int(lengths[0])
     h = _words(u8, starts, _HEADER_WORDS)
     head = h[0]
-    if head[0] != _FLAT_V2 or head[1] >> 32 or head[6] or not (h == head).all() or (lengths < head[2]).any():
+    if head[0] != _FLAT_V2 or int(head[1]) >> 32 or head[6] or not (h == head).all() or (lengths < head[2]).any():
         return None  # (a raw or version-1 frame, metadata, a layout tree, a header that differs, a short frame)
     try:
         index = parse_index(u8[s0:s0 + n0])

@@ -349,11 +349,12 @@ class LeaseBatch:
         sel = slice(None) if which is None else np.asarray(which, np.int64)
         slots, sizes = self.slots[sel], self.nbytes[sel]
         if len(slots) > 1 and len(offsets) == len(slots) and 0 < int(sizes[0]) <= GATHER_MAX:
-            step, n = offsets[1] - offsets[0], int(sizes[0])  # small frames of one size, evenly spaced:
-            if n <= step and (sizes == n).all() and offsets[-1] - offsets[0] == step * (len(offsets) - 1) \
-                    and (np.diff(offsets) == step).all():   # one gather and one copy, in C
+            first, step, n = int(offsets[0]), int(offsets[1]) - int(offsets[0]), int(sizes[0])
+            if n <= step and first + step * (len(slots) - 1) + n <= len(out) and (sizes == n).all() \
+                    and (np.diff(np.asarray(offsets, np.int64)) == step).all():  # small frames of one size,
+                # evenly spaced: one gather and one copy, in C
                 src = np.ndarray((int(slots.max()) + 1, n), np.uint8, buffer=u8, offset=base, strides=(stride, 1))
-                dst = np.ndarray((len(slots), n), np.uint8, buffer=out, offset=int(offsets[0]), strides=(step, 1))
+                dst = np.ndarray((len(slots), n), np.uint8, buffer=out, offset=first, strides=(step, 1))
                 dst[...] = src[slots]
                 return
         for sl, n, off in zip(slots.tolist(), sizes.tolist(), offsets):

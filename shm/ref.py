@@ -70,13 +70,17 @@ class SlotRef:
         # among those validated before: the ports tuple is that very object); anything
         # else is checked field by field below, which names the culprit
         ports, host = self.ports, self.host
-        if (type(self.slot) is int and 0 <= self.slot < MAX_SLOTS
-                and type(self.generation) is int and 0 <= self.generation <= MAX_GENERATION
-                and type(self.nbytes) is int and 0 <= self.nbytes <= MAX_REF_NBYTES
-                and type(self.ring) is str and self.ring in _NAMES_OK
-                and (host is None or (type(host) is str and host in _HOSTS_OK))
-                and type(ports) is tuple and (not ports or _PORTS_OK.get(ports) is ports or self._intern_ports())
-                and (self.ring_id is None or (type(self.ring_id) is str and self.ring_id in _IDS_OK))):
+        try:
+            fast = (type(self.slot) is int and 0 <= self.slot < MAX_SLOTS
+                    and type(self.generation) is int and 0 <= self.generation <= MAX_GENERATION
+                    and type(self.nbytes) is int and 0 <= self.nbytes <= MAX_REF_NBYTES
+                    and type(self.ring) is str and self.ring in _NAMES_OK
+                    and (host is None or (type(host) is str and host in _HOSTS_OK))
+                    and type(ports) is tuple and (not ports or _PORTS_OK.get(ports) is ports or self._intern_ports())
+                    and (self.ring_id is None or (type(self.ring_id) is str and self.ring_id in _IDS_OK)))
+        except TypeError:  # an unhashable port: the checks below name it
+            fast = False
+        if fast:
             return
         self._validate()
         if type(self.ring) is str and len(_NAMES_OK) < _KNOWN_MAX:  # (plain strings only: a subclass

@@ -43,7 +43,7 @@ def forge(ref, **fields):
 # ------------------------------------------------------------- 1. bad refs --
 @pytest.mark.parametrize("field,value", [
     ("slot", -1), ("slot", 1 << 20), ("generation", 2**64), ("generation", "7"), ("nbytes", 2**60),
-    ("host", 123), ("ports", (70000,)), ("ports", ("x",)), ("ring", "../etc"), ("ring_id", "zz"),
+    ("host", 123), ("ports", (70000,)), ("ports", ("x",)), ("ports", [[1]]), ("ring", "../etc"), ("ring_id", "zz"),
 ])
 def test_slotref_validated_when_built(field, value):
     good = dict(ring="r", slot=1, generation=2, nbytes=10, host="h", ports=[1, 2], ring_id="ab" * 16)
@@ -64,7 +64,7 @@ def test_a_forged_ref_of_unhashable_or_lookalike_fields_is_its_own_error(make_ri
     refs = put_many(ring, 3)
     bad = [forge(refs[2], ring=[ring_name]), forge(refs[2], ring_id=[refs[2].ring_id]),
            forge(refs[2], ports=tuple(float(p) for p in refs[2].ports)), forge(refs[2], ports=(True,)),
-           forge(refs[2], host=[refs[2].host])]
+           forge(refs[2], host=[refs[2].host]), forge(refs[2], ports=([refs[2].ports[0]],))]
     with TransportClient(local_fast_path=local, timeout=2.0) as c:
         results = c.fetch_many([refs[0], *bad, refs[1]])
         assert [r.payload["i"] for r in results if r.ok] == [0, 1]

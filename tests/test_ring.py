@@ -401,3 +401,26 @@ def test_copy_frames_puts_each_frame_at_its_offset(make_ring, layout):
     batch.copy_frames(part, offsets[:3], [4, 5, 6])  # some items only (the server's coalesced plans)
     assert [bytes(part[o:o + len(frames[k])]) for o, k in zip(offsets[:3], (4, 5, 6))] == frames[4:7]
     batch.finalise(True)
+
+
+def test_runs_of_consecutive_values_match_a_plain_loop():
+    """The lock ranges of a batch: runs found with array operations, exactly what walking
+    the values one by one gives (sorted or not, with repeats or not)."""
+    from shm._sync import runs
+
+    def walk(values):
+        out = []
+        for v in values:
+            if out and out[-1][0] + out[-1][1] == v:
+                out[-1] = (out[-1][0], out[-1][1] + 1)
+            else:
+                out.append((v, 1))
+        return out
+
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        values = rng.integers(0, 12, int(rng.integers(0, 10))).tolist()
+        if rng.random() < 0.5:
+            values = sorted(set(values))
+        assert runs(np.asarray(values, np.int64)) == walk(values), values
+        assert runs(values) == walk(values), values
