@@ -629,7 +629,7 @@ def _uniform_group(u8, starts, lengths):
     ent = _words(u8, starts + table_off, n_fields * _ENTRY_WORDS)
     if not (ent == ent[0]).all():
         return None
-    return np.arange(len(starts)), h, ent.reshape(len(starts), n_fields, _ENTRY_WORDS), index.fields
+    return np.arange(len(starts)), h, ent.reshape(len(starts), n_fields, _ENTRY_WORDS), index.fields, True
 
 
 def _batch_group(u8, starts, lengths, cand):
@@ -669,17 +669,31 @@ def _batch_group(u8, starts, lengths, cand):
                               & (off + nbytes <= to))
     same &= placed.all(axis=1)
     keep = np.flatnonzero(same)
-    return items[keep], h[keep], ent[keep], fields
+    return items[keep], h[keep], ent[keep], fields, False
 
 
 def _views_of_group(u8, starts, group, out: list) -> None:
-    items, h, ent, fields = group
+    items, h, ent, fields, identical = group
     base = starts[items]
     flats: dict = {}
     columns = []  # per field: each item's view of it
-    for j, (_, dtype, shape0, _, _) in enumerate(fields):
-        pos = base + ent[:, j, 0].astype(np.int64)
+    if identical:  # every item's field j at the same place in its frame: item i's frame starts
+        s0 = int(base.min())  # at s0 + rows[i] * step, so a field of all items is one strided array
+        rel = base - s0
+        step = int(np.gcd.reduce(rel)) or 1
+        rows = (rel // step).tolist()
+        span = max(rows) + 1
+    for j, (_, dtype, shape0, off0, nbytes0) in enumerate(fields):
         size = dtype.itemsize
+        if identical and nbytes0 and (s0 + off0) % size == 0 and step % size == 0:
+            strides, acc = [], size  # (aligned, like the flat views below; an empty field may sit anywhere)
+            for d in reversed(shape0):
+                strides.append(acc)
+                acc *= d
+            grid = np.ndarray((span, *shape0), dtype, buffer=u8, offset=s0 + off0, strides=(step, *strides[::-1]))
+            columns.append([grid[r] for r in rows] if shape0 else [grid[r, ...] for r in rows])  # (0-d: a view)
+            continue
+        pos = base + ent[:, j, 0].astype(np.int64)
         count = (ent[:, j, 1] // size).astype(np.int64)
         if (pos % size).any():  # not on an element boundary of u8: a dtype view per item
             col = [u8[p:p + c * size].view(dtype) for p, c in zip(pos.tolist(), count.tolist())]

@@ -315,7 +315,8 @@ def test_decode_many_agrees_with_decoding_each_frame_alone(seed, monkeypatch):
         starts, lengths = [], []
         for i in range(b):
             start = i * stride + (0 if trial % 3 else int(rng.integers(0, 4)) * 8)  # some unaligned
-            p = _batch_payload(rng, 0 if uniform else int(rng.integers(0, 5)), size if identical else None)
+            kind = (trial // 4) % 3 if identical else 0 if uniform else int(rng.integers(0, 5))  # (identical:
+            p = _batch_payload(rng, kind, size if identical else None)  # 2-D bf16, 0-d and empty fields too)
             meta = {"i": i} if rng.random() < 0.3 and not identical else None
             n = encode_into(memoryview(buf)[start:start + stride - 64], p, meta)
             starts.append(start)
@@ -363,13 +364,17 @@ def test_a_batch_of_identical_layouts_is_validated_by_its_first_frame(monkeypatc
     stride = 8192
     buf = np.zeros(64 * stride, np.uint8)
     lengths = [encode_into(memoryview(buf)[i * stride:(i + 1) * stride],
-                           {"tok": np.full(100, i), "lp": np.ones((10, 10), np.float32)}) for i in range(64)]
+                           {"tok": np.full(100, i), "lp": np.full((10, 10), i, np.float32), "r": np.float32(i),
+                            "none": np.zeros((0, 3), np.int16)}) for i in range(64)]
     general = []
     real = frame._batch_group
     monkeypatch.setattr(frame, "_batch_group", lambda *a: general.append(1) or real(*a))
     got = frame.decode_many(buf, np.arange(64) * stride, lengths)
     assert not general
     assert [int(p["tok"][0]) for p in got] == list(range(64)) and all(p["lp"].shape == (10, 10) for p in got)
+    assert [float(p["lp"][9, 9]) for p in got] == list(range(64)) and [float(p["r"]) for p in got] == list(range(64))
+    assert all(isinstance(p["r"], np.ndarray) and p["r"].shape == () and p["none"].shape == (0, 3) for p in got)
+    assert all(p["lp"].flags.c_contiguous and p["tok"].base is not None for p in got)  # views, as decode() gives
     assert all(p.meta == {} for p in got) and got[3].meta is not got[4].meta  # a fresh dict each
     table = int.from_bytes(buf[7 * stride + 24:7 * stride + 32].tobytes(), "little")
     buf[7 * stride + table:7 * stride + table + 8] = np.frombuffer((1 << 20).to_bytes(8, "little"), np.uint8)
