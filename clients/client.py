@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import itertools
 import logging
 import operator
 import os
@@ -53,6 +52,7 @@ from .errors import (
     NoAddressError,
     StaleSlotError,
     TransportError,
+    any_failed,
     detached,
 )
 from .exchanges import Exchanges
@@ -510,7 +510,7 @@ class TransportClient:
         if ring is None:
             return None
         outcomes = self._local.fetch_many(ring, checked)
-        if not any(map(isinstance, outcomes, itertools.repeat(BaseException))):  # the usual batch: all delivered
+        if not any_failed(outcomes):  # the usual batch: all delivered
             results, retry = list(map(FetchResult, checked, outcomes)), []
         else:
             results = [FetchResult(r, None, detached(o)) if isinstance(o, BaseException) else FetchResult(r, o)
@@ -884,7 +884,7 @@ class TransportClient:
                         [checked[i] for i in idxs], h, p, fields), f"GETV {len(idxs)}")
                 except Exception as exc:  # noqa: BLE001 - the whole batch failed the same way
                     outs = [exc] * len(idxs)
-                if any(map(isinstance, outs, itertools.repeat(BaseException))):
+                if any_failed(outs):
                     for i, o in zip(idxs, outs):
                         put(i, o)
                 else:  # the usual answer: a payload each (results of this round carry no payload yet)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import socket
 
 import shm
@@ -163,3 +164,9 @@ def classify(exc: BaseException, where: str) -> TransportError:
 
 #: an error kept as a batch's result, freed of the frames it passed through (shm's helper)
 detached = without_tracebacks
+
+
+def any_failed(outcomes, kind: type = BaseException) -> bool:
+    """Is any of a batch's ``outcomes`` an error (an instance of ``kind``)? Checked in C:
+    the usual batch has none, and its per-item handling is then skipped."""
+    return any(map(isinstance, outcomes, itertools.repeat(kind)))

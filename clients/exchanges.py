@@ -16,7 +16,6 @@ answer checks would be written twice.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import operator
 import time
@@ -57,7 +56,7 @@ from ucxx_transport.protocol import (
 )
 
 from .endpoints import HELD, Answered, Connector
-from .errors import AlreadyDeliveredError, CorruptPayloadError, PayloadTooLargeError, status_error
+from .errors import AlreadyDeliveredError, CorruptPayloadError, PayloadTooLargeError, any_failed, status_error
 from .held import HeldDelivery
 from .ledger import Ledger
 from .pool import PooledEndpoint
@@ -211,7 +210,7 @@ class Exchanges:
         u8, _ = anchored(view, readonly=False, on_gone=lambda: pool.put(base))
         index, starts, lengths = zip(*items)
         decoded = decode_many(u8, starts, lengths)
-        if not any(map(isinstance, decoded, itertools.repeat(shm.FrameError))) \
+        if not any_failed(decoded, shm.FrameError) \
                 and list(map(_NBYTES, decoded)) == list(lengths):  # the usual answer: every frame whole
             return dict(zip(index, decoded))
         for (i, _, n), p in zip(items, decoded):
@@ -288,7 +287,7 @@ class Exchanges:
             else:
                 got = await self.recv_planned(pe, ok, where)
             await self.ack_batch(pe, rid, n, got)
-            if any(map(isinstance, got.values(), itertools.repeat(BaseException))):
+            if any_failed(got.values()):
                 delivered = []
                 for i, p in got.items():
                     if isinstance(p, BaseException):
@@ -365,7 +364,7 @@ class Exchanges:
     async def ack_batch(self, pe: PooledEndpoint, rid: int, n: int, got: dict) -> None:
         """One message finalises the batch: ACK (all), or per-item verdicts when some
         payload did not decode (those go back to READY, counted towards DEAD)."""
-        if not any(map(isinstance, got.values(), itertools.repeat(BaseException))):
+        if not any_failed(got.values()):
             req = Request(Op.ACK, rid)
         else:
             verdict = "".join("U" if isinstance(got.get(i), BaseException) else "A" if i in got else "-"
@@ -432,7 +431,7 @@ class Exchanges:
             rid_hex = ring_id_hex(resp.ring_id)
             keys = [(rid_hex, s, g) for s, g in zip(table["slot"].tolist(), table["generation"].tolist())]
             corrupt = [i for i, p in got.items() if isinstance(p, BaseException)] \
-                if any(map(isinstance, got.values(), itertools.repeat(BaseException))) else []
+                if any_failed(got.values()) else []
             if hold:
                 if corrupt:
                     i = corrupt[0]

@@ -11,7 +11,6 @@ UCX loop.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import socket
@@ -30,6 +29,7 @@ from .errors import (
     ServerBusyError,
     StaleSlotError,
     TransportError,
+    any_failed,
 )
 from .kept import Kept
 from .ledger import Ledger
@@ -168,7 +168,7 @@ class LocalReader:
                 results = batch.payloads()
                 ok = range(len(claimed))
                 broken = [k for k, p in enumerate(results) if isinstance(p, shm.FrameError)] \
-                    if any(map(isinstance, results, itertools.repeat(shm.FrameError))) else []
+                    if any_failed(results, shm.FrameError) else []
                 for k in broken:
                     self._give_back_undecodable(batch, k)
                     results[k] = CorruptPayloadError(f"local frame of {keys[claimed[k]]}: {results[k]}")
