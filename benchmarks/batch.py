@@ -12,8 +12,11 @@ Systems (each a separate process pair, spawned; same loopback, same UCX settings
 * ours local      : the same trainer process, same host, ``fetch_many`` with the local fast
   path on: the B payloads claimed from shared memory, decoded and acked (no network);
   compared with ``memcpy`` (B copies of S bytes between warm buffers in one process);
-* pyzmq           : PUSH/PULL over tcp loopback, ``copy=False`` both ways: the receiver asks
-  (one message), the sender pushes the same B x S bytes;
+* pyzmq           : PUSH/PULL over tcp loopback, ``copy=False`` both ways: a receiver process
+  (fed its command through a pipe, like our trainer) asks (one message), the sender pushes
+  the same B x S bytes; the ratios' basis. Also shown, not a basis: the same with the
+  receiver in the bench's own process ("zmq, receiver busy before"), the layout of the
+  figures before 2026-12-08, which was faster only because that process had just been busy;
 * raw ucxx        : one request, the server sends B tag messages pipelined over one endpoint
   (the receiver posts all B receives at once).
 
@@ -155,29 +158,71 @@ def _zmq_sender(port_conn) -> None:
     ctx.destroy(linger=0)
 
 
-class _Zmq:
-    def __init__(self, mpctx):
-        import zmq
+def _zmq_receiver(ports, conn) -> None:
+    """The pyzmq trainer: a process of its own told through a pipe what to pull, like ours."""
+    import zmq
 
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.connect(f"tcp://127.0.0.1:{ports[0]}")
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{ports[1]}")
+    while True:
+        b, s = conn.recv()
+        if b == 0:
+            push.send(b"0 0")  # the sender stops too
+            break
+        conn.send(_zmq_pull(push, pull, b, s))
+    ctx.destroy(linger=0)
+
+
+def _zmq_pull(push, pull, b: int, s: int) -> float:
+    t0 = time.perf_counter()
+    push.send(f"{b} {s}".encode())
+    frames = [pull.recv(copy=False) for _ in range(b)]
+    dt = time.perf_counter() - t0
+    assert sum(len(f.buffer) for f in frames) == b * s
+    return dt
+
+
+class _Zmq:
+    """pyzmq PUSH/PULL. ``receiver="process"`` (the baseline): the receiver is a trainer
+    process of its own, fed its command through a pipe exactly like ours and raw ucxx's
+    (it waits idle meanwhile, as they do). ``receiver="main"``: the receiver is the
+    bench's own process, which has just been busy (the layout of the figures before
+    2026-12-08; shown for comparison, not a ratio's basis)."""
+
+    def __init__(self, mpctx, receiver: str = "process"):
         a, bconn = mpctx.Pipe()
         self.p = mpctx.Process(target=_zmq_sender, args=(bconn,))
         self.p.start()
-        port, cport = a.recv()
+        ports = a.recv()
+        self.receiver = receiver
+        if receiver == "process":
+            self.conn, c2 = mpctx.Pipe()
+            self.trainer = mpctx.Process(target=_zmq_receiver, args=(ports, c2))
+            self.trainer.start()
+            return
+        import zmq
+
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
-        self.pull.connect(f"tcp://127.0.0.1:{port}")
+        self.pull.connect(f"tcp://127.0.0.1:{ports[0]}")
         self.push = self.ctx.socket(zmq.PUSH)
-        self.push.connect(f"tcp://127.0.0.1:{cport}")
+        self.push.connect(f"tcp://127.0.0.1:{ports[1]}")
 
     def run(self, b: int, s: int) -> float:
-        t0 = time.perf_counter()
-        self.push.send(f"{b} {s}".encode())
-        frames = [self.pull.recv(copy=False) for _ in range(b)]
-        dt = time.perf_counter() - t0
-        assert sum(len(f.buffer) for f in frames) == b * s
-        return dt
+        if self.receiver == "process":
+            self.conn.send((b, s))
+            return self.conn.recv()
+        return _zmq_pull(self.push, self.pull, b, s)
 
     def close(self) -> None:
+        if self.receiver == "process":
+            self.conn.send((0, 0))
+            self.trainer.join(10)
+            self.p.join(10)
+            return
         self.push.send(b"0 0")
         self.p.join(10)
         self.ctx.destroy(linger=0)
@@ -280,6 +325,7 @@ def run(cases, reps: int = 5, baselines=("zmq", "raw-ucxx")) -> dict:
 
     ctx = mp.get_context("spawn")
     zmq_sys = _Zmq(ctx) if "zmq" in baselines else None
+    zmq_main = _Zmq(ctx, receiver="main") if "zmq" in baselines else None  # (for comparison only)
     raw_sys = _Raw(ctx) if "raw-ucxx" in baselines else None
     rows = []
     try:
@@ -293,7 +339,8 @@ def run(cases, reps: int = 5, baselines=("zmq", "raw-ucxx")) -> dict:
                                      ("local", lambda: ours.run("local")),
                                      ("memcpy", lambda: _memcpy(b, s)),
                                      ("zmq", (lambda: zmq_sys.run(b, s)) if zmq_sys else None),
-                                     ("raw_ucxx", (lambda: raw_sys.run(b, s)) if raw_sys else None)):
+                                     ("raw_ucxx", (lambda: raw_sys.run(b, s)) if raw_sys else None),
+                                     ("zmq_main", (lambda: zmq_main.run(b, s)) if zmq_main else None)):
                         if fn is not None:
                             dt = fn()
                             if rep:
@@ -313,8 +360,9 @@ def run(cases, reps: int = 5, baselines=("zmq", "raw-ucxx")) -> dict:
             row["local_vs_memcpy"] = row["memcpy_s"] / row["local_s"]
             rows.append(row)
     finally:
-        if zmq_sys:
-            zmq_sys.close()
+        for z in (zmq_sys, zmq_main):
+            if z:
+                z.close()
         if raw_sys:
             raw_sys.close()
     from ucxx_transport import engine
@@ -329,13 +377,15 @@ def header(report: dict) -> str:
 
 
 def format_table(report: dict) -> str:
-    lines = ["batch            fetch_many GB/s (vs zmq, vs raw)   take GB/s (vs zmq, vs raw)   zmq GB/s  raw GB/s"]
+    lines = ["batch            fetch_many GB/s (vs zmq, vs raw)   take GB/s (vs zmq, vs raw)   zmq GB/s  raw GB/s"
+             "  (zmq, receiver busy before)"]
     for r in report["rows"]:
         def cell(mode):
             return (f"{r[f'{mode}_GBps']:7.3f} ({r.get(f'{mode}_vs_zmq', float('nan')):5.2f}x, "
                     f"{r.get(f'{mode}_vs_raw_ucxx', float('nan')):5.2f}x)")
         lines.append(f"{r['case']:<16} {cell('fetch_many'):<34} {cell('take'):<28} "
-                     f"{r.get('zmq_GBps', float('nan')):8.3f}  {r.get('raw_ucxx_GBps', float('nan')):8.3f}")
+                     f"{r.get('zmq_GBps', float('nan')):8.3f}  {r.get('raw_ucxx_GBps', float('nan')):8.3f}"
+                     f"  ({r.get('zmq_main_GBps', float('nan')):.3f})")
     lines.append("same host      local fetch_many ms (claimed, decoded, acked)   memcpy ms (B copies of S)   "
                  "local / memcpy (speed)")
     for r in report["rows"]:

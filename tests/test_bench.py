@@ -105,3 +105,18 @@ def test_bench_client_skips_refs_queued_in_an_earlier_phase(make_ring):
         op = _make_op("ours-local", 16, {"client": client}, {}, refq, 2)
         assert op() > 0
     assert refq.empty() and ring.state_counts()["FREE"] == 8
+
+
+def test_batch_bench_times_pyzmq_in_a_trainer_process_like_ours():
+    """The pyzmq baseline's receiver is a process of its own fed through a pipe, as our
+    trainer is (the ratios' basis); the receiver-in-the-bench-process figure is shown too."""
+    pytest.importorskip("zmq")
+    from benchmarks import batch
+
+    report = batch.run([(8, 4096)], reps=1, baselines=("zmq",))
+    row = report["rows"][0]
+    assert row["zmq_s"] > 0 and row["zmq_main_s"] > 0
+    assert row["fetch_many_vs_zmq"] == pytest.approx(row["zmq_s"] / row["fetch_many_s"])
+    assert "raw_ucxx_s" not in row
+    table = batch.format_table(report)
+    assert "receiver busy before" in table and "8 x 4KiB" in table
