@@ -314,9 +314,18 @@ async def send(ep, buf):
     non-thread modes re-checks every pending request on every loop iteration,
     which keeps a server with idle connections at 100 % CPU).
     """
+    if _driver() is None:
+        return await ep.send(buf)  # (no task per send in ucxx's own progress modes)
+    await post_send(ep, buf)
+
+
+def post_send(ep, buf) -> asyncio.Future:
+    """Post the send of ``buf`` on a ucxx Endpoint now (messages of one endpoint arrive
+    in the order they were posted); the future completes when UCX is done with ``buf``,
+    which stays referenced until then even if the future is abandoned."""
     drv = _driver()
     if drv is None:
-        return await ep.send(buf)
+        return asyncio.ensure_future(ep.send(buf))
     c = compat.names()
     e = compat.raw_endpoint(ep)
     if e is None:
@@ -324,7 +333,7 @@ async def send(ep, buf):
     e.raise_on_error()
     arr = c.Array(buf)
     req = e.tag_send(arr, c.Tag(compat.endpoint_tags(ep)[0]))
-    await drv.wait(req, (arr, buf))
+    return drv.wait(req, (arr, buf))
 
 
 async def recv(ep, buf):

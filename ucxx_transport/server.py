@@ -156,6 +156,12 @@ class _Conn:
     task: asyncio.Task | None = None
 
 
+def _observed(fut: asyncio.Future) -> None:
+    """Done callback of a send nobody awaits any more: its failure is known (quiet)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class _ReadyWaiters:
     """FIFO of TAKE long-pollers; woken in order when payloads become READY."""
 
@@ -707,25 +713,32 @@ class TransportServer:
             t0 = time.monotonic()
             hold = min(req.hold_s, MAX_HOLD_S) if req.flags & FLAG_HOLD else 0
             conn.phase, conn.deadline = Phase.ACK, time.monotonic() + self._ack_timeout + hold + total / self._min_rate
-            sends = [engine.send(ep, msg)]
-            if not one:
-                sizes = table["nbytes"].tolist()
-                pos = {i: k for k, i in enumerate(ok.tolist())}  # table index -> batch item
-                for plan in plan_batch([(i, sizes[i]) for i in ok.tolist()]):
-                    if indexes is None and len(plan) == 1 and sizes[plan[0][0]] >= COALESCE_BELOW:
-                        sends.append(engine.send(ep, batch.frame(pos[plan[0][0]])))  # zero-copy from the slot
-                        continue
-                    size = plan[-1][1] + sizes[plan[-1][0]]
-                    staged.append(self._staging.get(size))
-                    stage = staged[-1][:size]
-                    if indexes is None:
-                        batch.copy_frames(stage, [off for _, off in plan], [pos[i] for i, _ in plan])
-                    else:
-                        for i, off in plan:
-                            k = pos[i]
-                            project_into(stage[off:off + sizes[i]], batch.frame(k), indexes[k], fields)
-                    sends.append(engine.send(ep, stage))
-            await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
+            # each message is posted as soon as it is ready, the header first: the client plans its
+            # receives from it, and each rendezvous handshake runs while the next stage is copied
+            sends = [engine.post_send(ep, msg)]
+            try:
+                if not one:
+                    sizes = table["nbytes"].tolist()
+                    pos = {i: k for k, i in enumerate(ok.tolist())}  # table index -> batch item
+                    for plan in plan_batch([(i, sizes[i]) for i in ok.tolist()]):
+                        if indexes is None and len(plan) == 1 and sizes[plan[0][0]] >= COALESCE_BELOW:
+                            sends.append(engine.post_send(ep, batch.frame(pos[plan[0][0]])))  # zero-copy, the slot
+                            continue
+                        size = plan[-1][1] + sizes[plan[-1][0]]
+                        staged.append(self._staging.get(size))
+                        stage = staged[-1][:size]
+                        if indexes is None:
+                            batch.copy_frames(stage, [off for _, off in plan], [pos[i] for i, _ in plan])
+                        else:
+                            for i, off in plan:
+                                k = pos[i]
+                                project_into(stage[off:off + sizes[i]], batch.frame(k), indexes[k], fields)
+                        sends.append(engine.post_send(ep, stage))
+                await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
+            except BaseException:  # the endpoint failed mid-answer: the sends posted end on their own
+                for f in sends:
+                    f.add_done_callback(_observed)
+                raise
             for b in staged:  # sent: UCX is done reading them (a failed send keeps its buffer out of the pool)
                 self._staging.put(b)
             m.bytes_out += total
