@@ -321,8 +321,11 @@ async def send(ep, buf):
 
 def post_send(ep, buf) -> asyncio.Future:
     """Post the send of ``buf`` on a ucxx Endpoint now (messages of one endpoint arrive
-    in the order they were posted); the future completes when UCX is done with ``buf``,
-    which stays referenced until then even if the future is abandoned."""
+    in the order they were posted); the future completes when UCX is done with ``buf``.
+    With the adaptive driver ``buf`` stays referenced until then even if the future is
+    abandoned; in ucxx's own progress modes the send starts when the loop next runs (a
+    task, in posting order) and, like :func:`post_recv`, abort the endpoint before
+    dropping a future that has not completed."""
     drv = _driver()
     if drv is None:
         return asyncio.ensure_future(ep.send(buf))

@@ -713,8 +713,9 @@ class TransportServer:
             t0 = time.monotonic()
             hold = min(req.hold_s, MAX_HOLD_S) if req.flags & FLAG_HOLD else 0
             conn.phase, conn.deadline = Phase.ACK, time.monotonic() + self._ack_timeout + hold + total / self._min_rate
-            # each message is posted as soon as it is ready, the header first: the client plans its
-            # receives from it, and each rendezvous handshake runs while the next stage is copied
+            # each message is posted as soon as it is ready, the header first: what a post sends at
+            # once (the header, each rendezvous request) leaves while later stages are copied, so
+            # the client plans its receives and answers those requests meanwhile
             sends = [engine.post_send(ep, msg)]
             try:
                 if not one:
