@@ -358,6 +358,25 @@ def test_takev_one_message_when_the_answer_fits_the_clients_buffer(make_ring, ri
     assert ring.state_counts()["FREE"] == 8
 
 
+def test_a_batched_take_of_256_is_answered_by_one_request(make_ring, ring_name, serve):
+    """A TAKEV may return up to the server's max_take (256 by default), not only a GETV's 200:
+    a trainer's take(n=256) is one round trip."""
+    from ucxx_transport.protocol import FLAG_ONE_MESSAGE, FLAG_PAYLOADS_INLINE, MAX_TAKE, RESPONSE, decode_response
+
+    ring = make_ring(slots=MAX_TAKE + 4, slot_bytes=4096)
+    srv = serve(ring_name)
+    for i in range(MAX_TAKE + 4):
+        ring.put({"x": np.full(8, i, np.int64)})
+    with RawConn("127.0.0.1", srv.ports[0]) as c:
+        c.send(Request(Op.TAKEV, 1, n=MAX_TAKE, flags=FLAG_ONE_MESSAGE, generation=1 << 20))
+        msg = c.recv_bytes(1 << 20)  # header, table and payloads: one (shorter) message
+        r = decode_response(msg[:RESPONSE.size])
+        assert r.status == Status.OK and r.flags & FLAG_PAYLOADS_INLINE and r.count == MAX_TAKE
+        c.send(Request(Op.NACK, 1))  # all back to READY
+        assert c.request(Request(Op.PING, 2)).status == Status.OK
+    assert ring.ready_count() == MAX_TAKE + 4
+
+
 def test_a_batch_answer_that_cannot_be_built_gives_its_payloads_back(make_ring):
     from ucxx_transport import TransportServer
     from ucxx_transport.protocol import FLAG_ONE_MESSAGE

@@ -138,7 +138,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
          "a payload transfer's deadline is the base deadline + nbytes / min_rate (server ACK wait, client call)"),
     Knob("directory_file", None, str, "register in this JSON directory file and heartbeat while serving "
          "(a StaticDirectory; see docs/DEPLOYMENT.md)"),
-    Knob("max_take", 256, _int_range(1, 256), "most payloads one TAKE request may return (a batched TAKE at most 200)"),
+    Knob("max_take", 256, _int_range(1, 256), "most payloads one TAKE request (batched or not) may return"),
     Knob("slots", 64, _int_range(1, 65536), "ring slots (with --create)"),
     Knob("slot_bytes", 64 << 20, lambda t: _size_min(t, 4096), "bytes per slot, e.g. 64MiB (with --create)"),
     Knob("on_full", "block", _choice(_on_full_policies), "writer policy when no slot is FREE", _on_full_policies),

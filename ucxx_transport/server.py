@@ -642,7 +642,7 @@ class TransportServer:
 
     async def _takev(self, ep, conn, req: Request, buf) -> bool:
         """TAKEV: like TAKE (oldest READY first, long-poll), answered in the batch format."""
-        n = max(1, min(req.n or 1, self._max_take, MAX_BATCH))
+        n = max(1, min(req.n or 1, self._max_take))  # (up to MAX_TAKE: a take(256) is one request)
         try:
             fields = decode_fields(buf, REQUEST.size, req.slot) if req.flags & FLAG_FIELDS else None
         except ProtocolError as exc:
