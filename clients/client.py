@@ -501,7 +501,7 @@ class TransportClient:
         except InvalidRefError:
             return None  # the general path gives that ref its own error
         where = (checked[0].ring, checked[0].ring_id, checked[0].host)
-        if any((r.ring, r.ring_id, r.host) != where for r in checked):
+        if not self._local.may_be_here(checked[0]) or any((r.ring, r.ring_id, r.host) != where for r in checked):
             return None
         try:
             ring = self._local.ring_for(checked[0])
@@ -861,7 +861,7 @@ class TransportClient:
                 ref = checked[i]
                 try:
                     local = await loop.run_in_executor(None, self._local.fetch, ref) \
-                        if self._local.enabled else None  # None: not a ring of this host
+                        if self._local.may_be_here(ref) else None  # None: not a ring of this host
                     got = local if local is not None else await self._fetch_ref(ref)
                     put(i, got if fields is None else got.select(fields))
                 except Exception as exc:  # noqa: BLE001 - any failure is this ref's result; siblings go on
@@ -918,7 +918,7 @@ class TransportClient:
                     if target is None:
                         try:
                             ring = await loop.run_in_executor(None, self._local.ring_for, ref) \
-                                if self._local.enabled else None
+                                if self._local.may_be_here(ref) else None
                             if ring is None:
                                 host, ports = await self._where_from_loop(ref)
                                 target = (False, groups[(host, tuple(ports), ref.ring, ref.ring_id)])

@@ -71,6 +71,12 @@ class LocalReader:
         self._rings_lock = threading.Lock()
         self._local_addrs = _local_addresses()
 
+    def may_be_here(self, ref: shm.SlotRef) -> bool:
+        """Could ``ref`` name a ring of this host (worth a look at shared memory)? Decided
+        from the ref alone, touching no ring: safe and cheap on the UCX loop, so a ref of
+        another host costs no hop to an executor."""
+        return self.enabled and (ref.host is None or ref.host in self._local_addrs)
+
     def ring_for(self, ref: shm.SlotRef) -> shm.RingBuffer | None:
         """The ring of ``ref`` for the local fast path, or None (use the network)."""
         if not self.enabled:

@@ -244,6 +244,23 @@ def test_local_fast_path_and_network_same_bytes(make_ring, ring_name, serve):
         np.testing.assert_array_equal(net["b"], p["b"])
 
 
+def test_refs_of_another_host_skip_the_shared_memory_look_up(make_ring, ring_name, serve, monkeypatch):
+    """With the local fast path on (the default), a batch of refs naming another host goes
+    straight to the network: no look-up of this host's rings (an executor hop each round)."""
+    ring = make_ring(slots=8)
+    serve(ring_name)
+    refs = [ring.put({"x": np.full(10, i)}) for i in range(4)]
+    with TransportClient() as c:
+        monkeypatch.setattr(c._local, "_local_addrs", frozenset({"192.0.2.1"}))  # 127.0.0.1: another host now
+        looked = []
+        real = c._local.ring_for
+        monkeypatch.setattr(c._local, "ring_for", lambda ref: looked.append(ref) or real(ref))
+        results = c.fetch_many(refs)
+        assert [int(r.payload["x"][0]) for r in results] == [0, 1, 2, 3]
+        assert c.stats().get("local_fetches") is None
+        assert not looked, "a ref of another host was looked up in this host's shared memory"
+
+
 def test_wrong_token_is_auth_error(make_ring, ring_name, serve, tmp_path):
     ring = make_ring()
     tok = tmp_path / "tok"
