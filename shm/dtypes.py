@@ -16,6 +16,7 @@ memory (bf16/fp8 included). torch is imported only when a torch object is seen.
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from typing import Any
@@ -91,6 +92,10 @@ def encode_name(dtype: np.dtype) -> str:
 
 
 _DECODED: dict[bytes, np.dtype] = {}
+#: the names encode_name writes for numpy's own types (``dtype.str``: byte order, kind, size);
+#: nothing else reaches ``np.dtype``, whose parser of other strings (comma lists, subarrays)
+#: raises what it likes on damaged text (SyntaxError for "01")
+_NUMPY_NAME = re.compile(r"[<>|=]?[biufc][0-9]{1,2}")
 
 
 def decode_name(code: bytes) -> np.dtype:
@@ -100,6 +105,8 @@ def decode_name(code: bytes) -> np.dtype:
         text = code.decode("ascii")
         dt = ml_dtypes_by_name().get(text) if text in _ML_NAMES else None
         if dt is None:
+            if not _NUMPY_NAME.fullmatch(text):
+                raise ValueError(f"dtype {text!r} is not a field type")
             dt = np.dtype(text)
             if dt.kind not in NUMERIC_KINDS:  # a bare "V2" or "O" is never a field type
                 raise TypeError(f"dtype {text!r} is not a field type")

@@ -149,6 +149,20 @@ def test_field_entry_out_of_bounds_rejected():
             decode(b, n)
 
 
+@pytest.mark.parametrize("name", [b"01", b"01f4", b"f4,i4", b"(2,)f4", b"<f4 ", b"float32", b"V4", b"O", b"M8[s]",
+                                  b"<U4", b"S4", b"<i3", b"\xff4", b"<f" + b"9" * 30])
+def test_a_damaged_dtype_name_is_a_frame_error(name):
+    """Only the names the encoder writes reach numpy's dtype parser: any other text in a
+    field entry is a FrameError (numpy raised SyntaxError for "01", found by the byte-flip fuzz)."""
+    buf, n = good_frame()
+    table_off = FRAME_HEADER.unpack_from(buf, 0)[6]
+    b = bytearray(buf)
+    struct.pack_into("<B", b, table_off + 17, len(name))  # the first field's dtype length
+    b[table_off + 88:table_off + 120] = name.ljust(32, b"\0")
+    with pytest.raises(FrameError):
+        decode(b, n)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=0, max_size=600))
 def test_random_bytes_never_crash(data):
