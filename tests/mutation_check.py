@@ -422,6 +422,34 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_interrupted_calls.py::test_an_async_call_cancelled_after_its_ack_keeps_the_payload_for_the_next_call",),
         "an async call cancelled after its ACK is cancelled with it: the payload it consumed is lost",
     ),
+    Mutation(
+        "batch-answer-leaves-posted-send-failures-unretrieved", "ucxx_transport/server.py",
+        "                    f.add_done_callback(_observed)\n",
+        "                    pass\n",
+        ("tests/test_server.py::test_a_batch_answer_that_fails_after_its_first_messages_gives_everything_back_quietly",),
+        "a batch answer that fails after posting its first messages leaves their failures unretrieved",
+    ),
+    Mutation(
+        "takev-capped-at-the-getv-limit", "ucxx_transport/server.py",
+        "        n = max(1, min(req.n or 1, self._max_take))  # (up to MAX_TAKE",
+        "        n = max(1, min(req.n or 1, self._max_take, MAX_BATCH))  # (up to MAX_TAKE",
+        ("tests/test_server.py::test_a_batched_take_of_256_is_answered_by_one_request",),
+        "a batched TAKE returns at most 200 (a take of 256 is two round trips)",
+    ),
+    Mutation(
+        "remote-refs-looked-up-in-shared-memory", "clients/local.py",
+        "        return self.enabled and (ref.host is None or ref.host in self._local_addrs)",
+        "        return self.enabled",
+        ("tests/test_client.py::test_refs_of_another_host_skip_the_shared_memory_look_up",),
+        "refs of another host go through this host's ring look-up (an executor hop per round)",
+    ),
+    Mutation(
+        "any-dtype-text-reaches-numpy", "shm/dtypes.py",
+        "            if not _NUMPY_NAME.fullmatch(text):",
+        "            if False:",
+        ("tests/test_frame.py::test_a_damaged_dtype_name_is_a_frame_error",),
+        "a damaged dtype name goes to np.dtype (SyntaxError escapes decoding)",
+    ),
 ]
 
 
