@@ -497,11 +497,14 @@ class TransportClient:
         if not (refs and self._local.enabled and self.device == "cpu"):
             return None
         try:
-            checked = [self._checked(r) for r in refs]
+            first = self._checked(refs[0])
+            if not self._local.may_be_here(first):
+                return None  # another host's batch: checked once, by the general path
+            checked = [first, *map(self._checked, refs[1:])]
         except InvalidRefError:
             return None  # the general path gives that ref its own error
-        where = (checked[0].ring, checked[0].ring_id, checked[0].host)
-        if not self._local.may_be_here(checked[0]) or any((r.ring, r.ring_id, r.host) != where for r in checked):
+        where = (first.ring, first.ring_id, first.host)
+        if any((r.ring, r.ring_id, r.host) != where for r in checked):
             return None
         try:
             ring = self._local.ring_for(checked[0])
