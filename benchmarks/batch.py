@@ -20,8 +20,9 @@ Systems (each a separate process pair, spawned; same loopback, same UCX settings
 * raw ucxx        : one request, the server sends B tag messages pipelined over one endpoint
   (the receiver posts all B receives at once).
 
-Every figure is the best of ``--reps`` repetitions after one warm-up; ratios are
-ours / baseline, measured in the same run.
+Every figure is the best of ``--reps`` repetitions after one warm-up; each repetition
+runs the systems in an order rotated by one (none always follows the same neighbour);
+ratios are ours / baseline, measured in the same run.
 """
 
 from __future__ import annotations
@@ -333,18 +334,22 @@ def run(cases, reps: int = 5, baselines=("zmq", "raw-ucxx")) -> dict:
             ours = _Ours(ctx, b, s)
             try:
                 t: dict = collections.defaultdict(list)
+                systems = [(name, fn) for name, fn in (
+                    ("fetch_many", lambda: ours.run("fetch_many")),
+                    ("take", lambda: ours.run("take")),
+                    ("local", lambda: ours.run("local")),
+                    ("memcpy", lambda: _memcpy(b, s)),
+                    ("zmq", (lambda: zmq_sys.run(b, s)) if zmq_sys else None),
+                    ("raw_ucxx", (lambda: raw_sys.run(b, s)) if raw_sys else None),
+                    ("zmq_main", (lambda: zmq_main.run(b, s)) if zmq_main else None)) if fn is not None]
                 for rep in range(reps + 1):
-                    for name, fn in (("fetch_many", lambda: ours.run("fetch_many")),
-                                     ("take", lambda: ours.run("take")),
-                                     ("local", lambda: ours.run("local")),
-                                     ("memcpy", lambda: _memcpy(b, s)),
-                                     ("zmq", (lambda: zmq_sys.run(b, s)) if zmq_sys else None),
-                                     ("raw_ucxx", (lambda: raw_sys.run(b, s)) if raw_sys else None),
-                                     ("zmq_main", (lambda: zmq_main.run(b, s)) if zmq_main else None)):
-                        if fn is not None:
-                            dt = fn()
-                            if rep:
-                                t[name].append(dt)
+                    # each repetition starts one system later: no system always runs first after
+                    # the others' idle time, or always right after its own kind warmed the cores
+                    k = rep % len(systems)
+                    for name, fn in systems[k:] + systems[:k]:
+                        dt = fn()
+                        if rep:
+                            t[name].append(dt)
             finally:
                 ours.close()
             gb = b * s / 1e9
