@@ -75,7 +75,11 @@ class LocalReader:
         """Could ``ref`` name a ring of this host (worth a look at shared memory)? Decided
         from the ref alone, touching no ring: safe and cheap on the UCX loop, so a ref of
         another host costs no hop to an executor."""
-        return self.enabled and (ref.host is None or ref.host in self._local_addrs)
+        return self.enabled and self._names_this_host(ref)
+
+    def _names_this_host(self, ref: shm.SlotRef) -> bool:
+        """Does ``ref`` name this host (or no host at all)?"""
+        return ref.host is None or ref.host in self._local_addrs
 
     def ring_for(self, ref: shm.SlotRef) -> shm.RingBuffer | None:
         """The ring of ``ref`` for the local fast path, or None (use the network)."""
@@ -95,7 +99,7 @@ class LocalReader:
         under the same name) is dropped and the name attached again; a name that
         did not attach is tried again after RING_RETRY_S.
         """
-        if ref.host is not None and ref.host not in self._local_addrs:
+        if not self._names_this_host(ref):
             return None
         if self._pid != os.getpid():
             raise ForkedClientError(self._pid, os.getpid())

@@ -438,7 +438,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "remote-refs-looked-up-in-shared-memory", "clients/local.py",
-        "        return self.enabled and (ref.host is None or ref.host in self._local_addrs)",
+        "        return self.enabled and self._names_this_host(ref)",
         "        return self.enabled",
         ("tests/test_client.py::test_refs_of_another_host_skip_the_shared_memory_look_up",),
         "refs of another host go through this host's ring look-up (an executor hop per round)",

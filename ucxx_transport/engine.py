@@ -314,21 +314,26 @@ async def send(ep, buf):
     non-thread modes re-checks every pending request on every loop iteration,
     which keeps a server with idle connections at 100 % CPU).
     """
-    if _driver() is None:
+    drv = _driver()
+    if drv is None:
         return await ep.send(buf)  # (no task per send in ucxx's own progress modes)
-    await post_send(ep, buf)
+    await _post_send(drv, ep, buf)
 
 
 def post_send(ep, buf) -> asyncio.Future:
     """Post the send of ``buf`` on a ucxx Endpoint now (messages of one endpoint arrive
     in the order they were posted); the future completes when UCX is done with ``buf``.
-    With the adaptive driver ``buf`` stays referenced until then even if the future is
-    abandoned; in ucxx's own progress modes the send starts when the loop next runs (a
-    task, in posting order) and, like :func:`post_recv`, abort the endpoint before
-    dropping a future that has not completed."""
+    With the adaptive driver ``buf`` stays referenced until then, even if the future is
+    abandoned. In ucxx's own progress modes the send is a task that starts when the loop
+    next runs (tasks start in posting order); as with :func:`post_recv`, abort the
+    endpoint before dropping such a future unfinished."""
     drv = _driver()
     if drv is None:
         return asyncio.ensure_future(ep.send(buf))
+    return _post_send(drv, ep, buf)
+
+
+def _post_send(drv: "AdaptiveProgress", ep, buf) -> asyncio.Future:
     c = compat.names()
     e = compat.raw_endpoint(ep)
     if e is None:
